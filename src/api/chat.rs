@@ -1,0 +1,291 @@
+//! `POST /v1/chat/completions`: OpenAI's chat API. Validates the body into a [`ChatRequest`],
+//! asks the model, and answers in OpenAI's shape, as one JSON body or as server-sent events.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use super::ApiError;
+use crate::http::{Request, Response};
+use crate::providers::{mock, ChatReply, ChatRequest, Message};
+use crate::server::State;
+
+pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, ApiError> {
+    let chat = parse(&request.body)?;
+    if chat.model != mock::MODEL {
+        return Err(ApiError::ModelNotFound(chat.model));
+    }
+    let reply = mock::complete(&chat, state.config.mock_latency);
+    let id = format!("chatcmpl-{}", request.request_id);
+    if chat.stream {
+        Ok(stream_reply(id, chat, reply))
+    } else {
+        Ok(Response::json(
+            200,
+            &completion_json(&id, &chat.model, &reply),
+        ))
+    }
+}
+
+/// Reads and checks the body; every error names the parameter at fault.
+pub(crate) fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let Value::Object(obj) = value else {
+        return Err(invalid("", "the request body must be a JSON object"));
+    };
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => return Err(missing("model")),
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => return Err(invalid("model", "'model' must be a non-empty string")),
+    };
+    let messages = match obj.get("messages") {
+        None | Some(Value::Null) => return Err(missing("messages")),
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(invalid("messages", "'messages' must not be empty"))
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| parse_message(i, item))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(invalid("messages", "'messages' must be an array")),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid("stream", "'stream' must be a boolean")),
+    };
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => o
+            .get("include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        Some(_) => {
+            return Err(invalid(
+                "stream_options",
+                "'stream_options' must be an object",
+            ))
+        }
+    };
+    let max_tokens = max_tokens(&obj)?;
+    Ok(ChatRequest {
+        model,
+        messages,
+        stream,
+        include_usage,
+        max_tokens,
+    })
+}
+
+fn parse_message(i: usize, item: &Value) -> Result<Message, ApiError> {
+    let Value::Object(m) = item else {
+        return Err(invalid(
+            &format!("messages[{i}]"),
+            &format!("'messages[{i}]' must be an object"),
+        ));
+    };
+    let role = match m.get("role") {
+        Some(Value::String(r))
+            if matches!(
+                r.as_str(),
+                "system" | "developer" | "user" | "assistant" | "tool" | "function"
+            ) =>
+        {
+            r.clone()
+        }
+        Some(_) => {
+            return Err(invalid(
+                &format!("messages[{i}].role"),
+                &format!(
+                    "'messages[{i}].role' must be one of system, developer, user, assistant, tool"
+                ),
+            ))
+        }
+        None => return Err(missing(&format!("messages[{i}].role"))),
+    };
+    let text = match m.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        // Multi-part content: the text parts, in order; other parts (images, audio) carry no text.
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Some(_) => {
+            return Err(invalid(
+                &format!("messages[{i}].content"),
+                &format!("'messages[{i}].content' must be a string or an array of parts"),
+            ))
+        }
+    };
+    Ok(Message { role, text })
+}
+
+fn max_tokens(obj: &Map<String, Value>) -> Result<Option<u64>, ApiError> {
+    for key in ["max_completion_tokens", "max_tokens"] {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => return Ok(Some(n)),
+                _ => return Err(invalid(key, &format!("'{key}' must be a positive integer"))),
+            },
+        }
+    }
+    Ok(None)
+}
+
+fn missing(param: &str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!("missing required parameter: '{param}'"),
+        param: param.to_string(),
+    }
+}
+
+fn invalid(param: &str, message: &str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: message.to_string(),
+        param: param.to_string(),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn usage_json(reply: &ChatReply) -> Value {
+    json!({
+        "prompt_tokens": reply.usage.prompt_tokens,
+        "completion_tokens": reply.usage.completion_tokens,
+        "total_tokens": reply.usage.total_tokens(),
+    })
+}
+
+fn completion_json(id: &str, model: &str, reply: &ChatReply) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": reply.content},
+            "logprobs": null,
+            "finish_reason": reply.finish_reason,
+        }],
+        "usage": usage_json(reply),
+    })
+}
+
+/// The reply as server-sent events: a role chunk, one chunk per word, a finish chunk, the
+/// usage chunk when asked for, then `[DONE]`. Each event is written and sent on its own.
+fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply) -> Response {
+    let produce = Box::new(move |out: &mut crate::http::BodyStream<'_>| {
+        let created = unix_now();
+        let chunk = |delta: Value, finish: Value| {
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created,
+                "model": chat.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            })
+        };
+        send_event(
+            out,
+            &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        )?;
+        for piece in mock::stream_pieces(&reply.content) {
+            send_event(out, &chunk(json!({"content": piece}), Value::Null))?;
+        }
+        send_event(out, &chunk(json!({}), json!(reply.finish_reason)))?;
+        if chat.include_usage {
+            let usage = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created,
+                "model": chat.model, "choices": [], "usage": usage_json(&reply),
+            });
+            send_event(out, &usage)?;
+        }
+        out.send(b"data: [DONE]\n\n")
+    });
+    Response::stream(200, "text/event-stream", produce)
+        .with_header("cache-control", "no-cache".to_string())
+        .with_header("x-accel-buffering", "no".to_string())
+}
+
+fn send_event(out: &mut crate::http::BodyStream<'_>, event: &Value) -> std::io::Result<()> {
+    let mut frame = b"data: ".to_vec();
+    serde_json::to_writer(&mut frame, event)?;
+    frame.extend_from_slice(b"\n\n");
+    out.send(&frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> ApiError {
+        parse(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn a_valid_body_parses() {
+        let c = parse(
+            br#"{"model":"mock","messages":[{"role":"user","content":"hi"}],"stream":true,
+            "stream_options":{"include_usage":true},"max_tokens":5,"temperature":0.2}"#,
+        )
+        .unwrap();
+        assert_eq!(c.model, "mock");
+        assert_eq!(c.messages[0].text, "hi");
+        assert!(c.stream && c.include_usage);
+        assert_eq!(c.max_tokens, Some(5));
+    }
+
+    #[test]
+    fn multi_part_content_keeps_its_text() {
+        let c = parse(br#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"b"}]}]}"#)
+        .unwrap();
+        assert_eq!(c.messages[0].text, "a\nb");
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let position = err("{\"model\": ").to_string();
+        assert!(position.contains("line 1 column"), "{position}");
+        assert!(matches!(err("[1]"), ApiError::InvalidRequest { .. }));
+        for (body, param) in [
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "model"),
+            (r#"{"model":"mock"}"#, "messages"),
+            (r#"{"model":"mock","messages":[]}"#, "messages"),
+            (r#"{"model":"mock","messages":"hi"}"#, "messages"),
+            (
+                r#"{"model":"mock","messages":[{"content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"model":"mock","messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"model":"mock","messages":[{"role":"user"}],"stream":"yes"}"#,
+                "stream",
+            ),
+            (
+                r#"{"model":"mock","messages":[{"role":"user"}],"max_tokens":-1}"#,
+                "max_tokens",
+            ),
+        ] {
+            match err(body) {
+                ApiError::InvalidRequest { param: p, message } => {
+                    assert_eq!(p, param, "{body}");
+                    assert!(message.contains(param), "{message}");
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+}

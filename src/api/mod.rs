@@ -1,0 +1,330 @@
+//! The routes syncgate answers, the one error type handlers return, and [`handle`], the main
+//! loop of a request once a worker has it.
+
+mod chat;
+mod models;
+pub(crate) mod ops;
+
+use std::fmt;
+
+use serde_json::json;
+
+use crate::http::{Rejection, Request, Response};
+use crate::server::State;
+
+/// Every route, by template. The fast-lane ones are answered by the connection thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    Healthz,
+    Readyz,
+    Metrics,
+    ChatCompletions,
+    Models,
+    Model,
+    /// `POST /debug/panic`: panics on purpose, served only with `--enable-debug-routes`.
+    DebugPanic,
+}
+
+impl Route {
+    /// The route's template: the metrics label, never the raw path.
+    pub(crate) fn template(self) -> &'static str {
+        match self {
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Models => "/v1/models",
+            Route::Model => "/v1/models/{id}",
+            Route::DebugPanic => "/debug/panic",
+        }
+    }
+
+    /// Answered on the connection thread, never queued: these must work when workers cannot.
+    pub(crate) fn is_fast_lane(self) -> bool {
+        matches!(self, Route::Healthz | Route::Readyz | Route::Metrics)
+    }
+}
+
+/// The metrics label for requests that matched no route.
+pub(crate) const UNMATCHED: &str = "unmatched";
+
+/// Finds the route for a method and path. Unknown paths are 404; known paths with another
+/// method are 405 naming the allowed one.
+pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Route, ApiError> {
+    let (route, allow) = match path {
+        "/healthz" => (Route::Healthz, "GET"),
+        "/readyz" => (Route::Readyz, "GET"),
+        "/metrics" => (Route::Metrics, "GET"),
+        "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
+        "/v1/models" => (Route::Models, "GET"),
+        "/debug/panic" if debug_routes => (Route::DebugPanic, "POST"),
+        p if p
+            .strip_prefix("/v1/models/")
+            .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
+        {
+            (Route::Model, "GET")
+        }
+        _ => {
+            return Err(ApiError::UnknownRoute {
+                method: method.to_string(),
+                path: path.to_string(),
+            })
+        }
+    };
+    if method == allow {
+        Ok(route)
+    } else {
+        Err(ApiError::MethodNotAllowed {
+            allow,
+            template: route.template(),
+        })
+    }
+}
+
+/// The main loop of one request on a worker: route → handler → response. The worker is its
+/// only caller and writes whatever it returns; handlers use `?` and never write themselves.
+pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<Response, ApiError> {
+    match route {
+        Route::ChatCompletions => chat::complete(state, request),
+        Route::Models => Ok(models::list()),
+        Route::Model => models::get(request),
+        Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
+        Route::Healthz | Route::Readyz | Route::Metrics => Ok(ops::answer(state, route)),
+    }
+}
+
+/// Every way a request can fail, from the front end to the handlers. [`ApiError::status`] is
+/// the one place an error becomes an HTTP status.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    /// The front end refused the request while reading it (limits, framing, deadlines).
+    Http(Rejection),
+    /// No route has this path.
+    UnknownRoute { method: String, path: String },
+    /// The path exists, but not with this method.
+    MethodNotAllowed {
+        allow: &'static str,
+        template: &'static str,
+    },
+    /// The body is not JSON; the message carries the parser's position.
+    InvalidJson(String),
+    /// The JSON is well-formed but a parameter is missing or wrong; `param` names it.
+    InvalidRequest { message: String, param: String },
+    /// No model by this name.
+    ModelNotFound(String),
+    /// Every queue slot is taken; the client should retry after this many seconds.
+    QueueFull { retry_after_s: u64 },
+    /// The request waited longer than `max_queue_wait` and would be served too late.
+    QueueTimeout { waited_ms: u64 },
+    /// The server is shutting down and takes no new work.
+    Draining,
+    /// `max_connections` connections are already open.
+    TooManyConnections,
+    /// The handler panicked; details are in the server log only.
+    Internal,
+}
+
+impl ApiError {
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            ApiError::Http(r) => match r {
+                Rejection::RequestLineTooLong => 414,
+                Rejection::HeaderTooLarge(_) => 431,
+                Rejection::BodyTooLarge { .. } => 413,
+                Rejection::Malformed(_) => 400,
+                Rejection::UnsupportedTransferCoding(_) => 501,
+                Rejection::ExpectationFailed => 417,
+                Rejection::HeadTimeout | Rejection::BodyTimeout => 408,
+            },
+            ApiError::UnknownRoute { .. } | ApiError::ModelNotFound(_) => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => 400,
+            ApiError::QueueFull { .. }
+            | ApiError::QueueTimeout { .. }
+            | ApiError::Draining
+            | ApiError::TooManyConnections => 503,
+            ApiError::Internal => 500,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            500 => "server_error",
+            501 => "not_implemented",
+            503 => "overloaded",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `error.code`: stable, for programs to match on.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            ApiError::Http(r) => match r {
+                Rejection::RequestLineTooLong => "request_line_too_long",
+                Rejection::HeaderTooLarge(_) => "header_too_large",
+                Rejection::BodyTooLarge { .. } => "body_too_large",
+                Rejection::Malformed(_) => "bad_request",
+                Rejection::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
+                Rejection::ExpectationFailed => "expectation_failed",
+                Rejection::HeadTimeout | Rejection::BodyTimeout => "request_timeout",
+            },
+            ApiError::UnknownRoute { .. } => "unknown_route",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::QueueTimeout { .. } => "queue_timeout",
+            ApiError::Draining => "draining",
+            ApiError::TooManyConnections => "too_many_connections",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    /// The `syncgate_rejected_total` reason this error counts as, if it is a refusal by a limit.
+    pub(crate) fn reject_reason(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Http(r) => Some(match r {
+                Rejection::RequestLineTooLong | Rejection::HeaderTooLarge(_) => "header_too_large",
+                Rejection::BodyTooLarge { .. } => "body_too_large",
+                Rejection::HeadTimeout => "header_timeout",
+                Rejection::BodyTimeout => "body_timeout",
+                Rejection::Malformed(_)
+                | Rejection::UnsupportedTransferCoding(_)
+                | Rejection::ExpectationFailed => "bad_request",
+            }),
+            ApiError::QueueFull { .. } => Some("queue_full"),
+            ApiError::QueueTimeout { .. } => Some("queue_timeout"),
+            ApiError::Draining => Some("draining"),
+            ApiError::TooManyConnections => Some("too_many_connections"),
+            _ => None,
+        }
+    }
+
+    /// The body in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+    fn body(&self) -> serde_json::Value {
+        let param = match self {
+            ApiError::InvalidRequest { param, .. } => json!(param),
+            _ => serde_json::Value::Null,
+        };
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "param": param,
+            "code": self.code(),
+        }})
+    }
+
+    /// The error as an HTTP response, with the headers its status needs.
+    pub(crate) fn to_response(&self) -> Response {
+        let response = Response::json(self.status(), &self.body());
+        match self {
+            ApiError::QueueFull { retry_after_s } => {
+                response.with_header("retry-after", retry_after_s.to_string())
+            }
+            ApiError::Draining | ApiError::TooManyConnections => {
+                response.with_header("retry-after", "1".to_string())
+            }
+            ApiError::MethodNotAllowed { allow, .. } => {
+                response.with_header("allow", allow.to_string())
+            }
+            _ => response,
+        }
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::Http(r) => match r {
+                Rejection::RequestLineTooLong => f.write_str("request line longer than 8 KiB"),
+                Rejection::HeaderTooLarge(why) => write!(f, "request headers too large: {why}"),
+                Rejection::BodyTooLarge { limit } => {
+                    write!(f, "request body larger than the limit of {limit} bytes")
+                }
+                Rejection::Malformed(why) => f.write_str(why),
+                Rejection::UnsupportedTransferCoding(c) => {
+                    write!(f, "transfer coding {c:?} is not supported; only chunked is")
+                }
+                Rejection::ExpectationFailed => f.write_str("only `Expect: 100-continue` is supported"),
+                Rejection::HeadTimeout => f.write_str("request head not received in time"),
+                Rejection::BodyTimeout => f.write_str("request body stalled"),
+            },
+            ApiError::UnknownRoute { method, path } => write!(f, "no route for {method} {path}"),
+            ApiError::MethodNotAllowed { allow, template } => {
+                write!(f, "{template} only accepts {allow}")
+            }
+            ApiError::InvalidJson(why) => write!(f, "request body is not valid JSON: {why}"),
+            ApiError::InvalidRequest { message, .. } => f.write_str(message),
+            ApiError::ModelNotFound(model) => write!(f, "the model {model:?} does not exist"),
+            ApiError::QueueFull { retry_after_s } => write!(
+                f,
+                "server at capacity: every worker is busy and the queue is full; retry after {retry_after_s} s"
+            ),
+            ApiError::QueueTimeout { waited_ms } => write!(
+                f,
+                "request waited {waited_ms} ms for a worker, longer than the server's max_queue_wait"
+            ),
+            ApiError::Draining => f.write_str("server is shutting down and accepts no new requests"),
+            ApiError::TooManyConnections => {
+                f.write_str("server has too many open connections; retry shortly")
+            }
+            ApiError::Internal => f.write_str("internal error while handling the request"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve_by_path_then_method() {
+        assert_eq!(route("GET", "/healthz", false).unwrap(), Route::Healthz);
+        assert_eq!(
+            route("POST", "/v1/chat/completions", false).unwrap(),
+            Route::ChatCompletions
+        );
+        assert_eq!(
+            route("GET", "/v1/models/mock", false).unwrap(),
+            Route::Model
+        );
+        let e = route("GET", "/v1/chat/completions", false).unwrap_err();
+        assert!(matches!(
+            e,
+            ApiError::MethodNotAllowed { allow: "POST", .. }
+        ));
+        assert!(matches!(
+            route("GET", "/nope", false),
+            Err(ApiError::UnknownRoute { .. })
+        ));
+        assert!(matches!(
+            route("GET", "/v1/models/a/b", false),
+            Err(ApiError::UnknownRoute { .. })
+        ));
+        assert!(route("POST", "/debug/panic", false).is_err());
+        assert_eq!(
+            route("POST", "/debug/panic", true).unwrap(),
+            Route::DebugPanic
+        );
+    }
+
+    #[test]
+    fn errors_have_openai_shape_and_the_right_headers() {
+        let e = ApiError::QueueFull { retry_after_s: 3 };
+        let r = e.to_response();
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "3".to_string())));
+        let v = e.body();
+        assert_eq!(v["error"]["code"], "queue_full");
+        assert_eq!(v["error"]["type"], "overloaded");
+        assert!(v["error"]["message"].is_string());
+        let r = ApiError::MethodNotAllowed {
+            allow: "POST",
+            template: "/v1/chat/completions",
+        }
+        .to_response();
+        assert!(r.headers.contains(&("allow", "POST".to_string())));
+    }
+}

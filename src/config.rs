@@ -1,0 +1,452 @@
+//! Configuration: defaults → TOML file → `SYNCGATE_*` environment → flags, validated once.
+//!
+//! Two stages: [`RawConfig`] is what serde reads from the file (unknown keys are an error);
+//! [`Config::resolve`] lays the environment and flags over it and returns a [`Config`] with
+//! every value checked and no `Option` left for the rest of the program to guess about.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Values given on the command line or in the environment (clap reads both: a flag wins over
+/// its `SYNCGATE_*` variable). `None` means "not given here": the file or the default decides.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Overrides {
+    pub(crate) listen: Option<String>,
+    pub(crate) db: Option<PathBuf>,
+    pub(crate) workers: Option<usize>,
+    pub(crate) queue: Option<usize>,
+    pub(crate) max_queue_wait_ms: Option<u64>,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) max_body_bytes: Option<u64>,
+    pub(crate) header_timeout_ms: Option<u64>,
+    pub(crate) body_timeout_ms: Option<u64>,
+    pub(crate) keepalive_timeout_ms: Option<u64>,
+    pub(crate) write_timeout_ms: Option<u64>,
+    pub(crate) shutdown_grace_ms: Option<u64>,
+    pub(crate) mock_latency_ms: Option<u64>,
+    pub(crate) debug_routes: bool,
+}
+
+/// The TOML file as written. Every table denies unknown keys, so a typo stops start-up.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    db: Option<PathBuf>,
+    #[serde(default)]
+    capacity: RawCapacity,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    mock: RawMock,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapacity {
+    workers: Option<usize>,
+    queue: Option<usize>,
+    max_queue_wait_ms: Option<u64>,
+    max_connections: Option<usize>,
+    ready_high_water: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    max_body_bytes: Option<u64>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    keepalive_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMock {
+    latency_ms: Option<u64>,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// Address to listen on; port 0 picks a free one. Default `127.0.0.1:8080`.
+    pub(crate) listen: SocketAddr,
+    /// SQLite file for the request log, conversations and jobs. Default `./syncgate.db`.
+    pub(crate) db: PathBuf,
+    pub(crate) capacity: Capacity,
+    pub(crate) http: HttpLimits,
+    /// Time queued and in-flight work gets to finish after SIGTERM/SIGINT. Default 30 s.
+    pub(crate) shutdown_grace: Duration,
+    /// Time the built-in `mock` model takes to answer. Default 0.
+    pub(crate) mock_latency: Duration,
+    /// Serve `POST /debug/panic` (tests only; hidden flag). Default off.
+    pub(crate) debug_routes: bool,
+}
+
+/// How much work the server takes on at once, and how long work may wait.
+#[derive(Debug, Clone)]
+pub(crate) struct Capacity {
+    /// Worker threads; also the most requests (and streams) served at once. Default 256.
+    pub(crate) workers: usize,
+    /// Queue slots in front of the workers; over it → 503 `queue_full`. Default 128.
+    pub(crate) queue: usize,
+    /// A queued request older than this is refused (503 `queue_timeout`). Default 5000 ms.
+    pub(crate) max_queue_wait: Duration,
+    /// Open connections at most; over it → 503 and close. Default 1024.
+    pub(crate) max_connections: usize,
+    /// `/readyz` answers 503 while the queue holds at least this share of its slots. Default 0.8.
+    pub(crate) ready_high_water: f64,
+}
+
+/// Per-connection limits and deadlines of the HTTP front end.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpLimits {
+    /// Largest request body; over it → 413 without reading it. Default 4 MiB.
+    pub(crate) max_body_bytes: u64,
+    /// The whole request head must arrive within this; else 408. Default 10 s.
+    pub(crate) header_timeout: Duration,
+    /// Longest silence while reading a body; else 408. Default 10 s.
+    pub(crate) body_timeout: Duration,
+    /// An idle keep-alive connection is closed after this. Default 75 s.
+    pub(crate) keepalive_timeout: Duration,
+    /// Longest a single socket write may block. Default 10 s.
+    pub(crate) write_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            db: PathBuf::from("./syncgate.db"),
+            capacity: Capacity {
+                workers: 256,
+                queue: 128,
+                max_queue_wait: Duration::from_millis(5000),
+                max_connections: 1024,
+                ready_high_water: 0.8,
+            },
+            http: HttpLimits {
+                max_body_bytes: 4 * 1024 * 1024,
+                header_timeout: Duration::from_millis(10_000),
+                body_timeout: Duration::from_millis(10_000),
+                keepalive_timeout: Duration::from_millis(75_000),
+                write_timeout: Duration::from_millis(10_000),
+            },
+            shutdown_grace: Duration::from_millis(30_000),
+            mock_latency: Duration::ZERO,
+            debug_routes: false,
+        }
+    }
+}
+
+/// Why a configuration was refused. Each message names the key and, for the file, its path.
+#[derive(Debug)]
+pub(crate) enum ConfigError {
+    /// The file could not be read.
+    Read { path: PathBuf, err: std::io::Error },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
+    Parse { path: PathBuf, err: toml::de::Error },
+    /// A value parsed but is out of range; `source` says where it came from.
+    Invalid {
+        key: &'static str,
+        source: String,
+        why: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, err } => {
+                write!(f, "cannot read config file {}: {err}", path.display())
+            }
+            ConfigError::Parse { path, err } => {
+                write!(
+                    f,
+                    "invalid config file {}: {}",
+                    path.display(),
+                    err.to_string().trim_end()
+                )
+            }
+            ConfigError::Invalid { key, source, why } => {
+                write!(f, "invalid value for `{key}` ({source}): {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a value came from, for error messages: the flag/environment, or the file.
+fn origin(from_flags: bool, file: Option<&Path>) -> String {
+    match (from_flags, file) {
+        (true, _) => "command line or SYNCGATE_* environment".to_string(),
+        (false, Some(path)) => format!("config file {}", path.display()),
+        (false, None) => "default".to_string(),
+    }
+}
+
+impl Config {
+    /// Reads the optional file, lays the overrides over it and validates the result.
+    pub(crate) fn resolve(file: Option<&Path>, over: &Overrides) -> Result<Config, ConfigError> {
+        let raw = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    err,
+                })?;
+                toml::from_str::<RawConfig>(&text).map_err(|err| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    err,
+                })?
+            }
+            None => RawConfig::default(),
+        };
+        Config::validate(raw, file, over)
+    }
+
+    fn validate(
+        raw: RawConfig,
+        file: Option<&Path>,
+        over: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        // Picks the override, else the file, else the default, and remembers which it was.
+        fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> (T, bool) {
+            match (flag, file) {
+                (Some(v), _) => (v, true),
+                (None, Some(v)) => (v, false),
+                (None, None) => (default, false),
+            }
+        }
+        let invalid = |key: &'static str, from_flags: bool, why: String| ConfigError::Invalid {
+            key,
+            source: origin(from_flags, file),
+            why,
+        };
+        let at_least = |key: &'static str, (v, f): (u64, bool), min: u64| {
+            if v < min {
+                Err(invalid(key, f, format!("must be at least {min}, got {v}")))
+            } else {
+                Ok(v)
+            }
+        };
+        let millis = |key, pair, min| at_least(key, pair, min).map(Duration::from_millis);
+
+        let (listen_text, listen_flag) =
+            pick(over.listen.clone(), raw.listen, d.listen.to_string());
+        let listen = resolve_addr(&listen_text)
+            .map_err(|why| invalid("listen", listen_flag, format!("{listen_text:?}: {why}")))?;
+
+        let (db, db_flag) = pick(over.db.clone(), raw.db, d.db.clone());
+        if db.as_os_str().is_empty() {
+            return Err(invalid("db", db_flag, "must not be empty".to_string()));
+        }
+
+        let c = raw.capacity;
+        let as_u64 = |(v, f): (usize, bool)| (v as u64, f);
+        let workers = at_least(
+            "capacity.workers",
+            as_u64(pick(over.workers, c.workers, d.capacity.workers)),
+            1,
+        )?;
+        let queue = at_least(
+            "capacity.queue",
+            as_u64(pick(over.queue, c.queue, d.capacity.queue)),
+            1,
+        )?;
+        let max_connections = at_least(
+            "capacity.max_connections",
+            as_u64(pick(
+                over.max_connections,
+                c.max_connections,
+                d.capacity.max_connections,
+            )),
+            1,
+        )?;
+        let max_queue_wait = millis(
+            "capacity.max_queue_wait_ms",
+            pick(over.max_queue_wait_ms, c.max_queue_wait_ms, 5000),
+            1,
+        )?;
+        let ready_high_water = c.ready_high_water.unwrap_or(d.capacity.ready_high_water);
+        if !(ready_high_water > 0.0 && ready_high_water <= 1.0) {
+            return Err(invalid(
+                "capacity.ready_high_water",
+                false,
+                format!("must be in (0, 1], got {ready_high_water}"),
+            ));
+        }
+
+        let h = raw.http;
+        let max_body_bytes = at_least(
+            "http.max_body_bytes",
+            pick(over.max_body_bytes, h.max_body_bytes, d.http.max_body_bytes),
+            1,
+        )?;
+        let http = HttpLimits {
+            max_body_bytes,
+            header_timeout: millis(
+                "http.header_timeout_ms",
+                pick(over.header_timeout_ms, h.header_timeout_ms, 10_000),
+                1,
+            )?,
+            body_timeout: millis(
+                "http.body_timeout_ms",
+                pick(over.body_timeout_ms, h.body_timeout_ms, 10_000),
+                1,
+            )?,
+            keepalive_timeout: millis(
+                "http.keepalive_timeout_ms",
+                pick(over.keepalive_timeout_ms, h.keepalive_timeout_ms, 75_000),
+                1,
+            )?,
+            write_timeout: millis(
+                "http.write_timeout_ms",
+                pick(over.write_timeout_ms, h.write_timeout_ms, 10_000),
+                1,
+            )?,
+        };
+        let shutdown_grace = millis(
+            "server.shutdown_grace_ms",
+            pick(over.shutdown_grace_ms, raw.server.shutdown_grace_ms, 30_000),
+            0,
+        )?;
+        let mock_latency = millis(
+            "mock.latency_ms",
+            pick(over.mock_latency_ms, raw.mock.latency_ms, 0),
+            0,
+        )?;
+
+        Ok(Config {
+            listen,
+            db,
+            capacity: Capacity {
+                workers: workers as usize,
+                queue: queue as usize,
+                max_queue_wait,
+                max_connections: max_connections as usize,
+                ready_high_water,
+            },
+            http,
+            shutdown_grace,
+            mock_latency,
+            debug_routes: over.debug_routes,
+        })
+    }
+}
+
+/// Resolves `host:port` (a literal address or a name such as `localhost:8080`).
+fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let mut addrs = text.to_socket_addrs().map_err(|e| e.to_string())?;
+    addrs
+        .next()
+        .ok_or_else(|| "resolves to no address".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str, over: &Overrides) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(toml_text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("test.toml"),
+            err,
+        })?;
+        Config::validate(raw, Some(Path::new("test.toml")), over)
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::resolve(None, &Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.capacity.workers, 256);
+        assert_eq!(c.capacity.queue, 128);
+        assert_eq!(c.capacity.max_connections, 1024);
+        assert_eq!(c.http.max_body_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.http.keepalive_timeout, Duration::from_secs(75));
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let file = "[capacity]\nworkers = 3\nqueue = 9\n";
+        let c = parse(file, &Overrides::default()).unwrap();
+        assert_eq!((c.capacity.workers, c.capacity.queue), (3, 9));
+        let over = Overrides {
+            workers: Some(7),
+            ..Overrides::default()
+        };
+        let c = parse(file, &over).unwrap();
+        assert_eq!((c.capacity.workers, c.capacity.queue), (7, 9));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name_and_file() {
+        let err = parse("[capacity]\nworkerz = 3\n", &Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("workerz") && msg.contains("test.toml"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_workers_is_refused_naming_the_key_and_file() {
+        let msg = parse("[capacity]\nworkers = 0\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("capacity.workers") && msg.contains("test.toml"),
+            "{msg}"
+        );
+        let over = Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        };
+        let msg = parse("", &over).unwrap_err().to_string();
+        assert!(
+            msg.contains("capacity.workers") && msg.contains("command line"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn high_water_must_be_a_share() {
+        for bad in ["0.0", "1.5", "-0.2"] {
+            let text = format!("[capacity]\nready_high_water = {bad}\n");
+            assert!(
+                parse(&text, &Overrides::default()).is_err(),
+                "{bad} accepted"
+            );
+        }
+        assert!(parse(
+            "[capacity]\nready_high_water = 1.0\n",
+            &Overrides::default()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn bad_listen_address_names_the_key() {
+        let msg = parse("listen = \"nonsense\"\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("listen"), "{msg}");
+    }
+}

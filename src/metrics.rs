@@ -1,0 +1,224 @@
+//! Every metric syncgate exports, declared in one place and rendered on `/metrics` in the
+//! Prometheus text format. The `prometheus` crate (no default features: no protobuf) gives us
+//! lock-free counters, gauges and histograms and a correct encoder, so we do not hand-write them.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets for whole requests: sub-millisecond fast lane up to multi-minute generations.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+/// Buckets for time spent queued: mostly microseconds, bounded by max_queue_wait.
+const QUEUE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Every reason a request or connection can be refused; each is exported from start, at 0.
+pub(crate) const REJECT_REASONS: &[&str] = &[
+    "queue_full",
+    "queue_timeout",
+    "too_many_connections",
+    "body_too_large",
+    "header_too_large",
+    "header_timeout",
+    "body_timeout",
+    "bad_request",
+    "draining",
+];
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// `syncgate_http_requests_total{route,status}`: answered requests, by route template.
+    pub(crate) http_requests: IntCounterVec,
+    /// `syncgate_http_request_duration_seconds{route}`: head received to response written.
+    pub(crate) http_duration: HistogramVec,
+    /// `syncgate_queue_wait_seconds`: time from enqueue to a worker taking the request.
+    pub(crate) queue_wait: Histogram,
+    /// `syncgate_queue_depth`: requests waiting for a worker (set when scraped).
+    pub(crate) queue_depth: IntGauge,
+    /// `syncgate_queue_capacity`: queue slots.
+    pub(crate) queue_capacity: IntGauge,
+    /// `syncgate_workers_busy`: workers handling a request (streams included).
+    pub(crate) workers_busy: IntGauge,
+    /// `syncgate_workers`: worker threads; also the most concurrent streams.
+    pub(crate) workers: IntGauge,
+    /// `syncgate_connections_open`: open client connections (the acceptor enforces the cap on it).
+    pub(crate) connections_open: IntGauge,
+    /// `syncgate_connections_max`: the cap on open connections.
+    pub(crate) connections_max: IntGauge,
+    /// `syncgate_rejected_total{reason}`: requests or connections refused by a limit.
+    pub(crate) rejected: IntCounterVec,
+    /// `syncgate_handler_panics_total`: handler panics turned into 500s.
+    pub(crate) handler_panics: IntCounter,
+    /// `syncgate_accept_errors_total`: failed accepts (EMFILE, ECONNABORTED, …), survived.
+    pub(crate) accept_errors: IntCounter,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "syncgate_http_requests_total",
+                "HTTP requests answered, by route template and status",
+            ),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "syncgate_http_request_duration_seconds",
+                "Time from the request head arriving to the response written",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let queue_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "syncgate_queue_wait_seconds",
+                "Time a request waited for a worker",
+            )
+            .buckets(QUEUE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "syncgate_rejected_total",
+                "Requests or connections refused by a limit",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in REJECT_REASONS {
+            rejected.with_label_values(&[reason]);
+        }
+        let metrics = Metrics {
+            http_requests,
+            http_duration,
+            queue_wait,
+            queue_depth: gauge("syncgate_queue_depth", "Requests waiting for a worker"),
+            queue_capacity: gauge(
+                "syncgate_queue_capacity",
+                "Queue slots in front of the workers",
+            ),
+            workers_busy: gauge("syncgate_workers_busy", "Workers handling a request"),
+            workers: gauge(
+                "syncgate_workers",
+                "Worker threads (also the most concurrent streams)",
+            ),
+            connections_open: gauge("syncgate_connections_open", "Open client connections"),
+            connections_max: gauge("syncgate_connections_max", "Most open client connections"),
+            rejected,
+            handler_panics: IntCounter::new(
+                "syncgate_handler_panics_total",
+                "Handler panics answered with a 500",
+            )
+            .expect("valid metric"),
+            accept_errors: IntCounter::new(
+                "syncgate_accept_errors_total",
+                "Failed accepts, survived",
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        metrics.register_all();
+        metrics
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.http_requests.clone()),
+            Box::new(self.http_duration.clone()),
+            Box::new(self.queue_wait.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.queue_capacity.clone()),
+            Box::new(self.workers_busy.clone()),
+            Box::new(self.workers.clone()),
+            Box::new(self.connections_open.clone()),
+            Box::new(self.connections_max.clone()),
+            Box::new(self.rejected.clone()),
+            Box::new(self.handler_panics.clone()),
+            Box::new(self.accept_errors.clone()),
+        ];
+        for c in collectors {
+            self.registry
+                .register(c)
+                .expect("each metric registered once");
+        }
+    }
+
+    /// Counts a refusal; `reason` is one of [`REJECT_REASONS`].
+    pub(crate) fn reject(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts one answered request.
+    pub(crate) fn observe_request(&self, route: &str, status: u16, seconds: f64) {
+        let buf = itoa_status(status);
+        let status = std::str::from_utf8(&buf).unwrap_or("0");
+        self.http_requests.with_label_values(&[route, status]).inc();
+        self.http_duration
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding our own well-formed families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// A status code as three ASCII digits, without allocating.
+fn itoa_status(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lists_every_metric_and_reason() {
+        let m = Metrics::new();
+        m.observe_request("/v1/chat/completions", 200, 0.01);
+        m.reject("queue_full");
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "syncgate_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1",
+            "syncgate_http_request_duration_seconds_bucket",
+            "syncgate_queue_wait_seconds_bucket",
+            "syncgate_queue_depth",
+            "syncgate_queue_capacity",
+            "syncgate_workers_busy",
+            "syncgate_workers ",
+            "syncgate_connections_open",
+            "syncgate_rejected_total{reason=\"queue_full\"} 1",
+            "syncgate_rejected_total{reason=\"draining\"} 0",
+            "syncgate_handler_panics_total",
+            "syncgate_accept_errors_total",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn status_digits() {
+        assert_eq!(&itoa_status(503), b"503");
+        assert_eq!(&itoa_status(200), b"200");
+    }
+}

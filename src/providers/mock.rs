@@ -1,0 +1,143 @@
+//! The built-in `mock` model: answers with no key and no network, deterministically, after a
+//! configured latency, so a first run, a local development server and the tests need nothing.
+
+use std::time::Duration;
+
+use super::{ChatReply, ChatRequest, Usage};
+
+pub(crate) const MODEL: &str = "mock";
+
+/// The longest part of the last user message the reply repeats.
+const ECHO_CHARS: usize = 1000;
+
+/// Blocks for `latency` (as a real provider call would block the worker), then answers.
+pub(crate) fn complete(request: &ChatRequest, latency: Duration) -> ChatReply {
+    if !latency.is_zero() {
+        std::thread::sleep(latency);
+    }
+    reply(request)
+}
+
+/// The answer, derived only from the request: the same request always gets the same reply.
+pub(crate) fn reply(request: &ChatRequest) -> ChatReply {
+    let last_user = request
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map(|m| m.text.as_str());
+    let mut content = match last_user {
+        Some(text) if !text.trim().is_empty() => {
+            let echo: String = text.chars().take(ECHO_CHARS).collect();
+            format!("This is the mock model. You said: {echo}")
+        }
+        _ => "This is the mock model. You said nothing.".to_string(),
+    };
+    let mut finish_reason = "stop";
+    if let Some(max) = request.max_tokens {
+        if estimate_tokens(&content) > max {
+            // About four characters a token, as estimate_tokens counts them.
+            content = content.chars().take((max * 4) as usize).collect();
+            finish_reason = "length";
+        }
+    }
+    let prompt_tokens = request
+        .messages
+        .iter()
+        .map(|m| estimate_tokens(&m.text) + 3)
+        .sum::<u64>()
+        + 3;
+    ChatReply {
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: estimate_tokens(&content),
+        },
+        content,
+        finish_reason,
+    }
+}
+
+/// The usual rule of thumb for English text: about four characters a token.
+pub(crate) fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+/// The reply cut into the pieces a stream sends: one word (with its leading space) each.
+pub(crate) fn stream_pieces(content: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for (i, c) in content.char_indices() {
+        if c == ' ' && i > start {
+            pieces.push(&content[start..i]);
+            start = i;
+        }
+    }
+    if start < content.len() {
+        pieces.push(&content[start..]);
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::Message;
+
+    fn req(texts: &[(&str, &str)], max_tokens: Option<u64>) -> ChatRequest {
+        ChatRequest {
+            model: MODEL.into(),
+            messages: texts
+                .iter()
+                .map(|(role, text)| Message {
+                    role: role.to_string(),
+                    text: text.to_string(),
+                })
+                .collect(),
+            stream: false,
+            include_usage: false,
+            max_tokens,
+        }
+    }
+
+    #[test]
+    fn replies_are_deterministic_and_follow_the_last_user_message() {
+        let a = reply(&req(
+            &[
+                ("user", "first"),
+                ("assistant", "x"),
+                ("user", "hello there"),
+            ],
+            None,
+        ));
+        assert_eq!(
+            a,
+            reply(&req(
+                &[
+                    ("user", "first"),
+                    ("assistant", "x"),
+                    ("user", "hello there")
+                ],
+                None
+            ))
+        );
+        assert!(a.content.contains("hello there"), "{}", a.content);
+        assert_ne!(a.content, reply(&req(&[("user", "other")], None)).content);
+        assert_eq!(a.finish_reason, "stop");
+        assert!(a.usage.prompt_tokens > 0 && a.usage.completion_tokens > 0);
+    }
+
+    #[test]
+    fn max_tokens_cuts_the_reply() {
+        let r = reply(&req(&[("user", "a long message that goes on")], Some(2)));
+        assert_eq!(r.finish_reason, "length");
+        assert!(r.usage.completion_tokens <= 2, "{r:?}");
+    }
+
+    #[test]
+    fn pieces_rebuild_the_content() {
+        let text = "This is the mock model. You said: héllo  wörld";
+        assert_eq!(stream_pieces(text).concat(), text);
+        assert!(stream_pieces(text).len() > 5);
+        assert!(stream_pieces("").is_empty());
+    }
+}

@@ -1,0 +1,242 @@
+//! Admission: what happens to a request once the connection thread has read it. The fast lane
+//! is answered here; everything else gets one `try_send` into the bounded queue, and a full
+//! queue is answered with a 503 at once. Also [`respond`], the one function that writes an
+//! answer and records it (access log line and metrics).
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use super::State;
+use crate::api::{self, ApiError, Route};
+use crate::http::{write_response, Rejection, Request, Response, Version, WriteMeta};
+
+/// A request handed to the worker pool, with the connection it came on. The worker writes the
+/// answer and hands the connection back through `handback` (or drops it to close it).
+pub(crate) struct Job {
+    pub(crate) request: Request,
+    pub(crate) route: Route,
+    pub(crate) stream: TcpStream,
+    pub(crate) handback: Sender<Option<TcpStream>>,
+    pub(crate) enqueued: Instant,
+}
+
+/// Answers `request` here or queues it for a worker; returns the connection when it stays
+/// open for the next request.
+pub(crate) fn admit(
+    state: &State,
+    request: Request,
+    stream: TcpStream,
+    handback_tx: &Sender<Option<TcpStream>>,
+    handback_rx: &Receiver<Option<TcpStream>>,
+) -> Option<TcpStream> {
+    let route = match api::route(&request.method, &request.path, state.config.debug_routes) {
+        Ok(route) => route,
+        Err(e) => {
+            let label = match e {
+                ApiError::MethodNotAllowed { template, .. } => template,
+                _ => api::UNMATCHED,
+            };
+            return respond(state, &request, label, Err(e), stream, None);
+        }
+    };
+    if route.is_fast_lane() {
+        let answer = api::ops::answer(state, route);
+        return respond(state, &request, route.template(), Ok(answer), stream, None);
+    }
+    // Count the request as pending before looking at the draining flag: shutdown sets the flag
+    // first and then waits for pending to reach zero, so no admitted request is ever missed.
+    state.pending.fetch_add(1, Ordering::SeqCst);
+    if state.is_draining() {
+        state.pending.fetch_sub(1, Ordering::SeqCst);
+        return respond(
+            state,
+            &request,
+            route.template(),
+            Err(ApiError::Draining),
+            stream,
+            None,
+        );
+    }
+    let job = Job {
+        request,
+        route,
+        stream,
+        handback: handback_tx.clone(),
+        enqueued: Instant::now(),
+    };
+    match state.queue.try_send(job) {
+        // The worker owns the connection until it hands it back; a dropped job closes it.
+        Ok(()) => handback_rx.recv().ok().flatten(),
+        Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+            state.pending.fetch_sub(1, Ordering::SeqCst);
+            let error = ApiError::QueueFull {
+                retry_after_s: state.retry_after_s(),
+            };
+            respond(
+                state,
+                &job.request,
+                route.template(),
+                Err(error),
+                job.stream,
+                None,
+            )
+        }
+    }
+}
+
+/// Answers a request the front end refused while reading it. The caller closes afterwards.
+pub(crate) fn refuse(
+    state: &State,
+    rejection: Rejection,
+    peer: SocketAddr,
+    stream: &mut TcpStream,
+) {
+    let error = ApiError::Http(rejection);
+    let status = error.status();
+    if let Some(reason) = error.reject_reason() {
+        state.metrics.reject(reason);
+    }
+    let meta = WriteMeta {
+        version: Version::Http11,
+        keep_alive: false,
+        request_id: None,
+    };
+    let bytes = write_response(stream, error.to_response(), &meta).map_or(0, |w| w.bytes);
+    state.metrics.observe_request("none", status, 0.0);
+    log::info!(target: "syncgate::access", "{peer} - - {status} {bytes}B refused: {error}");
+}
+
+/// Writes the answer to one request and records it: the access-log line and the request
+/// metrics. Every request that reaches a handler or the fast lane ends here, exactly once.
+/// Returns the connection if it may carry another request.
+pub(crate) fn respond(
+    state: &State,
+    request: &Request,
+    route: &str,
+    result: Result<Response, ApiError>,
+    mut stream: TcpStream,
+    queue_wait: Option<Duration>,
+) -> Option<TcpStream> {
+    let response = result.unwrap_or_else(|e| {
+        if let Some(reason) = e.reject_reason() {
+            state.metrics.reject(reason);
+        }
+        if e.status() >= 500 && e.reject_reason().is_none() {
+            log::error!("request {} failed: {e}", request.request_id);
+        }
+        e.to_response()
+    });
+    let status = response.status;
+    let meta = WriteMeta {
+        version: request.version,
+        keep_alive: request.keep_alive && !state.is_draining(),
+        request_id: Some(&request.request_id),
+    };
+    let (bytes, keep_alive, note) = match write_response(&mut stream, response, &meta) {
+        Ok(w) => (w.bytes, w.keep_alive, ""),
+        Err(_) => (0, false, " client-gone"),
+    };
+    let elapsed = request.received.elapsed();
+    state
+        .metrics
+        .observe_request(route, status, elapsed.as_secs_f64());
+    let queue_ms = queue_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
+    log::info!(
+        target: "syncgate::access",
+        "{} {} {} {} {}B {:.1}ms queue={:.1}ms rid={}{note}",
+        request.peer,
+        request.method,
+        loggable_path(&request.path),
+        status,
+        bytes,
+        elapsed.as_secs_f64() * 1000.0,
+        queue_ms,
+        request.request_id,
+    );
+    log::debug!(
+        target: "syncgate::access",
+        "rid={} headers: {}",
+        request.request_id,
+        crate::http::loggable_headers(&request.headers)
+    );
+    keep_alive.then_some(stream)
+}
+
+/// The path as logged: bounded in length. httparse admits only visible ASCII in it.
+fn loggable_path(path: &str) -> &str {
+    match path.char_indices().nth(200) {
+        Some((i, _)) => &path[..i],
+        None => path,
+    }
+}
+
+/// A running mean of how long a worker takes per request, for the `Retry-After` estimate.
+/// Updates race benignly: a lost sample only slows the mean's movement.
+pub(crate) struct ServiceTime {
+    micros: AtomicU64,
+}
+
+impl ServiceTime {
+    pub(crate) fn new() -> ServiceTime {
+        ServiceTime {
+            micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Folds in one request's service time (exponential moving average, weight 1/8).
+    pub(crate) fn observe(&self, took: Duration) {
+        let sample = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.micros.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample.max(1)
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.micros.store(new, Ordering::Relaxed);
+    }
+
+    pub(crate) fn mean(&self) -> Duration {
+        Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+}
+
+/// Seconds until a slot is likely free: the queue ahead drains at `workers` requests per mean
+/// service time. Whole seconds, at least 1.
+pub(crate) fn retry_after_secs(depth: usize, mean: Duration, workers: usize) -> u64 {
+    let drain = mean.as_secs_f64() * depth as f64 / workers.max(1) as f64;
+    (drain.ceil() as u64).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_follows_queue_depth_and_service_time() {
+        assert_eq!(retry_after_secs(0, Duration::ZERO, 4), 1);
+        assert_eq!(retry_after_secs(2, Duration::from_millis(500), 2), 1);
+        assert_eq!(retry_after_secs(128, Duration::from_secs(2), 16), 16);
+        assert_eq!(retry_after_secs(10, Duration::from_millis(1500), 4), 4);
+    }
+
+    #[test]
+    fn service_time_moves_toward_new_samples() {
+        let s = ServiceTime::new();
+        s.observe(Duration::from_millis(800));
+        assert_eq!(s.mean(), Duration::from_millis(800));
+        for _ in 0..50 {
+            s.observe(Duration::from_millis(100));
+        }
+        let mean = s.mean().as_millis();
+        assert!((100..=110).contains(&mean), "{mean}");
+    }
+
+    #[test]
+    fn long_paths_are_cut_for_the_log() {
+        assert_eq!(loggable_path("/v1/models"), "/v1/models");
+        assert_eq!(loggable_path(&"a".repeat(500)).len(), 200);
+    }
+}

@@ -1,0 +1,122 @@
+//! The worker pool: a fixed number of threads, each taking one request at a time off the
+//! bounded queue and seeing it through, stream included. A panicking handler becomes a 500
+//! and the worker lives on.
+
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use super::admission::{respond, Job};
+use super::State;
+use crate::api::{self, ApiError};
+
+/// Stack of a worker thread: JSON parsing is bounded by serde_json's recursion limit, and the
+/// provider calls to come (ureq) keep their buffers on the heap.
+const WORKER_STACK_BYTES: usize = 512 * 1024;
+
+pub(crate) struct Pool {
+    threads: Vec<JoinHandle<()>>,
+    /// Dropping it wakes every idle worker to exit.
+    stop: Sender<()>,
+}
+
+impl Pool {
+    pub(crate) fn spawn(state: &Arc<State>, jobs: Receiver<Job>) -> io::Result<Pool> {
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut threads = Vec::with_capacity(state.config.capacity.workers);
+        for i in 0..state.config.capacity.workers {
+            let (state, jobs, stop_rx) = (Arc::clone(state), jobs.clone(), stop_rx.clone());
+            let thread = thread::Builder::new()
+                .name(format!("sg-worker-{i}"))
+                .stack_size(WORKER_STACK_BYTES)
+                .spawn(move || work(&state, &jobs, &stop_rx))?;
+            threads.push(thread);
+        }
+        state.metrics.workers.set(threads.len() as i64);
+        Ok(Pool { threads, stop })
+    }
+
+    /// Tells every worker to exit once idle and waits for them all.
+    pub(crate) fn join(self) {
+        drop(self.stop);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn work(state: &State, jobs: &Receiver<Job>, stop: &Receiver<()>) {
+    loop {
+        select! {
+            recv(jobs) -> job => match job {
+                Ok(job) => serve(state, job),
+                Err(_) => return,
+            },
+            recv(stop) -> _ => return,
+        }
+    }
+}
+
+/// Serves one queued request: refuse it if it waited too long, else run the handler (a panic
+/// becomes a 500), write the answer, and hand the connection back.
+fn serve(state: &State, job: Job) {
+    let started = Instant::now();
+    let waited = started.duration_since(job.enqueued);
+    state.metrics.queue_wait.observe(waited.as_secs_f64());
+    let Job {
+        request,
+        route,
+        stream,
+        handback,
+        ..
+    } = job;
+    state.metrics.workers_busy.inc();
+    let result = if waited > state.config.capacity.max_queue_wait {
+        Err(ApiError::QueueTimeout {
+            waited_ms: waited.as_millis() as u64,
+        })
+    } else {
+        panic::catch_unwind(AssertUnwindSafe(|| api::handle(state, route, &request)))
+            .unwrap_or_else(|_| {
+                state.metrics.handler_panics.inc();
+                Err(ApiError::Internal)
+            })
+    };
+    // A stream body runs while it is written, so writing can panic too; the head may already
+    // be out, so the only safe answer then is to close.
+    let back = panic::catch_unwind(AssertUnwindSafe(|| {
+        respond(
+            state,
+            &request,
+            route.template(),
+            result,
+            stream,
+            Some(waited),
+        )
+    }))
+    .unwrap_or_else(|_| {
+        state.metrics.handler_panics.inc();
+        None
+    });
+    state.metrics.workers_busy.dec();
+    state.service_time.observe(started.elapsed());
+    let _ = handback.send(back);
+    state.pending.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Waits until every admitted request has been answered, or `deadline`; true if all were.
+pub(crate) fn wait_idle(state: &State, deadline: Instant) -> bool {
+    while state.pending.load(Ordering::SeqCst) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        // Shutdown only: a short poll is simpler than another wake-up channel on the hot path.
+        thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
