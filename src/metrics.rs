@@ -159,14 +159,19 @@ impl Metrics {
         self.rejected.with_label_values(&[reason]).inc();
     }
 
-    /// Counts one answered request.
+    /// Counts one answered request and how long it took.
     pub(crate) fn observe_request(&self, route: &str, status: u16, seconds: f64) {
-        let buf = itoa_status(status);
-        let status = std::str::from_utf8(&buf).unwrap_or("0");
-        self.http_requests.with_label_values(&[route, status]).inc();
+        self.count_request(route, status);
         self.http_duration
             .with_label_values(&[route])
             .observe(seconds);
+    }
+
+    /// Counts one answered request whose duration means nothing (refused while being read).
+    pub(crate) fn count_request(&self, route: &str, status: u16) {
+        let buf = itoa_status(status);
+        let status = std::str::from_utf8(&buf).unwrap_or("0");
+        self.http_requests.with_label_values(&[route, status]).inc();
     }
 
     /// The text exposition of every metric.

@@ -25,18 +25,15 @@ pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr) {
         return;
     }
     let mut reader = RequestReader::new();
-    let (handback_tx, handback_rx) = crossbeam_channel::bounded(1);
     // A new connection must start its request within the head deadline; between requests
     // it may idle for the keep-alive timeout.
     let mut idle = limits.header_timeout;
     loop {
         match reader.read_request(&mut stream, limits, idle, peer) {
-            Ok(Some(request)) => {
-                match admission::admit(state, request, stream, &handback_tx, &handback_rx) {
-                    Some(back) => stream = back,
-                    None => return,
-                }
-            }
+            Ok(Some(request)) => match admission::admit(state, request, stream) {
+                Some(back) => stream = back,
+                None => return,
+            },
             Ok(None) | Err(ReadError::Closed) => return,
             Err(ReadError::Reject(rejection)) => {
                 admission::refuse(state, rejection, peer, &mut stream);

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Sender, TrySendError};
 
 use super::State;
 use crate::api::{self, ApiError, Route};
@@ -25,13 +25,7 @@ pub(crate) struct Job {
 
 /// Answers `request` here or queues it for a worker; returns the connection when it stays
 /// open for the next request.
-pub(crate) fn admit(
-    state: &State,
-    request: Request,
-    stream: TcpStream,
-    handback_tx: &Sender<Option<TcpStream>>,
-    handback_rx: &Receiver<Option<TcpStream>>,
-) -> Option<TcpStream> {
+pub(crate) fn admit(state: &State, request: Request, stream: TcpStream) -> Option<TcpStream> {
     let route = match api::route(&request.method, &request.path, state.config.debug_routes) {
         Ok(route) => route,
         Err(e) => {
@@ -60,16 +54,19 @@ pub(crate) fn admit(
             None,
         );
     }
+    // One channel per job: if the job is ever dropped unanswered, its sender goes with it and
+    // this thread wakes to close the connection instead of waiting forever.
+    let (handback, returned) = crossbeam_channel::bounded(1);
     let job = Job {
         request,
         route,
         stream,
-        handback: handback_tx.clone(),
+        handback,
         enqueued: Instant::now(),
     };
     match state.queue.try_send(job) {
-        // The worker owns the connection until it hands it back; a dropped job closes it.
-        Ok(()) => handback_rx.recv().ok().flatten(),
+        // The worker owns the connection until it hands it back.
+        Ok(()) => returned.recv().ok().flatten(),
         Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
             state.pending.fetch_sub(1, Ordering::SeqCst);
             let error = ApiError::QueueFull {
@@ -105,7 +102,7 @@ pub(crate) fn refuse(
         request_id: None,
     };
     let bytes = write_response(stream, error.to_response(), &meta).map_or(0, |w| w.bytes);
-    state.metrics.observe_request("none", status, 0.0);
+    state.metrics.count_request("none", status);
     log::info!(target: "syncgate::access", "{peer} - - {status} {bytes}B refused: {error}");
 }
 

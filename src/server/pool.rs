@@ -76,7 +76,8 @@ fn serve(state: &State, job: Job) {
         ..
     } = job;
     state.metrics.workers_busy.inc();
-    let result = if waited > state.config.capacity.max_queue_wait {
+    let stale = waited > state.config.capacity.max_queue_wait;
+    let result = if stale {
         Err(ApiError::QueueTimeout {
             waited_ms: waited.as_millis() as u64,
         })
@@ -104,7 +105,10 @@ fn serve(state: &State, job: Job) {
         None
     });
     state.metrics.workers_busy.dec();
-    state.service_time.observe(started.elapsed());
+    // Only real service counts toward the Retry-After estimate, not instant refusals.
+    if !stale {
+        state.service_time.observe(started.elapsed());
+    }
     let _ = handback.send(back);
     state.pending.fetch_sub(1, Ordering::SeqCst);
 }
