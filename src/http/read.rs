@@ -104,8 +104,11 @@ impl RequestReader {
         peer: SocketAddr,
     ) -> Result<Option<Request>, ReadError> {
         if self.start == self.end {
-            self.shrink();
-            match self.fill(stream, idle) {
+            // Between requests the connection holds no buffer: wait for the first byte with a
+            // peek, so a thousand idle keep-alive connections cost no read buffers at all.
+            self.release();
+            self.set_timeout(stream, idle);
+            match stream.peek(&mut [0u8; 1]) {
                 Ok(0) => return Ok(None),
                 Ok(_) => {}
                 Err(e) if is_timeout(&e) => return Ok(None),
@@ -396,13 +399,11 @@ impl RequestReader {
         }
     }
 
-    /// Gives back memory after a large request, so an idle connection stays small.
-    fn shrink(&mut self) {
+    /// Gives back the buffer between requests, so an idle connection holds no memory for it.
+    fn release(&mut self) {
         self.start = 0;
         self.end = 0;
-        if self.buf.capacity() > 4 * READ_CHUNK {
-            self.buf = Vec::new();
-        }
+        self.buf = Vec::new();
     }
 }
 
