@@ -1,6 +1,7 @@
 //! Admission: what happens to a request once the connection thread has read it. The fast lane
-//! is answered here; everything else gets one `try_send` into the bounded queue, and a full
-//! queue is answered with a 503 at once. Also [`respond`], the one function that writes an
+//! is answered here; everything else is admitted if fewer than `workers + queue` requests are
+//! in the server, and handed over with one `try_send`; otherwise it is answered with a 503 at
+//! once. Also [`respond`], the one function that writes an
 //! answer and records it (access log line and metrics).
 
 use std::net::{SocketAddr, TcpStream};
@@ -40,19 +41,24 @@ pub(crate) fn admit(state: &State, request: Request, stream: TcpStream) -> Optio
         let answer = api::ops::answer(state, route);
         return respond(state, &request, route.template(), Ok(answer), stream, None);
     }
-    // Count the request as pending before looking at the draining flag: shutdown sets the flag
-    // first and then waits for pending to reach zero, so no admitted request is ever missed.
-    state.pending.fetch_add(1, Ordering::SeqCst);
-    if state.is_draining() {
+    // Admission is by count: `workers` requests in service plus `queue` waiting. Counting
+    // (rather than asking whether the channel has room) makes the capacity exact even while
+    // idle workers have not yet woken to take what was just sent.
+    // The count is raised before the draining flag is read: shutdown sets the flag first and
+    // then waits for the count to reach zero, so no admitted request is ever missed.
+    let admitted_before = state.pending.fetch_add(1, Ordering::SeqCst);
+    let refusal = if state.is_draining() {
+        Some(ApiError::Draining)
+    } else if admitted_before >= state.capacity() {
+        Some(ApiError::QueueFull {
+            retry_after_s: state.retry_after_s(),
+        })
+    } else {
+        None
+    };
+    if let Some(error) = refusal {
         state.pending.fetch_sub(1, Ordering::SeqCst);
-        return respond(
-            state,
-            &request,
-            route.template(),
-            Err(ApiError::Draining),
-            stream,
-            None,
-        );
+        return respond(state, &request, route.template(), Err(error), stream, None);
     }
     // One channel per job: if the job is ever dropped unanswered, its sender goes with it and
     // this thread wakes to close the connection instead of waiting forever.
@@ -67,6 +73,7 @@ pub(crate) fn admit(state: &State, request: Request, stream: TcpStream) -> Optio
     match state.queue.try_send(job) {
         // The worker owns the connection until it hands it back.
         Ok(()) => returned.recv().ok().flatten(),
+        // The channel holds `capacity()` jobs, so this happens only if the workers are gone.
         Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
             state.pending.fetch_sub(1, Ordering::SeqCst);
             let error = ApiError::QueueFull {

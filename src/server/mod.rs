@@ -25,14 +25,23 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     queue: Sender<Job>,
     draining: AtomicBool,
-    /// Requests admitted to the queue and not yet answered.
+    /// Requests admitted (queued or in service) and not yet answered.
     pending: AtomicUsize,
     service_time: ServiceTime,
 }
 
 impl State {
+    /// Requests admitted at most: one per worker plus the queue slots.
+    pub(crate) fn capacity(&self) -> usize {
+        self.config.capacity.workers + self.config.capacity.queue
+    }
+
+    /// Requests waiting because every worker is busy: admitted beyond the workers' number.
+    /// (Jobs just sent to idle workers that have not woken yet are not waiting for capacity.)
     pub(crate) fn queue_len(&self) -> usize {
-        self.queue.len()
+        self.pending
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.config.capacity.workers)
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -81,7 +90,8 @@ impl Server {
             .local_addr()
             .context("cannot read the listening address")?;
 
-        let (queue, jobs) = crossbeam_channel::bounded(capacity.queue);
+        // Admission counts requests against workers + queue, so the channel never fills.
+        let (queue, jobs) = crossbeam_channel::bounded(capacity.workers + capacity.queue);
         let metrics = Metrics::new();
         metrics.queue_capacity.set(capacity.queue as i64);
         metrics.connections_max.set(capacity.max_connections as i64);
