@@ -24,8 +24,12 @@ pub(crate) fn fds_needed(max_connections: usize, workers: usize) -> u64 {
     (max_connections + workers + 64) as u64
 }
 
-/// Raises the soft open-files limit toward the hard one so that `needed` descriptors fit;
-/// returns the new soft limit, or why `needed` cannot be honoured.
+/// Ceiling for the soft limit when the hard limit is "unlimited".
+const OPEN_FILES_CEILING: u64 = 1 << 20;
+
+/// Raises the soft open-files limit to the hard one (as Go's runtime does at start), so that
+/// upstream sockets and files have headroom beyond `needed`; returns the new soft limit, or why
+/// `needed` descriptors cannot be had.
 pub(crate) fn raise_open_files_limit(needed: u64) -> Result<u64, String> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -38,9 +42,6 @@ pub(crate) fn raise_open_files_limit(needed: u64) -> Result<u64, String> {
             io::Error::last_os_error()
         ));
     }
-    if lim.rlim_cur >= needed {
-        return Ok(lim.rlim_cur);
-    }
     let hard = lim.rlim_max;
     if hard < needed {
         return Err(format!(
@@ -48,16 +49,20 @@ pub(crate) fn raise_open_files_limit(needed: u64) -> Result<u64, String> {
              (`ulimit -Hn`, systemd LimitNOFILE) or lower max_connections / workers"
         ));
     }
-    lim.rlim_cur = needed as libc::rlim_t;
+    let target = hard.min(OPEN_FILES_CEILING.max(needed));
+    if lim.rlim_cur >= target {
+        return Ok(lim.rlim_cur);
+    }
+    lim.rlim_cur = target;
     // SAFETY: setrlimit reads the struct we pass; raising the soft limit up to the hard one is
     // allowed for an unprivileged process.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let err = io::Error::last_os_error();
         return Err(format!(
-            "cannot raise the open-files limit to {needed}: {}",
-            io::Error::last_os_error()
+            "cannot raise the open-files limit to {target}: {err}"
         ));
     }
-    Ok(needed)
+    Ok(target)
 }
 
 /// The running acceptor thread.
