@@ -6,7 +6,7 @@ use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::read::{ReadError, RequestReader};
+use super::{ReadError, RequestReader};
 use crate::server::{admission, State};
 
 /// After refusing a request we stop writing, then read and discard what the client still
