@@ -188,8 +188,20 @@ impl Server {
             full.push(p);
         }
         full.extend_from_slice(args);
+        Server::spawn_ready(&full, envs, config)
+    }
 
-        let mut child = command(&full, envs)
+    /// `syncgate mock-upstream --listen 127.0.0.1:0 ARGS...`, the fake provider, once it says
+    /// where it listens.
+    pub fn start_mock_upstream(args: &[&str]) -> Server {
+        let mut full: Vec<&str> = vec!["mock-upstream", "--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Server::spawn_ready(&full, &[], None)
+    }
+
+    /// Runs `syncgate FULL...` and waits for its `listening on` line.
+    fn spawn_ready(full: &[&str], envs: &[(&str, &str)], config: Option<TempConfig>) -> Server {
+        let mut child = command(full, envs)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
         let stdout = Arc::new(Mutex::new(String::new()));
