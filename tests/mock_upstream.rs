@@ -422,6 +422,18 @@ fn unknown_routes_are_404_and_wrong_methods_405_in_openai_shape() {
     let r = get(mock.addr, "/v1/chat/completions");
     assert_error(&r, 405, None, Some("method_not_allowed"));
     assert_eq!(r.header("allow"), Some("POST"));
+    assert_error(
+        &post_json(mock.addr, "/stats", "{}"),
+        405,
+        None,
+        Some("method_not_allowed"),
+    );
+    assert_error(
+        &get(mock.addr, "/reset"),
+        405,
+        None,
+        Some("method_not_allowed"),
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -16,15 +16,13 @@ use crate::providers::mock;
 /// Model ids `/v1/models` always lists; ids requests asked for follow them.
 const MODELS: &[&str] = &["mock-gpt", "mock-embed"];
 
+/// The API routes the mock imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     ChatCompletions,
     Embeddings,
     Models,
     Model,
-    Stats,
-    Requests,
-    Reset,
 }
 
 impl Route {
@@ -35,9 +33,6 @@ impl Route {
             Route::Embeddings => "/v1/embeddings",
             Route::Models => "/v1/models",
             Route::Model => "/v1/models/{id}",
-            Route::Stats => "/stats",
-            Route::Requests => "/requests",
-            Route::Reset => "/reset",
         }
     }
 }
@@ -48,15 +43,12 @@ pub(crate) fn is_api(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/")
 }
 
-/// Finds the route; unknown paths are 404, a known path with another method 405.
+/// Finds the API route; unknown paths are 404, a known path with another method 405.
 pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
     let (route, allow) = match path {
         "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
         "/v1/embeddings" => (Route::Embeddings, "POST"),
         "/v1/models" => (Route::Models, "GET"),
-        "/stats" => (Route::Stats, "GET"),
-        "/requests" => (Route::Requests, "GET"),
-        "/reset" => (Route::Reset, "POST"),
         p if p
             .strip_prefix("/v1/models/")
             .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
@@ -198,12 +190,6 @@ pub(crate) fn answer(
         Route::Model => Ok(Reply::Json(model_json(
             request.path.trim_start_matches("/v1/models/"),
         ))),
-        Route::Stats | Route::Requests | Route::Reset => {
-            Err(MockError::Api(ApiError::UnknownRoute {
-                method: request.method.clone(),
-                path: request.path.clone(),
-            }))
-        }
     }
 }
 
@@ -213,19 +199,28 @@ fn model_json(id: &str) -> Value {
 
 /// `/stats`, `/requests`, `/reset`, and errors for paths outside the API.
 pub(crate) fn control(shared: &Shared, request: &Request) -> Response {
-    match route(&request.method, &request.path) {
-        Ok(Route::Stats) => Response::json(200, &shared.stats.to_json()),
-        Ok(Route::Requests) => Response::json(200, &shared.stats.log_json()),
-        Ok(Route::Reset) => {
+    let (template, allow) = match request.path.as_str() {
+        "/stats" => ("/stats", "GET"),
+        "/requests" => ("/requests", "GET"),
+        "/reset" => ("/reset", "POST"),
+        _ => {
+            let unknown = ApiError::UnknownRoute {
+                method: request.method.clone(),
+                path: request.path.clone(),
+            };
+            return unknown.to_response();
+        }
+    };
+    if request.method != allow {
+        return ApiError::MethodNotAllowed { allow, template }.to_response();
+    }
+    match template {
+        "/stats" => Response::json(200, &shared.stats.to_json()),
+        "/requests" => Response::json(200, &shared.stats.log_json()),
+        _ => {
             shared.stats.reset();
             Response::json(200, &json!({"reset": true}))
         }
-        Ok(other) => ApiError::UnknownRoute {
-            method: request.method.clone(),
-            path: other.template().to_string(),
-        }
-        .to_response(),
-        Err(e) => e.to_response(),
     }
 }
 
@@ -240,7 +235,6 @@ mod tests {
             Route::ChatCompletions
         );
         assert_eq!(route("GET", "/v1/models/x").unwrap(), Route::Model);
-        assert_eq!(route("POST", "/reset").unwrap(), Route::Reset);
         assert!(matches!(
             route("GET", "/v1/embeddings"),
             Err(ApiError::MethodNotAllowed { allow: "POST", .. })

@@ -130,3 +130,63 @@ fn log_entry(request: &Request) -> Value {
         "body": body,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Version;
+    use std::time::Instant;
+
+    fn request(path: &str, headers: &[(&str, &str)], body: &str) -> Request {
+        Request {
+            method: "POST".into(),
+            path: path.into(),
+            version: Version::Http11,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+            keep_alive: true,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            received: Instant::now(),
+            request_id: "id".into(),
+        }
+    }
+
+    #[test]
+    fn the_log_keeps_the_newest_requests_with_repeated_headers_joined() {
+        let stats = Stats::new();
+        let first = request("/v1/x", &[("x-a", "1"), ("x-a", "2")], r#"{"model":"m1"}"#);
+        drop(stats.begin(&first, "other"));
+        for i in 0..LOG_LEN {
+            drop(stats.begin(&request(&format!("/v1/{i}"), &[], "not json"), "other"));
+        }
+        let log = stats.log_json();
+        assert_eq!(log.as_array().unwrap().len(), LOG_LEN);
+        assert_eq!(log[LOG_LEN - 1]["path"], format!("/v1/{}", LOG_LEN - 1));
+        assert_eq!(log[0]["body"], Value::Null);
+        assert_eq!(stats.to_json()["requests"], LOG_LEN as u64 + 1);
+        assert_eq!(stats.models_seen(), ["m1"]);
+
+        let again = Stats::new();
+        drop(again.begin(&first, "other"));
+        assert_eq!(again.log_json()[0]["headers"]["x-a"], "1, 2");
+    }
+
+    #[test]
+    fn reset_zeroes_the_counts_but_not_the_requests_still_in_flight() {
+        let stats = Stats::new();
+        let held = stats.begin(&request("/v1/a", &[], ""), "/v1/a");
+        stats.client_closed();
+        stats.reset();
+        let s = stats.to_json();
+        assert_eq!(
+            (s["requests"].as_u64(), s["in_flight"].as_u64()),
+            (Some(0), Some(1))
+        );
+        assert_eq!(s["client_closed"], 0);
+        drop(held);
+        assert_eq!(stats.to_json()["in_flight"], 0);
+    }
+}
