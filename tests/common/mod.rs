@@ -188,8 +188,23 @@ impl Server {
             full.push(p);
         }
         full.extend_from_slice(args);
+        Server::start_command(&full, envs, config)
+    }
 
-        let mut child = command(&full, envs)
+    /// `syncgate mock-upstream --listen 127.0.0.1:0 ARGS...`: the fake provider.
+    pub fn start_mock_upstream(args: &[&str]) -> Server {
+        let mut full: Vec<&str> = vec!["mock-upstream", "--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Server::start_command(&full, &[], None)
+    }
+
+    /// Runs the binary with `full` arguments and waits for its `listening on` line.
+    pub fn start_command(
+        full: &[&str],
+        envs: &[(&str, &str)],
+        config: Option<TempConfig>,
+    ) -> Server {
+        let mut child = command(full, envs)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
         let stdout = Arc::new(Mutex::new(String::new()));
