@@ -6,12 +6,15 @@ mod api;
 mod config;
 mod http;
 mod metrics;
+mod mock_upstream;
 mod providers;
 mod server;
 
 use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +36,9 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible API (defaults: 127.0.0.1:8080, the built-in mock model).
     Serve(ServeArgs),
+    /// Run an OpenAI-compatible fake provider that misbehaves on cue (for development, tests
+    /// and load tests; see docs/mock-upstream.md).
+    MockUpstream(MockUpstreamArgs),
 }
 
 /// Every flag also reads `SYNCGATE_<NAME>`; a flag wins over the variable, both over the file.
@@ -106,6 +112,49 @@ impl ServeArgs {
     }
 }
 
+#[derive(Args)]
+struct MockUpstreamArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    listen: String,
+    /// Time to the response head of every /v1 request.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    latency_ms: u64,
+    /// Content chunks in a streamed chat reply.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    stream_chunks: u64,
+    /// Gap between consecutive events of a streamed reply.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    stream_interval_ms: u64,
+    /// Fault for every request (the `x-mock-fault` header overrides it): none,
+    /// status=CODE[,retry-after=S], hang, slow-head=MS, stall-after=K, truncate-after=K,
+    /// malformed, reset, error-event.
+    #[arg(long, value_name = "SPEC", default_value = "none")]
+    fault: mock_upstream::Fault,
+}
+
+impl MockUpstreamArgs {
+    fn options(&self) -> anyhow::Result<mock_upstream::Options> {
+        let listen = resolve(&self.listen)
+            .with_context(|| format!("invalid --listen address {:?}", self.listen))?;
+        Ok(mock_upstream::Options {
+            listen,
+            latency: Duration::from_millis(self.latency_ms),
+            stream_chunks: self.stream_chunks as usize,
+            stream_interval: Duration::from_millis(self.stream_interval_ms),
+            fault: self.fault,
+        })
+    }
+}
+
+/// `host:port`, a literal address or a name such as `localhost:9090`.
+fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()?
+        .next()
+        .context("resolves to no address")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -120,25 +169,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::MockUpstream(args) => mock_upstream(&args),
     }
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::resolve(args.config.as_deref(), &args.overrides())?;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-
     // Signals are caught before we say we are listening, so a SIGTERM right after the
     // readiness line is already a graceful shutdown.
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .context("cannot install signal handlers")?;
-    let (first_signal, on_signal) = crossbeam_channel::bounded(1);
-    std::thread::Builder::new()
-        .name("sg-signals".into())
-        .spawn(move || watch_signals(signals, first_signal))
-        .context("cannot start the signal thread")?;
+    let on_signal = catch_signals()?;
 
     log::info!(
         "database {} (not used yet: storage is not built)",
@@ -157,6 +197,38 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     );
     server.shutdown();
     Ok(ExitCode::SUCCESS)
+}
+
+/// `syncgate mock-upstream`: start, say where, serve until SIGTERM/SIGINT, then exit at once
+/// (held and stalled connections close with the process).
+fn mock_upstream(args: &MockUpstreamArgs) -> anyhow::Result<ExitCode> {
+    let options = args.options()?;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let on_signal = catch_signals()?;
+    let addr = mock_upstream::start(options)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{addr}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")?;
+    drop(stdout);
+    let signal = on_signal.recv().unwrap_or(signal_hook::consts::SIGTERM);
+    log::info!("received signal {signal}: stopping");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the thread that watches SIGTERM/SIGINT; the first one arrives on the returned channel.
+fn catch_signals() -> anyhow::Result<crossbeam_channel::Receiver<i32>> {
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    let (first_signal, on_signal) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("sg-signals".into())
+        .spawn(move || watch_signals(signals, first_signal))
+        .context("cannot start the signal thread")?;
+    Ok(on_signal)
 }
 
 /// Forwards the first SIGTERM/SIGINT to main; a second one ends the process at once.

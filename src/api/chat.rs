@@ -191,7 +191,7 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn usage_json(reply: &ChatReply) -> Value {
+pub(crate) fn usage_json(reply: &ChatReply) -> Value {
     json!({
         "prompt_tokens": reply.usage.prompt_tokens,
         "completion_tokens": reply.usage.completion_tokens,
@@ -199,7 +199,8 @@ fn usage_json(reply: &ChatReply) -> Value {
     })
 }
 
-fn completion_json(id: &str, model: &str, reply: &ChatReply) -> Value {
+/// A whole completion in OpenAI's `chat.completion` shape.
+pub(crate) fn completion_json(id: &str, model: &str, reply: &ChatReply) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
@@ -220,13 +221,8 @@ fn completion_json(id: &str, model: &str, reply: &ChatReply) -> Value {
 fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply) -> Response {
     let produce = Box::new(move |out: &mut crate::http::BodyStream<'_>| {
         let created = unix_now();
-        let chunk = |delta: Value, finish: Value| {
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": created,
-                "model": chat.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            })
-        };
+        let chunk =
+            |delta: Value, finish: Value| chunk_json(&id, created, &chat.model, delta, finish);
         send_event(
             out,
             &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
@@ -236,11 +232,7 @@ fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply) -> Response {
         }
         send_event(out, &chunk(json!({}), json!(reply.finish_reason)))?;
         if chat.include_usage {
-            let usage = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created,
-                "model": chat.model, "choices": [], "usage": usage_json(&reply),
-            });
-            send_event(out, &usage)?;
+            send_event(out, &usage_chunk_json(&id, created, &chat.model, &reply))?;
         }
         out.send(b"data: [DONE]\n\n")
     });
@@ -249,7 +241,33 @@ fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply) -> Response {
         .with_header("x-accel-buffering", "no".to_string())
 }
 
-fn send_event(out: &mut crate::http::BodyStream<'_>, event: &Value) -> std::io::Result<()> {
+/// One `chat.completion.chunk` with a single choice carrying `delta` and `finish_reason`.
+pub(crate) fn chunk_json(
+    id: &str,
+    created: u64,
+    model: &str,
+    delta: Value,
+    finish: Value,
+) -> Value {
+    json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+    })
+}
+
+/// The final chunk a client asked for with `stream_options.include_usage`: no choices, usage.
+pub(crate) fn usage_chunk_json(id: &str, created: u64, model: &str, reply: &ChatReply) -> Value {
+    json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [], "usage": usage_json(reply),
+    })
+}
+
+/// Writes one SSE event, `data: <json>` and a blank line, as one piece of the stream.
+pub(crate) fn send_event(
+    out: &mut crate::http::BodyStream<'_>,
+    event: &Value,
+) -> std::io::Result<()> {
     let mut frame = b"data: ".to_vec();
     serde_json::to_writer(&mut frame, event)?;
     frame.extend_from_slice(b"\n\n");

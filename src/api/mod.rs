@@ -1,7 +1,7 @@
 //! The routes syncgate answers, the one error type handlers return, and [`handle`], the main
 //! loop of a request once a worker has it.
 
-mod chat;
+pub(crate) mod chat;
 mod embeddings;
 mod models;
 pub(crate) mod ops;

@@ -399,6 +399,14 @@ impl RequestReader {
         }
     }
 
+    /// Gives back the read buffer when no pipelined bytes wait in it, so a connection that
+    /// will wait a long time before answering (the mock upstream's latency) holds none.
+    pub(crate) fn release_if_drained(&mut self) {
+        if self.start == self.end {
+            self.release();
+        }
+    }
+
     /// Gives back the buffer between requests, so an idle connection holds no memory for it.
     fn release(&mut self) {
         self.start = 0;

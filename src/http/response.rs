@@ -95,6 +95,12 @@ impl BodyStream<'_> {
         Ok(())
     }
 
+    /// The client's socket, for a producer that waits between pieces and must notice a
+    /// client that left meanwhile (the mock upstream polls it).
+    pub(crate) fn socket(&self) -> &TcpStream {
+        self.stream
+    }
+
     fn finish(self) -> io::Result<u64> {
         if self.chunked {
             self.stream.write_all(b"0\r\n\r\n")?;
