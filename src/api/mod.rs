@@ -319,6 +319,18 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 response.with_header("allow", allow.to_string())
             }
+            // The provider's own wait when it gave one; at least a second either way.
+            ApiError::Provider(ProviderError::Status {
+                status: 429,
+                retry_after,
+                ..
+            }) => {
+                let secs = retry_after.map_or(1, |d| d.as_secs().max(1));
+                response.with_header("retry-after", secs.to_string())
+            }
+            ApiError::Provider(
+                ProviderError::Unavailable { .. } | ProviderError::AtCapacity { .. },
+            ) => response.with_header("retry-after", "1".to_string()),
             _ => response,
         }
     }

@@ -104,6 +104,8 @@ impl Relay {
                     allowed = self.timeouts.idle;
                     deadline = Instant::now() + allowed;
                 }
+                // A close mid-body shows up as EOF or as a read error (a reset, a broken chunk),
+                // depending on where it fell: either way the answer was cut short.
                 Ok(Event::End) | Err(RecvTimeoutError::Disconnected) => {
                     return fail(
                         out,
@@ -112,8 +114,8 @@ impl Relay {
                     );
                 }
                 Ok(Event::Failed(detail)) => {
-                    let message = format!("reading the provider's stream failed: {detail}");
-                    return fail(out, "upstream_stream_failed", &message);
+                    let message = format!("provider's stream broke off before [DONE]: {detail}");
+                    return fail(out, "upstream_truncated", &message);
                 }
                 // Nothing yet: tell the client we are alive (and learn whether it still is).
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
