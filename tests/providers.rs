@@ -510,47 +510,43 @@ fn a_failing_target_falls_back_to_the_next() {
     assert_eq!(upstream_requests(&good), 1);
 }
 
+/// Starts a call that holds the first provider's only slot (its upstream is slow) and waits
+/// until it does; join the handle for that call's answer.
+fn hold_the_slot(gw: &Server) -> thread::JoinHandle<Resp> {
+    let addr = gw.addr;
+    let held =
+        thread::spawn(move || send(addr, &post_req("/v1/chat/completions", &body(false), &[])));
+    wait_for_metric(
+        gw.addr,
+        "syncgate_upstream_in_flight",
+        &[("provider", "up0")],
+        |v| v == 1.0,
+        Duration::from_secs(5),
+    );
+    held
+}
+
 #[test]
 fn a_provider_at_its_cap_sends_the_next_call_elsewhere_or_answers_503() {
     let slow = mock(&["--latency-ms", "1000"]);
     let gw = gateway(&[slow.addr], 1);
-    let first = thread::spawn({
-        let addr = gw.addr;
-        move || send(addr, &post_req("/v1/chat/completions", &body(false), &[]))
-    });
-    wait_for_metric(
-        gw.addr,
-        "syncgate_upstream_in_flight",
-        &[("provider", "up0")],
-        |v| v == 1.0,
-        Duration::from_secs(5),
-    );
+    let held = hold_the_slot(&gw);
     let (second, took) = call(&gw, false);
     assert_error(&second, 503, None, Some("provider_at_capacity"));
     assert!(took < Duration::from_millis(500), "{took:?}");
-    assert_ok(&first.join().unwrap(), "the call holding the slot");
+    assert_ok(&held.join().unwrap(), "the call holding the slot");
 
     // With a second target, the call over the cap goes there instead.
     let other = mock(&[]);
     let gw = gateway(&[slow.addr, other.addr], 1);
-    let first = thread::spawn({
-        let addr = gw.addr;
-        move || send(addr, &post_req("/v1/chat/completions", &body(false), &[]))
-    });
-    wait_for_metric(
-        gw.addr,
-        "syncgate_upstream_in_flight",
-        &[("provider", "up0")],
-        |v| v == 1.0,
-        Duration::from_secs(5),
-    );
+    let held = hold_the_slot(&gw);
     let (second, _) = call(&gw, false);
     assert_ok(&second, "over the cap, to the next target");
     assert_eq!(
         second.header("x-syncgate-provider"),
         Some("up1/upstream-model-1")
     );
-    assert_ok(&first.join().unwrap(), "the call holding the slot");
+    assert_ok(&held.join().unwrap(), "the call holding the slot");
 }
 
 #[test]
