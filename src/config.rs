@@ -45,6 +45,12 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     mock: RawMock,
+    #[serde(default)]
+    stream: RawStream,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    models: Vec<RawModel>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +85,50 @@ struct RawMock {
     latency_ms: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    heartbeat_ms: Option<u64>,
+}
+
+/// One `[[providers]]` entry; `type` picks the variant, and each variant has its own keys.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+enum RawProvider {
+    /// Any OpenAI-compatible API (OpenAI, xAI, Groq, Mistral, Ollama, vLLM, …).
+    Openai {
+        name: String,
+        base_url: String,
+        api_key_env: Option<String>,
+        max_concurrency: Option<usize>,
+        proxy: Option<String>,
+        #[serde(default)]
+        timeouts: RawTimeouts,
+    },
+    /// In-process and deterministic, with its own latency.
+    Mock {
+        name: String,
+        latency_ms: Option<u64>,
+        max_concurrency: Option<usize>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect_ms: Option<u64>,
+    first_byte_ms: Option<u64>,
+    idle_ms: Option<u64>,
+    total_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    targets: Vec<String>,
+}
+
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -94,6 +144,65 @@ pub(crate) struct Config {
     pub(crate) mock_latency: Duration,
     /// Serve `POST /debug/panic` (tests only; hidden flag). Default off.
     pub(crate) debug_routes: bool,
+    /// Gap after which a waiting stream gets an SSE comment (`: keep-alive`). Default 10 s.
+    pub(crate) heartbeat: Duration,
+    /// Configured providers (the built-in `mock` is not listed here; it always exists).
+    pub(crate) providers: Vec<ProviderConfig>,
+    /// Configured model names and their targets, tried in order.
+    pub(crate) models: Vec<ModelConfig>,
+}
+
+/// The name of the built-in provider and of its model; reserved.
+pub(crate) const BUILTIN_MOCK: &str = "mock";
+
+#[derive(Debug, Clone)]
+pub(crate) struct ProviderConfig {
+    pub(crate) name: String,
+    /// Calls in flight to this provider at most; over it → next target, else 503. Default 64.
+    pub(crate) max_concurrency: usize,
+    pub(crate) kind: ProviderKind,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ProviderKind {
+    OpenAi {
+        /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+        base_url: String,
+        /// The environment variable holding the API key (never the key itself).
+        api_key_env: Option<String>,
+        /// An HTTP proxy for this provider; none unless configured (never from the environment).
+        proxy: Option<String>,
+        timeouts: Timeouts,
+    },
+    Mock {
+        latency: Duration,
+    },
+}
+
+/// Deadlines of a provider call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    /// TCP (and TLS) connection set-up. Default 5 s.
+    pub(crate) connect: Duration,
+    /// Until the response head, and for a stream until its first event. Default 60 s.
+    pub(crate) first_byte: Duration,
+    /// Longest gap between streamed chunks. Default 30 s.
+    pub(crate) idle: Duration,
+    /// The whole call to this provider, retries included. Default 600 s.
+    pub(crate) total: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ModelConfig {
+    pub(crate) name: String,
+    pub(crate) targets: Vec<Target>,
+}
+
+/// `provider/upstream-model`: which provider to call and the model name it knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) provider: String,
+    pub(crate) upstream_model: String,
 }
 
 /// How much work the server takes on at once, and how long work may wait.
@@ -148,6 +257,9 @@ impl Default for Config {
             shutdown_grace: Duration::from_millis(30_000),
             mock_latency: Duration::ZERO,
             debug_routes: false,
+            heartbeat: Duration::from_millis(10_000),
+            providers: Vec::new(),
+            models: Vec::new(),
         }
     }
 }
@@ -331,6 +443,18 @@ impl Config {
             0,
         )?;
 
+        let heartbeat = millis(
+            "stream.heartbeat_ms",
+            (raw.stream.heartbeat_ms.unwrap_or(10_000), false),
+            1,
+        )?;
+        let providers = raw
+            .providers
+            .into_iter()
+            .map(|p| validate_provider(p, file))
+            .collect::<Result<Vec<_>, _>>()?;
+        let models = validate_models(raw.models, &providers, file)?;
+
         Ok(Config {
             listen,
             db,
@@ -345,8 +469,175 @@ impl Config {
             shutdown_grace,
             mock_latency,
             debug_routes: over.debug_routes,
+            heartbeat,
+            providers,
+            models,
         })
     }
+}
+
+fn file_invalid(key: &'static str, file: Option<&Path>, why: String) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        source: origin(false, file),
+        why,
+    }
+}
+
+fn validate_provider(raw: RawProvider, file: Option<&Path>) -> Result<ProviderConfig, ConfigError> {
+    let check_name = |name: &str| {
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+            Err(file_invalid(
+                "providers.name",
+                file,
+                format!("{name:?} must be non-empty, without '/' or spaces"),
+            ))
+        } else if name == BUILTIN_MOCK {
+            Err(file_invalid(
+                "providers.name",
+                file,
+                format!("{name:?} is reserved for the built-in mock provider"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let concurrency = |name: &str, v: Option<usize>| match v.unwrap_or(64) {
+        0 => Err(file_invalid(
+            "providers.max_concurrency",
+            file,
+            format!("provider {name:?}: must be at least 1"),
+        )),
+        n => Ok(n),
+    };
+    match raw {
+        RawProvider::Openai {
+            name,
+            base_url,
+            api_key_env,
+            max_concurrency,
+            proxy,
+            timeouts,
+        } => {
+            check_name(&name)?;
+            let max_concurrency = concurrency(&name, max_concurrency)?;
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                return Err(file_invalid(
+                    "providers.base_url",
+                    file,
+                    format!("provider {name:?}: {base_url:?} must start with http:// or https://"),
+                ));
+            }
+            let ms = |key: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+                0 => Err(file_invalid(
+                    key,
+                    file,
+                    format!("provider {name:?}: must be at least 1"),
+                )),
+                n => Ok(Duration::from_millis(n)),
+            };
+            let timeouts = Timeouts {
+                connect: ms("providers.timeouts.connect_ms", timeouts.connect_ms, 5_000)?,
+                first_byte: ms(
+                    "providers.timeouts.first_byte_ms",
+                    timeouts.first_byte_ms,
+                    60_000,
+                )?,
+                idle: ms("providers.timeouts.idle_ms", timeouts.idle_ms, 30_000)?,
+                total: ms("providers.timeouts.total_ms", timeouts.total_ms, 600_000)?,
+            };
+            Ok(ProviderConfig {
+                kind: ProviderKind::OpenAi {
+                    base_url: base_url.trim_end_matches('/').to_string(),
+                    api_key_env: api_key_env.filter(|v| !v.is_empty()),
+                    proxy,
+                    timeouts,
+                },
+                name,
+                max_concurrency,
+            })
+        }
+        RawProvider::Mock {
+            name,
+            latency_ms,
+            max_concurrency,
+        } => {
+            check_name(&name)?;
+            Ok(ProviderConfig {
+                max_concurrency: concurrency(&name, max_concurrency)?,
+                kind: ProviderKind::Mock {
+                    latency: Duration::from_millis(latency_ms.unwrap_or(0)),
+                },
+                name,
+            })
+        }
+    }
+}
+
+fn validate_models(
+    raw: Vec<RawModel>,
+    providers: &[ProviderConfig],
+    file: Option<&Path>,
+) -> Result<Vec<ModelConfig>, ConfigError> {
+    for (i, p) in providers.iter().enumerate() {
+        if providers[..i].iter().any(|q| q.name == p.name) {
+            return Err(file_invalid(
+                "providers.name",
+                file,
+                format!("provider {:?} is defined twice", p.name),
+            ));
+        }
+    }
+    let mut models: Vec<ModelConfig> = Vec::new();
+    for m in raw {
+        if m.name.is_empty() || m.name == BUILTIN_MOCK || models.iter().any(|o| o.name == m.name) {
+            return Err(file_invalid(
+                "models.name",
+                file,
+                format!("{:?} is empty, reserved, or defined twice", m.name),
+            ));
+        }
+        if m.targets.is_empty() {
+            return Err(file_invalid(
+                "models.targets",
+                file,
+                format!("model {:?} needs at least one target", m.name),
+            ));
+        }
+        let mut targets = Vec::new();
+        for t in &m.targets {
+            let Some((provider, upstream_model)) = t.split_once('/') else {
+                return Err(file_invalid(
+                    "models.targets",
+                    file,
+                    format!(
+                        "model {:?}: target {t:?} is not `provider/upstream-model`",
+                        m.name
+                    ),
+                ));
+            };
+            let known = provider == BUILTIN_MOCK || providers.iter().any(|p| p.name == provider);
+            if !known || upstream_model.is_empty() {
+                return Err(file_invalid(
+                    "models.targets",
+                    file,
+                    format!(
+                        "model {:?}: target {t:?} names no configured provider",
+                        m.name
+                    ),
+                ));
+            }
+            targets.push(Target {
+                provider: provider.to_string(),
+                upstream_model: upstream_model.to_string(),
+            });
+        }
+        models.push(ModelConfig {
+            name: m.name,
+            targets,
+        });
+    }
+    Ok(models)
 }
 
 /// Resolves `host:port` (a literal address or a name such as `localhost:8080`).
@@ -440,6 +731,54 @@ mod tests {
             &Overrides::default()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn providers_and_models_are_validated() {
+        let text = r#"
+[[providers]]
+name = "openai"
+type = "openai"
+base_url = "https://api.openai.com/v1/"
+api_key_env = "OPENAI_API_KEY"
+max_concurrency = 8
+[providers.timeouts]
+first_byte_ms = 1000
+
+[[providers]]
+name = "slow"
+type = "mock"
+latency_ms = 50
+
+[[models]]
+name = "fast"
+targets = ["openai/gpt-4o-mini", "slow/anything", "mock/mock"]
+"#;
+        let c = parse(text, &Overrides::default()).unwrap();
+        assert_eq!(c.providers.len(), 2);
+        let ProviderKind::OpenAi {
+            base_url, timeouts, ..
+        } = &c.providers[0].kind
+        else {
+            panic!("openai provider expected")
+        };
+        assert_eq!(base_url, "https://api.openai.com/v1");
+        assert_eq!(timeouts.first_byte, Duration::from_secs(1));
+        assert_eq!(timeouts.idle, Duration::from_secs(30));
+        assert_eq!(c.providers[0].max_concurrency, 8);
+        assert_eq!(c.models[0].targets[1].provider, "slow");
+
+        for (bad, key) in [
+            ("[[providers]]\nname = \"x\"\ntype = \"nope\"\n", "nope"),
+            ("[[providers]]\nname = \"x\"\ntype = \"openai\"\nbase_url = \"ftp://a\"\n", "base_url"),
+            ("[[providers]]\nname = \"x\"\ntype = \"openai\"\nbase_url = \"http://a\"\napi_key = \"sk\"\n", "api_key"),
+            ("[[providers]]\nname = \"mock\"\ntype = \"mock\"\n", "reserved"),
+            ("[[models]]\nname = \"m\"\ntargets = [\"ghost/x\"]\n", "ghost/x"),
+            ("[[models]]\nname = \"m\"\ntargets = []\n", "targets"),
+        ] {
+            let msg = parse(bad, &Overrides::default()).unwrap_err().to_string();
+            assert!(msg.contains(key), "{bad}: {msg}");
+        }
     }
 
     #[test]

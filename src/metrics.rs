@@ -2,9 +2,11 @@
 //! Prometheus text format. The `prometheus` crate (no default features: no protobuf) gives us
 //! lock-free counters, gauges and histograms and a correct encoder, so we do not hand-write them.
 
+use std::time::Duration;
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets for whole requests: sub-millisecond fast lane up to multi-minute generations.
@@ -16,6 +18,12 @@ const REQUEST_BUCKETS: &[f64] = &[
 const QUEUE_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
+];
+
+/// Buckets for syncgate's own time per request: microseconds to a few milliseconds.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1,
 ];
 
 /// Every reason a request or connection can be refused; each is exported from start, at 0.
@@ -57,6 +65,20 @@ pub(crate) struct Metrics {
     pub(crate) handler_panics: IntCounter,
     /// `syncgate_accept_errors_total`: failed accepts (EMFILE, ECONNABORTED, …), survived.
     pub(crate) accept_errors: IntCounter,
+    /// `syncgate_overhead_seconds`: a request's time not spent blocked on a provider.
+    pub(crate) overhead: Histogram,
+    /// `syncgate_upstream_duration_seconds{provider}`: one attempt, send to last byte.
+    pub(crate) upstream_duration: HistogramVec,
+    /// `syncgate_upstream_first_byte_seconds{provider}`: send to response head.
+    pub(crate) upstream_first_byte: HistogramVec,
+    /// `syncgate_upstream_requests_total{provider,outcome}`: attempts by how they ended.
+    pub(crate) upstream_requests: IntCounterVec,
+    /// `syncgate_upstream_retries_total{provider}`: retries taken.
+    pub(crate) upstream_retries: IntCounterVec,
+    /// `syncgate_upstream_in_flight{provider}`: calls holding a concurrency slot.
+    pub(crate) upstream_in_flight: IntGaugeVec,
+    /// `syncgate_tokens_total{provider,model,kind}`: prompt and completion tokens reported.
+    pub(crate) tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -99,7 +121,58 @@ impl Metrics {
         for reason in REJECT_REASONS {
             rejected.with_label_values(&[reason]);
         }
+        let by_provider = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &["provider"],
+            )
+            .expect("valid metric")
+        };
         let metrics = Metrics {
+            overhead: Histogram::with_opts(
+                HistogramOpts::new(
+                    "syncgate_overhead_seconds",
+                    "Time a request spent in syncgate itself, not blocked on a provider",
+                )
+                .buckets(OVERHEAD_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            upstream_duration: by_provider(
+                "syncgate_upstream_duration_seconds",
+                "One provider attempt, from sending to the last byte",
+                REQUEST_BUCKETS,
+            ),
+            upstream_first_byte: by_provider(
+                "syncgate_upstream_first_byte_seconds",
+                "One provider attempt, from sending to the response head",
+                REQUEST_BUCKETS,
+            ),
+            upstream_requests: IntCounterVec::new(
+                Opts::new(
+                    "syncgate_upstream_requests_total",
+                    "Provider attempts by outcome",
+                ),
+                &["provider", "outcome"],
+            )
+            .expect("valid metric"),
+            upstream_retries: IntCounterVec::new(
+                Opts::new("syncgate_upstream_retries_total", "Provider retries taken"),
+                &["provider"],
+            )
+            .expect("valid metric"),
+            upstream_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "syncgate_upstream_in_flight",
+                    "Provider calls holding a concurrency slot",
+                ),
+                &["provider"],
+            )
+            .expect("valid metric"),
+            tokens: IntCounterVec::new(
+                Opts::new("syncgate_tokens_total", "Tokens reported by providers"),
+                &["provider", "model", "kind"],
+            )
+            .expect("valid metric"),
             http_requests,
             http_duration,
             queue_wait,
@@ -146,6 +219,13 @@ impl Metrics {
             Box::new(self.rejected.clone()),
             Box::new(self.handler_panics.clone()),
             Box::new(self.accept_errors.clone()),
+            Box::new(self.overhead.clone()),
+            Box::new(self.upstream_duration.clone()),
+            Box::new(self.upstream_first_byte.clone()),
+            Box::new(self.upstream_requests.clone()),
+            Box::new(self.upstream_retries.clone()),
+            Box::new(self.upstream_in_flight.clone()),
+            Box::new(self.tokens.clone()),
         ];
         for c in collectors {
             self.registry
@@ -172,6 +252,42 @@ impl Metrics {
         let buf = itoa_status(status);
         let status = std::str::from_utf8(&buf).unwrap_or("0");
         self.http_requests.with_label_values(&[route, status]).inc();
+    }
+
+    /// Shows a provider's gauges and counters from the start, at zero.
+    pub(crate) fn register_provider(&self, provider: &str) {
+        self.upstream_in_flight.with_label_values(&[provider]);
+        self.upstream_retries.with_label_values(&[provider]);
+    }
+
+    pub(crate) fn upstream_outcome(&self, provider: &str, outcome: &str) {
+        self.upstream_requests
+            .with_label_values(&[provider, outcome])
+            .inc();
+    }
+
+    pub(crate) fn upstream_duration(&self, provider: &str, took: Duration) {
+        self.upstream_duration
+            .with_label_values(&[provider])
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn upstream_first_byte(&self, provider: &str, took: Duration) {
+        self.upstream_first_byte
+            .with_label_values(&[provider])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts the tokens of one answer.
+    pub(crate) fn count_tokens(&self, provider: &str, model: &str, usage: crate::providers::Usage) {
+        for (kind, n) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            self.tokens
+                .with_label_values(&[provider, model, kind])
+                .inc_by(n);
+        }
     }
 
     /// The text exposition of every metric.

@@ -5,35 +5,67 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use super::ApiError;
+use super::{annotate, relay, ApiError};
 use crate::http::{Request, Response};
-use crate::providers::{mock, ChatReply, ChatRequest, Message};
+use crate::providers::{
+    self, mock, Answer, Call, ChatReply, ChatRequest, Message, UpstreamClock, Usage,
+};
 use crate::server::State;
 
+/// The chat main path: validate, route to the model's targets, answer as the provider did
+/// (JSON passed through as received) or relay its stream event by event.
 pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, ApiError> {
     let chat = parse(&request.body)?;
-    if chat.model != mock::MODEL {
-        return Err(ApiError::ModelNotFound(chat.model));
-    }
-    let reply = mock::complete(&chat, state.config.mock_latency);
-    let id = format!("chatcmpl-{}", request.request_id);
-    if chat.stream {
-        Ok(stream_reply(id, chat, reply))
-    } else {
-        Ok(Response::json(
-            200,
-            &completion_json(&id, &chat.model, &reply),
-        ))
-    }
+    let targets = state
+        .providers
+        .route(&chat.model)
+        .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
+    let mut clock = UpstreamClock::default();
+    let call = Call {
+        path: "/chat/completions",
+        body: &chat.raw,
+        stream: chat.stream,
+    };
+    let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
+    let label = served.label();
+    let response = match answer {
+        Answer::Mock => {
+            let reply = mock::reply(&chat);
+            state
+                .metrics
+                .count_tokens(&served.provider, &chat.model, reply.usage);
+            let id = format!("chatcmpl-{}", request.request_id);
+            if chat.stream {
+                stream_reply(id, chat, reply)
+            } else {
+                Response::json(200, &completion_json(&id, &chat.model, &reply))
+            }
+        }
+        Answer::Json { bytes, value } => {
+            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
+                state
+                    .metrics
+                    .count_tokens(&served.provider, &chat.model, usage);
+            }
+            Response::text(200, "application/json", bytes)
+        }
+        Answer::Stream { events, timeouts } => relay::response(relay::Relay {
+            events,
+            timeouts,
+            heartbeat: state.config.heartbeat,
+            model: chat.model,
+            served,
+            tokens: state.metrics.tokens.clone(),
+            upstream_duration: state.metrics.upstream_duration.clone(),
+            started: std::time::Instant::now(),
+        }),
+    };
+    Ok(annotate(response, request, label, clock, &state.metrics))
 }
 
 /// Reads and checks the body; every error names the parameter at fault.
 pub(crate) fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let Value::Object(obj) = value else {
-        return Err(invalid("", "the request body must be a JSON object"));
-    };
+    let obj = super::json_object(body)?;
     let model = match obj.get("model") {
         None | Some(Value::Null) => return Err(missing("model")),
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
@@ -76,6 +108,7 @@ pub(crate) fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         stream,
         include_usage,
         max_tokens,
+        raw: obj,
     })
 }
 
@@ -137,14 +170,14 @@ fn max_tokens(obj: &Map<String, Value>) -> Result<Option<u64>, ApiError> {
     Ok(None)
 }
 
-fn missing(param: &str) -> ApiError {
+pub(crate) fn missing(param: &str) -> ApiError {
     ApiError::InvalidRequest {
         message: format!("missing required parameter: '{param}'"),
         param: param.to_string(),
     }
 }
 
-fn invalid(param: &str, message: &str) -> ApiError {
+pub(crate) fn invalid(param: &str, message: &str) -> ApiError {
     ApiError::InvalidRequest {
         message: message.to_string(),
         param: param.to_string(),

@@ -2,14 +2,17 @@
 //! loop of a request once a worker has it.
 
 pub(crate) mod chat;
+mod embeddings;
 mod models;
 pub(crate) mod ops;
+mod relay;
 
 use std::fmt;
 
 use serde_json::json;
 
 use crate::http::{Rejection, Request, Response};
+use crate::providers::ProviderError;
 use crate::server::State;
 
 /// Every route, by template. The fast-lane ones are answered by the connection thread.
@@ -19,6 +22,7 @@ pub(crate) enum Route {
     Readyz,
     Metrics,
     ChatCompletions,
+    Embeddings,
     Models,
     Model,
     /// `POST /debug/panic`: panics on purpose, served only with `--enable-debug-routes`.
@@ -33,6 +37,7 @@ impl Route {
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
             Route::ChatCompletions => "/v1/chat/completions",
+            Route::Embeddings => "/v1/embeddings",
             Route::Models => "/v1/models",
             Route::Model => "/v1/models/{id}",
             Route::DebugPanic => "/debug/panic",
@@ -56,6 +61,7 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/readyz" => (Route::Readyz, "GET"),
         "/metrics" => (Route::Metrics, "GET"),
         "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
+        "/v1/embeddings" => (Route::Embeddings, "POST"),
         "/v1/models" => (Route::Models, "GET"),
         "/debug/panic" if debug_routes => (Route::DebugPanic, "POST"),
         p if p
@@ -86,11 +92,47 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
 pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<Response, ApiError> {
     match route {
         Route::ChatCompletions => chat::complete(state, request),
-        Route::Models => Ok(models::list()),
-        Route::Model => models::get(request),
+        Route::Embeddings => embeddings::embed(state, request),
+        Route::Models => Ok(models::list(state)),
+        Route::Model => models::get(state, request),
         Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
         Route::Healthz | Route::Readyz | Route::Metrics => Ok(ops::answer(state, route)),
     }
+}
+
+/// Reads a request body that must be a JSON object.
+pub(crate) fn json_object(
+    body: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(ApiError::InvalidRequest {
+            message: "the request body must be a JSON object".to_string(),
+            param: String::new(),
+        }),
+        Err(e) => Err(ApiError::InvalidJson(e.to_string())),
+    }
+}
+
+/// Marks an answer with where it came from and what syncgate added: `x-syncgate-provider`
+/// (`provider/upstream-model`), `x-syncgate-attempts`, and `x-syncgate-overhead-ms`, the time
+/// so far not spent blocked on a provider, JSON work included (for a stream, until its head).
+pub(crate) fn annotate(
+    response: Response,
+    request: &Request,
+    (target, attempts): (String, u32),
+    clock: crate::providers::UpstreamClock,
+    metrics: &crate::metrics::Metrics,
+) -> Response {
+    let overhead = request.received.elapsed().saturating_sub(clock.blocked);
+    metrics.overhead.observe(overhead.as_secs_f64());
+    response
+        .with_header("x-syncgate-provider", target)
+        .with_header("x-syncgate-attempts", attempts.to_string())
+        .with_header(
+            "x-syncgate-overhead-ms",
+            format!("{:.3}", overhead.as_secs_f64() * 1000.0),
+        )
 }
 
 /// Every way a request can fail, from the front end to the handlers. [`ApiError::status`] is
@@ -112,6 +154,8 @@ pub(crate) enum ApiError {
     InvalidRequest { message: String, param: String },
     /// No model by this name.
     ModelNotFound(String),
+    /// Calling the model's providers failed (after retries and fallbacks).
+    Provider(ProviderError),
     /// Every queue slot is taken; the client should retry after this many seconds.
     QueueFull { retry_after_s: u64 },
     /// The request waited longer than `max_queue_wait` and would be served too late.
@@ -139,6 +183,20 @@ impl ApiError {
             ApiError::UnknownRoute { .. } | ApiError::ModelNotFound(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => 400,
+            ApiError::Provider(e) => match e {
+                ProviderError::Unavailable { .. } | ProviderError::AtCapacity { .. } => 503,
+                ProviderError::Timeout { .. } => 504,
+                ProviderError::Status { status: 429, .. } => 429,
+                // The provider refused our credentials: our configuration, not the client.
+                ProviderError::Status {
+                    status: 401 | 403, ..
+                } => 502,
+                // The client's request was wrong: pass the provider's verdict through.
+                ProviderError::Status { status, .. } if (400..500).contains(status) => *status,
+                ProviderError::Status { .. }
+                | ProviderError::Connect { .. }
+                | ProviderError::BadReply { .. } => 502,
+            },
             ApiError::QueueFull { .. }
             | ApiError::QueueTimeout { .. }
             | ApiError::Draining
@@ -148,8 +206,20 @@ impl ApiError {
     }
 
     /// OpenAI's `error.type`.
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> &str {
+        if let ApiError::Provider(ProviderError::Status {
+            status,
+            kind: Some(kind),
+            ..
+        }) = self
+        {
+            if (400..500).contains(status) && *status != 401 && *status != 403 {
+                return kind;
+            }
+        }
         match self.status() {
+            429 => "rate_limit_error",
+            502 | 504 => "upstream_error",
             500 => "server_error",
             501 => "not_implemented",
             503 => "overloaded",
@@ -158,8 +228,28 @@ impl ApiError {
     }
 
     /// OpenAI's `error.code`: stable, for programs to match on.
-    pub(crate) fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &str {
         match self {
+            ApiError::Provider(e) => match e {
+                ProviderError::Unavailable { .. } => "provider_unavailable",
+                ProviderError::AtCapacity { .. } => "provider_at_capacity",
+                ProviderError::Timeout { .. } => "upstream_timeout",
+                ProviderError::Connect { .. } => "upstream_unreachable",
+                ProviderError::BadReply { .. } => "bad_upstream_reply",
+                ProviderError::Status { status: 429, .. } => "rate_limit_exceeded",
+                ProviderError::Status {
+                    status: 401 | 403, ..
+                } => "upstream_auth",
+                ProviderError::Status {
+                    status,
+                    code: Some(code),
+                    ..
+                } if (400..500).contains(status) => code,
+                ProviderError::Status { status, .. } if (400..500).contains(status) => {
+                    "invalid_request"
+                }
+                ProviderError::Status { .. } => "upstream_error",
+            },
             ApiError::Http(r) => match r {
                 Rejection::RequestLineTooLong => "request_line_too_long",
                 Rejection::HeaderTooLarge(_) => "header_too_large",
@@ -229,8 +319,26 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 response.with_header("allow", allow.to_string())
             }
+            // The provider's own wait when it gave one; at least a second either way.
+            ApiError::Provider(ProviderError::Status {
+                status: 429,
+                retry_after,
+                ..
+            }) => {
+                let secs = retry_after.map_or(1, |d| d.as_secs().max(1));
+                response.with_header("retry-after", secs.to_string())
+            }
+            ApiError::Provider(
+                ProviderError::Unavailable { .. } | ProviderError::AtCapacity { .. },
+            ) => response.with_header("retry-after", "1".to_string()),
             _ => response,
         }
+    }
+}
+
+impl From<ProviderError> for ApiError {
+    fn from(e: ProviderError) -> ApiError {
+        ApiError::Provider(e)
     }
 }
 
@@ -258,6 +366,14 @@ impl fmt::Display for ApiError {
             ApiError::InvalidJson(why) => write!(f, "request body is not valid JSON: {why}"),
             ApiError::InvalidRequest { message, .. } => f.write_str(message),
             ApiError::ModelNotFound(model) => write!(f, "the model {model:?} does not exist"),
+            // A client error's message is the provider's own; anything else says which
+            // provider failed and how (never a key: errors carry no request headers).
+            ApiError::Provider(ProviderError::Status {
+                status, message, ..
+            }) if (400..500).contains(status) && !matches!(status, 401 | 403 | 429) => {
+                f.write_str(message)
+            }
+            ApiError::Provider(e) => write!(f, "{e}"),
             ApiError::QueueFull { retry_after_s } => write!(
                 f,
                 "server at capacity: every worker is busy and the queue is full; retry after {retry_after_s} s"

@@ -205,6 +205,7 @@ mod tests {
             stream: true,
             include_usage,
             max_tokens: None,
+            raw: serde_json::Map::new(),
         };
         let reply = mock::reply(&chat);
         ChatStream {

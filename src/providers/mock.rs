@@ -1,22 +1,13 @@
-//! The built-in `mock` model: answers with no key and no network, deterministically, after a
-//! configured latency, so a first run, a local development server and the tests need nothing.
-
-use std::time::Duration;
+//! The built-in `mock` model: answers with no key and no network, deterministically, so a
+//! first run, a local development server and the tests need nothing. Its latency is applied
+//! where every provider's is, in `providers::call`, blocking the worker as a real call would.
 
 use super::{ChatReply, ChatRequest, Usage};
 
-pub(crate) const MODEL: &str = "mock";
-
 /// The longest part of the last user message the reply repeats.
 const ECHO_CHARS: usize = 1000;
-
-/// Blocks for `latency` (as a real provider call would block the worker), then answers.
-pub(crate) fn complete(request: &ChatRequest, latency: Duration) -> ChatReply {
-    if !latency.is_zero() {
-        std::thread::sleep(latency);
-    }
-    reply(request)
-}
+/// Length of a mock embedding unless the request asks for `dimensions`.
+pub(crate) const EMBEDDING_DIMENSIONS: usize = 16;
 
 /// The answer, derived only from the request: the same request always gets the same reply.
 pub(crate) fn reply(request: &ChatRequest) -> ChatReply {
@@ -62,6 +53,27 @@ pub(crate) fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
 }
 
+/// A deterministic unit vector for `text`: each component from a hash of the text and its
+/// index (FNV-1a), so equal texts embed equally and different texts differ.
+pub(crate) fn embed(text: &str, dimensions: usize) -> Vec<f64> {
+    let raw: Vec<f64> = (0..dimensions)
+        .map(|i| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for b in text.bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            (h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect();
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
+    raw.iter().map(|x| x / norm).collect()
+}
+
 /// The reply cut into the pieces a stream sends: one word (with its leading space) each.
 pub(crate) fn stream_pieces(content: &str) -> Vec<&str> {
     let mut pieces = Vec::new();
@@ -85,7 +97,7 @@ mod tests {
 
     fn req(texts: &[(&str, &str)], max_tokens: Option<u64>) -> ChatRequest {
         ChatRequest {
-            model: MODEL.into(),
+            model: "mock".into(),
             messages: texts
                 .iter()
                 .map(|(role, text)| Message {
@@ -96,6 +108,7 @@ mod tests {
             stream: false,
             include_usage: false,
             max_tokens,
+            raw: serde_json::Map::new(),
         }
     }
 
@@ -131,6 +144,16 @@ mod tests {
         let r = reply(&req(&[("user", "a long message that goes on")], Some(2)));
         assert_eq!(r.finish_reason, "length");
         assert!(r.usage.completion_tokens <= 2, "{r:?}");
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embed("hello", 16);
+        assert_eq!(a, embed("hello", 16));
+        assert_ne!(a, embed("hullo", 16));
+        let norm: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-9, "{norm}");
+        assert_eq!(embed("x", 3).len(), 3);
     }
 
     #[test]

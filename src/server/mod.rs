@@ -16,6 +16,7 @@ use crossbeam_channel::Sender;
 use crate::config::Config;
 use crate::http::{self, Acceptor};
 use crate::metrics::Metrics;
+use crate::providers::Providers;
 use admission::{Job, ServiceTime};
 use pool::Pool;
 
@@ -23,6 +24,7 @@ use pool::Pool;
 pub(crate) struct State {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
+    pub(crate) providers: Providers,
     queue: Sender<Job>,
     draining: AtomicBool,
     /// Requests admitted (queued or in service) and not yet answered.
@@ -95,6 +97,10 @@ impl Server {
         let metrics = Metrics::new();
         metrics.queue_capacity.set(capacity.queue as i64);
         metrics.connections_max.set(capacity.max_connections as i64);
+        let providers = Providers::from_config(&config);
+        for name in providers.names() {
+            metrics.register_provider(name);
+        }
         log::info!(
             "capacity: {} workers, {} queue slots, max queue wait {} ms, {} connections (open-files limit {open_files})",
             capacity.workers,
@@ -105,6 +111,7 @@ impl Server {
         let state = Arc::new(State {
             config,
             metrics,
+            providers,
             queue,
             draining: AtomicBool::new(false),
             pending: AtomicUsize::new(0),

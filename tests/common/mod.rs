@@ -188,19 +188,22 @@ impl Server {
             full.push(p);
         }
         full.extend_from_slice(args);
-        Server::spawn_ready(&full, envs, config)
+        Server::start_command(&full, envs, config)
     }
 
-    /// `syncgate mock-upstream --listen 127.0.0.1:0 ARGS...`, the fake provider, once it says
-    /// where it listens.
+    /// `syncgate mock-upstream --listen 127.0.0.1:0 ARGS...`: the fake provider.
     pub fn start_mock_upstream(args: &[&str]) -> Server {
         let mut full: Vec<&str> = vec!["mock-upstream", "--listen", "127.0.0.1:0"];
         full.extend_from_slice(args);
-        Server::spawn_ready(&full, &[], None)
+        Server::start_command(&full, &[], None)
     }
 
-    /// Runs `syncgate FULL...` and waits for its `listening on` line.
-    fn spawn_ready(full: &[&str], envs: &[(&str, &str)], config: Option<TempConfig>) -> Server {
+    /// Runs the binary with `full` arguments and waits for its `listening on` line.
+    pub fn start_command(
+        full: &[&str],
+        envs: &[(&str, &str)],
+        config: Option<TempConfig>,
+    ) -> Server {
         let mut child = command(full, envs)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
