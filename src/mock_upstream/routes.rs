@@ -43,32 +43,21 @@ pub(crate) fn is_api(path: &str) -> bool {
     path == "/v1" || path.starts_with("/v1/")
 }
 
-/// Finds the API route; unknown paths are 404, a known path with another method 405.
+/// Finds the API route with the gateway's own route table (the mock serves the same `/v1`
+/// surface): unknown paths are 404, a known path with another method 405. Only called for
+/// `/v1` paths, so the gateway's own routes outside `/v1` never reach here.
 pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
-    let (route, allow) = match path {
-        "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
-        "/v1/embeddings" => (Route::Embeddings, "POST"),
-        "/v1/models" => (Route::Models, "GET"),
-        p if p
-            .strip_prefix("/v1/models/")
-            .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
-        {
-            (Route::Model, "GET")
-        }
-        _ => {
-            return Err(ApiError::UnknownRoute {
+    match api::route(method, path, false)? {
+        api::Route::ChatCompletions => Ok(Route::ChatCompletions),
+        api::Route::Embeddings => Ok(Route::Embeddings),
+        api::Route::Models => Ok(Route::Models),
+        api::Route::Model => Ok(Route::Model),
+        api::Route::Healthz | api::Route::Readyz | api::Route::Metrics | api::Route::DebugPanic => {
+            Err(ApiError::UnknownRoute {
                 method: method.to_string(),
                 path: path.to_string(),
             })
         }
-    };
-    if method == allow {
-        Ok(route)
-    } else {
-        Err(ApiError::MethodNotAllowed {
-            allow,
-            template: route.template(),
-        })
     }
 }
 
