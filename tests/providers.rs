@@ -20,7 +20,21 @@ const KEY: &str = "sk-canary-provider-5f1e0c";
 const FIRST_BYTE_MS: u64 = 1500;
 const IDLE_MS: u64 = 700;
 
-fn provider_toml(name: &str, upstream: SocketAddr, max_concurrency: usize) -> String {
+/// Provider timeouts and the stream heartbeat of a test gateway, in ms.
+#[derive(Clone, Copy)]
+struct Timing {
+    first_byte: u64,
+    idle: u64,
+    heartbeat: u64,
+}
+
+const FAST: Timing = Timing {
+    first_byte: FIRST_BYTE_MS,
+    idle: IDLE_MS,
+    heartbeat: 200,
+};
+
+fn provider_toml(name: &str, upstream: SocketAddr, max_concurrency: usize, t: Timing) -> String {
     format!(
         r#"
 [[providers]]
@@ -31,19 +45,24 @@ api_key_env = "{KEY_VAR}"
 max_concurrency = {max_concurrency}
 [providers.timeouts]
 connect_ms = 1000
-first_byte_ms = {FIRST_BYTE_MS}
-idle_ms = {IDLE_MS}
+first_byte_ms = {}
+idle_ms = {}
 total_ms = 6000
-"#
+"#,
+        t.first_byte, t.idle
     )
 }
 
 /// A gateway whose model `m` goes to the given upstreams in order.
 fn gateway(upstreams: &[SocketAddr], max_concurrency: usize) -> Server {
-    let mut toml = String::from("[stream]\nheartbeat_ms = 200\n");
+    gateway_timed(upstreams, max_concurrency, FAST)
+}
+
+fn gateway_timed(upstreams: &[SocketAddr], max_concurrency: usize, t: Timing) -> Server {
+    let mut toml = format!("[stream]\nheartbeat_ms = {}\n", t.heartbeat);
     let mut targets = Vec::new();
     for (i, up) in upstreams.iter().enumerate() {
-        toml.push_str(&provider_toml(&format!("up{i}"), *up, max_concurrency));
+        toml.push_str(&provider_toml(&format!("up{i}"), *up, max_concurrency, t));
         targets.push(format!("\"up{i}/upstream-model-{i}\""));
     }
     toml.push_str(&format!(
@@ -574,7 +593,7 @@ fn an_unavailable_provider_answers_503_without_calling_anyone() {
     let up = mock(&[]);
     let toml = format!(
         "{}\n[[models]]\nname = \"m\"\ntargets = [\"up0/x\"]\n",
-        provider_toml("up0", up.addr, 8).replace(KEY_VAR, "SG_TEST_SURELY_UNSET")
+        provider_toml("up0", up.addr, 8, FAST).replace(KEY_VAR, "SG_TEST_SURELY_UNSET")
     );
     let gw = Server::start_with_config(&toml, &[]);
     let (r, _) = call(&gw, false);
@@ -621,4 +640,65 @@ fn keys_never_reach_logs_errors_or_metrics() {
         );
         assert!(!gw.stdout().contains(secret), "stdout has a key");
     }
+}
+
+#[test]
+fn a_client_leaving_while_the_provider_is_silent_closes_the_upstream_within_a_second() {
+    // The provider sends one chunk and then nothing. Heartbeat, idle and first-byte are all 5 s,
+    // so neither a heartbeat write, nor the idle deadline, nor a read timeout can end the relay
+    // in time: only watching the client can.
+    let up = mock(&["--fault", "stall-after=1"]);
+    let slow = Timing {
+        first_byte: 5000,
+        idle: 5000,
+        heartbeat: 5000,
+    };
+    let gw = gateway_timed(&[up.addr], 8, slow);
+    let s = stream(gw.addr, Duration::from_secs(5), Some(2));
+    assert_eq!(s.status, 200, "{}", s.head);
+    let left = Instant::now();
+    drop(s);
+    let seen = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        stats(&up)["client_closed"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(seen, "the mock never saw the gateway close: {}", stats(&up));
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        left.elapsed()
+    );
+    assert_idle_again(&gw);
+}
+
+#[test]
+fn a_stall_past_idle_closes_the_upstream_as_the_client_gets_its_error_event() {
+    // Idle 700 ms ends the relay; the read's own timeout (first-byte, 5 s) is far off, so only
+    // cancelling the read closes the upstream within the bound.
+    let up = mock(&["--fault", "stall-after=1"]);
+    let t = Timing {
+        first_byte: 5000,
+        ..FAST
+    };
+    let gw = gateway_timed(&[up.addr], 8, t);
+    let s = stream(gw.addr, Duration::from_secs(5), None);
+    assert_eq!(
+        s.last_error_code().as_deref(),
+        Some("upstream_timeout"),
+        "{:?}",
+        s.data()
+    );
+    let ended = Instant::now();
+    let seen = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        stats(&up)["client_closed"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(
+        seen,
+        "the upstream stayed open after the stall: {}",
+        stats(&up)
+    );
+    assert!(
+        ended.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        ended.elapsed()
+    );
 }

@@ -49,8 +49,13 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
             }
             Response::text(200, "application/json", bytes)
         }
-        Answer::Stream { events, timeouts } => relay::response(relay::Relay {
+        Answer::Stream {
             events,
+            cancel,
+            timeouts,
+        } => relay::response(relay::Relay {
+            events,
+            cancel,
             timeouts,
             heartbeat: state.config.heartbeat,
             model: chat.model,

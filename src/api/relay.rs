@@ -11,13 +11,16 @@ use prometheus::{HistogramVec, IntCounterVec};
 use serde_json::{json, Value};
 
 use crate::config::Timeouts;
+use crate::http::presence;
 use crate::http::{BodyStream, Response};
 use crate::providers::openai::Event;
-use crate::providers::{Served, Usage};
+use crate::providers::{Cancel, Served, Usage};
 
 /// Everything one relayed stream needs; it owns the provider's concurrency slot until done.
 pub(crate) struct Relay {
     pub(crate) events: Receiver<Event>,
+    /// Stops the upstream read when the relay ends, however it ends (set on drop).
+    pub(crate) cancel: Cancel,
     pub(crate) timeouts: Timeouts,
     /// Gap after which the client gets an SSE comment, so proxies and clients see life.
     pub(crate) heartbeat: Duration,
@@ -29,6 +32,9 @@ pub(crate) struct Relay {
     /// When the provider's head arrived.
     pub(crate) started: Instant,
 }
+
+/// While the provider is silent, how often the relay looks whether the client is still there.
+const CLIENT_CHECK: Duration = Duration::from_millis(250);
 
 /// How a relayed stream ended, for the log and the metrics.
 #[derive(Debug, PartialEq, Eq)]
@@ -52,6 +58,8 @@ impl Relay {
     fn run(self, out: &mut BodyStream<'_>) -> io::Result<()> {
         let provider = self.served.provider.clone();
         let result = self.relay(out);
+        // Whatever ended the relay, the upstream read stops now and its connection closes.
+        self.cancel.cancel();
         self.upstream_duration
             .with_label_values(&[&provider])
             .observe(self.started.elapsed().as_secs_f64());
@@ -69,6 +77,7 @@ impl Relay {
         // The first event must come within first_byte of the head; each next within idle.
         let mut deadline = self.started + self.timeouts.first_byte;
         let mut allowed = self.timeouts.first_byte;
+        let mut last_write = Instant::now();
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -79,7 +88,9 @@ impl Relay {
                 );
                 return fail(out, "upstream_timeout", &message);
             }
-            match self.events.recv_timeout(self.heartbeat.min(deadline - now)) {
+            let next_heartbeat = (last_write + self.heartbeat).saturating_duration_since(now);
+            let wait = next_heartbeat.min(CLIENT_CHECK).min(deadline - now);
+            match self.events.recv_timeout(wait) {
                 Ok(Event::Data(data)) if data.trim() == "[DONE]" => {
                     out.send(b"data: [DONE]\n\n")?;
                     return Ok(End::Done);
@@ -102,6 +113,7 @@ impl Relay {
                     }
                     send_data(out, &data)?;
                     allowed = self.timeouts.idle;
+                    last_write = Instant::now();
                     deadline = Instant::now() + allowed;
                 }
                 // A close mid-body shows up as EOF or as a read error (a reset, a broken chunk),
@@ -117,11 +129,18 @@ impl Relay {
                     let message = format!("provider's stream broke off before [DONE]: {detail}");
                     return fail(out, "upstream_truncated", &message);
                 }
-                // Nothing yet: tell the client we are alive (and learn whether it still is).
-                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
-                    out.send(b": keep-alive\n\n")?;
+                // Nothing yet. A client that left is let go at once (its upstream with it); one
+                // that stays hears a comment every heartbeat, so proxies see the stream alive.
+                Err(RecvTimeoutError::Timeout) => {
+                    if presence::has_left(out.socket()) {
+                        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "client left"));
+                    }
+                    let now = Instant::now();
+                    if now < deadline && now >= last_write + self.heartbeat {
+                        out.send(b": keep-alive\n\n")?;
+                        last_write = now;
+                    }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
             }
         }
     }

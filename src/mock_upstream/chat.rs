@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::presence::{self, Presence};
 use crate::api::chat::{chunk_json, completion_json, unix_now, usage_chunk_json};
+use crate::http::presence::{self, Presence};
 use crate::http::{BodyStream, Response};
 use crate::providers::{mock, ChatReply, ChatRequest};
 

@@ -11,11 +11,11 @@ use serde_json::Value;
 
 use super::chat::{half, is_truncation};
 use super::fault::Fault;
-use super::presence::{self, Presence};
 use super::routes::{self, MockError, Reply};
 use super::Shared;
 use crate::api::ApiError;
 use crate::config::HttpLimits;
+use crate::http::presence::{self, Presence};
 use crate::http::{
     write_response, ReadError, Request, RequestReader, Response, Version, WriteMeta,
 };

@@ -7,7 +7,6 @@ mod chat;
 mod conn;
 mod embeddings;
 mod fault;
-mod presence;
 mod routes;
 mod stats;
 

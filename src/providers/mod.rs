@@ -2,6 +2,7 @@
 //! (`provider/upstream-model`); [`call`] tries them in order with retries, fallbacks,
 //! per-provider concurrency caps and a retry budget. The types here are our own, neutral ones.
 
+mod cancel;
 pub(crate) mod mock;
 pub(crate) mod openai;
 mod retry;
@@ -16,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, ProviderKind, Timeouts, BUILTIN_MOCK};
 use crate::metrics::Metrics;
+pub(crate) use cancel::Cancel;
 use openai::{Event, OpenAi};
 
 /// A chat request after validation. `raw` is the client's whole body: everything syncgate
@@ -336,9 +338,11 @@ pub(crate) enum Answer {
     Mock,
     /// A whole JSON answer: the bytes as received and their parse.
     Json { bytes: Vec<u8>, value: Value },
-    /// A stream whose 200 head has arrived; its events follow on the channel.
+    /// A stream whose 200 head has arrived; its events follow on the channel. Dropping
+    /// `cancel` stops the upstream read and closes the connection.
     Stream {
         events: Receiver<Event>,
+        cancel: Cancel,
         timeouts: Timeouts,
     },
 }
@@ -433,9 +437,10 @@ pub(crate) fn call(
                 .and_then(|response| {
                     metrics.upstream_first_byte(name, started.elapsed());
                     if call.stream {
-                        let events = client.events(response)?;
+                        let (events, cancel) = client.events(response)?;
                         Ok(Answer::Stream {
                             events,
+                            cancel,
                             timeouts: client.timeouts(),
                         })
                     } else {

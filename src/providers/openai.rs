@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use ureq::http::Response;
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, DefaultConnector};
 use ureq::Body;
 
+use super::cancel::{read_cancellably, Cancel, Cancellable};
 use super::ProviderError;
 use crate::config::Timeouts;
 
@@ -88,9 +91,12 @@ impl OpenAi {
             .output_buffer_size(OUTPUT_BUFFER_BYTES)
             .user_agent(concat!("syncgate/", env!("CARGO_PKG_VERSION")))
             .build();
+        // ureq's own connector (TCP, TLS, proxy), each transport wrapped so that a stream's
+        // reads can be cancelled: see cancel.rs.
+        let connector = DefaultConnector::new().chain(Cancellable);
         Ok(OpenAi {
             provider: provider.to_string(),
-            agent: config.new_agent(),
+            agent: ureq::Agent::with_parts(config, connector, DefaultResolver::default()),
             base_url: base_url.to_string(),
             authorization,
             timeouts,
@@ -173,19 +179,24 @@ impl OpenAi {
         Ok((bytes, value))
     }
 
-    /// Starts a pump thread that reads the streamed body and sends each event's data.
+    /// Starts a pump thread that reads the streamed body and sends each event's data. The
+    /// returned [`Cancel`] stops its reads (and so closes the upstream) when set or dropped.
     pub(crate) fn events(
         &self,
         response: Response<Body>,
-    ) -> Result<Receiver<Event>, ProviderError> {
+    ) -> Result<(Receiver<Event>, Cancel), ProviderError> {
         let (tx, rx) = crossbeam_channel::bounded(EVENT_BUFFER);
+        let (cancel, flag) = Cancel::new();
         let reader = response.into_body().into_reader();
         thread::Builder::new()
             .name("sg-pump".into())
             .stack_size(PUMP_STACK_BYTES)
-            .spawn(move || pump(BufReader::new(reader), &tx))
+            .spawn(move || {
+                read_cancellably(flag);
+                pump(BufReader::new(reader), &tx);
+            })
             .map_err(|e| self.bad_reply(format!("cannot start a stream reader: {e}")))?;
-        Ok(rx)
+        Ok((rx, cancel))
     }
 
     fn timeout(&self, phase: &'static str) -> ProviderError {

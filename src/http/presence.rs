@@ -1,6 +1,7 @@
-//! Waiting while watching the client: the mock's latency, hangs, stalls and the gaps between
-//! streamed chunks all wait in `poll(2)` on the client's socket, so a client that leaves is
-//! seen at once (and counted in `/stats`) instead of at the next write, and no wait spins.
+//! Watching whether the client is still there: waits in `poll(2)` on its socket (the mock's
+//! latency, hangs, stalls and the gaps between streamed chunks), and an instant check (the
+//! gateway's relay while a provider is silent), so a client that leaves is seen at once
+//! instead of at the next write, and no wait spins.
 
 use std::io;
 use std::net::TcpStream;
@@ -28,6 +29,28 @@ pub(crate) fn wait(stream: &TcpStream, duration: Duration) -> Presence {
         return Presence::Stayed;
     }
     watch(stream, Some(Instant::now() + duration))
+}
+
+/// Whether the client has already left (closed or reset), without waiting.
+pub(crate) fn has_left(stream: &TcpStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: EVENTS,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, on a descriptor the borrowed stream keeps open.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && shows_departure(&fd, stream)
+}
+
+/// Whether a ready pollfd says the peer is gone: a hang-up, an error, or a FIN (on Linux its
+/// own event; elsewhere readability with nothing to read).
+fn shows_departure(fd: &libc::pollfd, stream: &TcpStream) -> bool {
+    let gone = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    if fd.revents & (gone | (EVENTS & !libc::POLLIN)) != 0 {
+        return true;
+    }
+    fd.revents & libc::POLLIN != 0 && matches!(stream.peek(&mut [0u8; 1]), Ok(0) | Err(_))
 }
 
 /// Waits until the client leaves: the whole of a `hang` or a stall.
@@ -66,22 +89,18 @@ fn watch(stream: &TcpStream, deadline: Option<Instant>) -> Presence {
         if ready == 0 {
             continue;
         }
-        let gone = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
-        if fd.revents & (gone | (EVENTS & !libc::POLLIN)) != 0 {
+        if shows_departure(&fd, stream) {
             return Presence::Left;
         }
         if fd.revents & libc::POLLIN != 0 {
-            match stream.peek(&mut [0u8; 1]) {
-                Ok(0) | Err(_) => return Presence::Left,
+            match deadline {
                 // Bytes of a next request wait unread, so readability says nothing more; sleep
                 // out the wait (only where POLLRDHUP does not exist).
-                Ok(_) => match deadline {
-                    Some(deadline) => {
-                        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-                        return Presence::Stayed;
-                    }
-                    None => std::thread::sleep(Duration::from_secs(1)),
-                },
+                Some(deadline) => {
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                    return Presence::Stayed;
+                }
+                None => std::thread::sleep(Duration::from_secs(1)),
             }
         }
     }
@@ -120,6 +139,21 @@ mod tests {
         assert_eq!(wait(&server, Duration::from_secs(30)), Presence::Left);
         assert!(start.elapsed() < Duration::from_secs(10));
         closer.join().unwrap();
+    }
+
+    #[test]
+    fn has_left_tells_at_once_whether_the_client_closed() {
+        let (mut client, server) = pair();
+        client
+            .write_all(b"pending bytes do not count as leaving")
+            .unwrap();
+        assert!(!has_left(&server));
+        drop(client);
+        let start = Instant::now();
+        while !has_left(&server) {
+            assert!(start.elapsed() < Duration::from_secs(5), "close never seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]
