@@ -134,6 +134,14 @@ pub(crate) fn respond(
         e.to_response()
     });
     let status = response.status;
+    // Which provider served it and in how many attempts, as the handler marked the answer.
+    let served = match (
+        response_header(&response, "x-syncgate-provider"),
+        response_header(&response, "x-syncgate-attempts"),
+    ) {
+        (Some(target), Some(attempts)) => format!(" upstream={target} attempts={attempts}"),
+        _ => String::new(),
+    };
     let meta = WriteMeta {
         version: request.version,
         keep_alive: request.keep_alive && !state.is_draining(),
@@ -150,7 +158,7 @@ pub(crate) fn respond(
     let queue_ms = queue_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
     log::info!(
         target: "syncgate::access",
-        "{} {} {} {} {}B {:.1}ms queue={:.1}ms rid={}{note}",
+        "{} {} {} {} {}B {:.1}ms queue={:.1}ms rid={}{served}{note}",
         request.peer,
         request.method,
         loggable_path(&request.path),
@@ -167,6 +175,14 @@ pub(crate) fn respond(
         crate::http::loggable_headers(&request.headers)
     );
     keep_alive.then_some(stream)
+}
+
+fn response_header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
+    response
+        .headers
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// The path as logged: bounded in length. httparse admits only visible ASCII in it.
