@@ -270,6 +270,19 @@ fn chat_reaches_the_provider_with_the_body_unchanged_but_the_model() {
         format!("Bearer {KEY}"),
         "{last}"
     );
+    let rid = r.header("x-request-id").expect("request id").to_string();
+    let logged = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        gw.log().lines().any(|l| {
+            l.contains(&rid)
+                && l.contains("upstream=up0/upstream-model-0")
+                && l.contains("attempts=1")
+        })
+    });
+    assert!(
+        logged,
+        "the access line should name the upstream:\n{}",
+        gw.log()
+    );
 }
 
 #[test]
