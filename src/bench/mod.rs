@@ -150,6 +150,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         points: Vec::new(),
     };
 
+    // Read before any load: the load average says how busy the machine already was.
+    let machine = report::machine();
     let started = Instant::now();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for scenario in selected {
@@ -168,7 +170,6 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     bench.bar.finish_and_clear();
     drop(bench.fleet);
 
-    let machine = report::machine();
     let json = report::json(&machine, &outcomes);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&json).context("cannot render the JSON")?;

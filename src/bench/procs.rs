@@ -160,6 +160,72 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time (user + system) process `pid` has used so far, in seconds ("self" for the bench).
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces: utime and
+    // stime are the 14th and 15th fields of the line, the 12th and 13th after the name.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
+}
+
+/// CPU used by each process of a phase over its measured window.
+pub(crate) struct CpuMeter {
+    /// (name, pid; `None` for the bench itself)
+    procs: Vec<(&'static str, Option<u32>)>,
+    start: Option<Vec<f64>>,
+    last: Vec<f64>,
+}
+
+impl CpuMeter {
+    pub(crate) fn new(procs: Vec<(&'static str, Option<u32>)>) -> CpuMeter {
+        CpuMeter {
+            procs,
+            start: None,
+            last: Vec::new(),
+        }
+    }
+
+    fn read(&self) -> Vec<f64> {
+        self.procs
+            .iter()
+            .map(|(_, pid)| cpu_seconds(*pid).unwrap_or(0.0))
+            .collect()
+    }
+
+    /// Called about every 100 ms: the first call while measuring opens the window.
+    pub(crate) fn tick(&mut self, measuring: bool) {
+        if !measuring {
+            return;
+        }
+        let now = self.read();
+        if self.start.is_none() {
+            self.start = Some(now.clone());
+        }
+        self.last = now;
+    }
+
+    /// CPU seconds each process used in the window, by name.
+    pub(crate) fn used(&self) -> Vec<(&'static str, f64)> {
+        let Some(start) = &self.start else {
+            return Vec::new();
+        };
+        self.procs
+            .iter()
+            .zip(start.iter().zip(&self.last))
+            .map(|((name, _), (a, b))| (*name, (b - a).max(0.0)))
+            .collect()
+    }
+}
+
 fn parse_listening(line: &str) -> Option<SocketAddr> {
     let rest = line.trim().strip_prefix("listening on http://")?;
     rest.trim_end_matches('/').parse().ok()
@@ -257,6 +323,11 @@ impl Fleet {
         Ok(addr)
     }
 
+    /// The pid of the running mock upstream.
+    pub(crate) fn upstream_pid(&self) -> Option<u32> {
+        self.mock.as_ref().map(|(_, proc)| proc.pid())
+    }
+
     /// The gateway with `spec` in front of the mock upstream with `upstream`.
     pub(crate) fn gateway(
         &mut self,
@@ -307,11 +378,10 @@ pub(crate) struct Gauges {
 
 /// Reads `/metrics` once on a fresh connection.
 pub(crate) fn gauges(addr: SocketAddr) -> anyhow::Result<Gauges> {
-    let text = get_text(addr, "/metrics")?;
+    let metrics = Metrics::scrape(addr)?;
     let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        metrics
+            .total(name)
             .map(|v| v as u64)
             .with_context(|| format!("no {name} in /metrics"))
     };
@@ -319,6 +389,50 @@ pub(crate) fn gauges(addr: SocketAddr) -> anyhow::Result<Gauges> {
         workers_busy: value("syncgate_workers_busy")?,
         queue_depth: value("syncgate_queue_depth")?,
     })
+}
+
+/// One reading of the gateway's `/metrics`, for the figures it measures about itself.
+pub(crate) struct Metrics(String);
+
+impl Metrics {
+    pub(crate) fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
+        get_text(addr, "/metrics").map(Metrics)
+    }
+
+    /// The sum of every series of `name` (all label sets), if it has any.
+    pub(crate) fn total(&self, name: &str) -> Option<f64> {
+        let values: Vec<f64> = self
+            .0
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.rsplit_once('}')?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// The mean of histogram `name` in milliseconds (`_sum` ÷ `_count`), if it has samples.
+    pub(crate) fn mean_ms(&self, name: &str) -> Option<f64> {
+        let count = self.total(&format!("{name}_count"))?;
+        let sum = self.total(&format!("{name}_sum"))?;
+        (count > 0.0).then(|| sum / count * 1e3)
+    }
+
+    /// What the gateway says about its own work: mean overhead (time not blocked on the
+    /// provider), queue wait and upstream time to first byte, and the retries it took.
+    pub(crate) fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "overhead_mean_ms": self.mean_ms("syncgate_overhead_seconds"),
+            "queue_wait_mean_ms": self.mean_ms("syncgate_queue_wait_seconds"),
+            "upstream_first_byte_mean_ms": self.mean_ms("syncgate_upstream_first_byte_seconds"),
+            "upstream_retries": self.total("syncgate_upstream_retries_total"),
+        })
+    }
 }
 
 /// Waits (up to `deadline`) until `ok` holds for the gauges; returns the last ones read.
@@ -385,6 +499,19 @@ mod tests {
         assert_eq!(config.capacity.workers, 8);
         assert_eq!(config.capacity.queue, 16);
         assert_eq!(config.models[0].name, "bench");
+    }
+
+    #[test]
+    fn metrics_add_up_over_label_sets() {
+        let m = Metrics(
+            "# HELP x\nsyncgate_workers_busy 7\nsyncgate_t_total{p=\"a\"} 2\n\
+             syncgate_t_total{p=\"b\"} 3\nsyncgate_h_seconds_sum 0.5\nsyncgate_h_seconds_count 100\n"
+                .to_string(),
+        );
+        assert_eq!(m.total("syncgate_workers_busy"), Some(7.0));
+        assert_eq!(m.total("syncgate_t_total"), Some(5.0));
+        assert_eq!(m.total("syncgate_t"), None);
+        assert_eq!(m.mean_ms("syncgate_h_seconds"), Some(5.0));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{self, Load, LoadResult, LoadSpec, Work};
-use super::procs::{self, GatewaySpec, MockSpec};
+use super::procs::{self, CpuMeter, GatewaySpec, MockSpec};
 use super::report::{ms, us, Outcome, Row};
 use super::svg::Point;
 use super::Bench;
@@ -57,7 +57,7 @@ impl Side {
     }
 }
 
-/// One latency-0 phase of `clients` on `side`.
+/// One latency-0 phase of `clients` on `side`; with the CPU seconds each process used.
 fn latency_zero_phase(
     b: &mut Bench,
     name: &str,
@@ -65,12 +65,23 @@ fn latency_zero_phase(
     clients: usize,
     duration: Duration,
     min_samples: u64,
-) -> anyhow::Result<LoadResult> {
+) -> anyhow::Result<(LoadResult, Vec<(&'static str, f64)>)> {
     let mock = MockSpec::latency(0);
-    let (addr, model) = match side {
-        Side::Direct => (b.fleet.upstream(mock)?, "bench-model"),
-        Side::Syncgate => (b.gateway(mock, OPEN_GATEWAY)?.0, "bench"),
+    let (addr, model, gateway_pid) = match side {
+        Side::Direct => (b.fleet.upstream(mock)?, "bench-model", None),
+        Side::Syncgate => {
+            let (addr, pid) = b.gateway(mock, OPEN_GATEWAY)?;
+            (addr, "bench", Some(pid))
+        }
     };
+    let mut procs = vec![
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ];
+    if let Some(pid) = gateway_pid {
+        procs.insert(0, ("gateway", Some(pid)));
+    }
+    let mut cpu = CpuMeter::new(procs);
     let spec = LoadSpec {
         addr,
         clients,
@@ -82,7 +93,8 @@ fn latency_zero_phase(
     };
     let label = format!("{name}: {} {}", plural(clients, "client"), side.name());
     let warm = warmup(duration, Duration::ZERO);
-    b.measure(label, &spec, warm, duration, min_samples, |_| {})
+    let result = b.measure(label, &spec, warm, duration, min_samples, |m| cpu.tick(m))?;
+    Ok((result, cpu.used()))
 }
 
 /// Direct, syncgate, syncgate, direct (half the duration each): drift on a shared machine
@@ -92,25 +104,61 @@ fn abba(
     name: &str,
     clients: usize,
     min_samples: u64,
-) -> anyhow::Result<(LoadResult, LoadResult)> {
+) -> anyhow::Result<[Rounds; 2]> {
     let half = b.duration / 2;
-    let mut direct: Option<LoadResult> = None;
-    let mut through: Option<LoadResult> = None;
+    let mut sides: [Option<Rounds>; 2] = [None, None];
     for side in [Side::Direct, Side::Syncgate, Side::Syncgate, Side::Direct] {
-        let result = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
-        let slot = if side == Side::Direct {
-            &mut direct
-        } else {
-            &mut through
-        };
+        let (result, cpu) = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
+        let slot = &mut sides[usize::from(side == Side::Syncgate)];
         *slot = Some(match slot.take() {
-            Some(earlier) => earlier.combine(result),
-            None => result,
+            Some(mut earlier) => {
+                for (name, secs) in cpu {
+                    match earlier.cpu.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, total)) => *total += secs,
+                        None => earlier.cpu.push((name, secs)),
+                    }
+                }
+                Rounds {
+                    result: earlier.result.combine(result),
+                    cpu: earlier.cpu,
+                }
+            }
+            None => Rounds { result, cpu },
         });
     }
-    match (direct, through) {
-        (Some(d), Some(s)) => Ok((d, s)),
+    match sides {
+        [Some(d), Some(s)] => Ok([d, s]),
         _ => anyhow::bail!("no rounds ran"),
+    }
+}
+
+/// One side's merged rounds and the CPU seconds its processes used.
+struct Rounds {
+    result: LoadResult,
+    cpu: Vec<(&'static str, f64)>,
+}
+
+impl Rounds {
+    /// "gateway 120 + upstream 40 + load generator 30 µs" of CPU per answered request.
+    fn cpu_summary(&self) -> String {
+        let n = self.result.tally.ok.count().max(1) as f64;
+        let parts: Vec<String> = self
+            .cpu
+            .iter()
+            .map(|(name, secs)| format!("{} {:.0}", name.replace('_', " "), secs * 1e6 / n))
+            .collect();
+        format!("{} µs", parts.join(" + "))
+    }
+
+    /// CPU microseconds per answered request, by process.
+    fn cpu_per_request(&self) -> serde_json::Value {
+        let n = self.result.tally.ok.count().max(1) as f64;
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .cpu
+            .iter()
+            .map(|(name, secs)| (name.to_string(), json!(secs * 1e6 / n)))
+            .collect();
+        serde_json::Value::Object(map)
     }
 }
 
@@ -134,7 +182,12 @@ fn point(clients: usize, syncgate: bool, r: &LoadResult) -> Point {
 }
 
 pub(crate) fn overhead(b: &mut Bench) -> anyhow::Result<Outcome> {
-    let (direct, through) = abba(b, "overhead", 1, OVERHEAD_MIN_SAMPLES)?;
+    let [direct_side, through_side] = abba(b, "overhead", 1, OVERHEAD_MIN_SAMPLES)?;
+    let cpu = json!({
+        "syncgate": through_side.cpu_per_request(),
+        "direct": direct_side.cpu_per_request(),
+    });
+    let (direct, through) = (direct_side.result, through_side.result);
     b.points.push(point(1, false, &direct));
     b.points.push(point(1, true, &through));
     let (d, s) = (&direct.tally.ok, &through.tally.ok);
@@ -151,6 +204,7 @@ pub(crate) fn overhead(b: &mut Bench) -> anyhow::Result<Outcome> {
         "direct_mean_us": us(d.mean()),
         "samples": s.count(),
         "direct_samples": d.count(),
+        "cpu_us_per_request": cpu,
         "errors": through.tally.errors + direct.tally.errors,
     });
     let detail = |added: f64, s: Duration, d: Duration| {
@@ -173,7 +227,20 @@ pub(crate) fn overhead(b: &mut Bench) -> anyhow::Result<Outcome> {
 
 pub(crate) fn throughput(b: &mut Bench) -> anyhow::Result<Outcome> {
     const CLIENTS: usize = 64;
-    let (direct, through) = abba(b, "throughput", CLIENTS, 0)?;
+    let [direct_side, through_side] = abba(b, "throughput", CLIENTS, 0)?;
+    let cpu = json!({
+        "syncgate": through_side.cpu_per_request(),
+        "direct": direct_side.cpu_per_request(),
+    });
+    let cpu_row = Row::info(
+        "CPU per request, 64 clients",
+        format!(
+            "{}; direct: {}",
+            through_side.cpu_summary(),
+            direct_side.cpu_summary()
+        ),
+    );
+    let (direct, through) = (direct_side.result, through_side.result);
     b.points.push(point(CLIENTS, false, &direct));
     b.points.push(point(CLIENTS, true, &through));
     let ratio = through.ok_per_s() / direct.ok_per_s().max(1e-9);
@@ -182,22 +249,26 @@ pub(crate) fn throughput(b: &mut Bench) -> anyhow::Result<Outcome> {
         "rps": through.ok_per_s(),
         "direct_rps": direct.ok_per_s(),
         "clients": CLIENTS,
+        "cpu_us_per_request": cpu,
         "p50_ms": ms(through.tally.ok.p50()),
         "p99_ms": ms(through.tally.ok.p99()),
         "direct_p50_ms": ms(direct.tally.ok.p50()),
         "direct_p99_ms": ms(direct.tally.ok.p99()),
         "errors": through.tally.errors + direct.tally.errors,
     });
-    let rows = vec![Row::goal(
-        "rps through syncgate ÷ direct, 64 clients",
-        format!(
-            "{ratio:.2} ({:.0} vs {:.0} rps)",
-            through.ok_per_s(),
-            direct.ok_per_s()
+    let rows = vec![
+        Row::goal(
+            "rps through syncgate ÷ direct, 64 clients",
+            format!(
+                "{ratio:.2} ({:.0} vs {:.0} rps)",
+                through.ok_per_s(),
+                direct.ok_per_s()
+            ),
+            "≥ 0.5",
+            ratio >= 0.5,
         ),
-        "≥ 0.5",
-        ratio >= 0.5,
-    )];
+        cpu_row,
+    ];
     Ok(Outcome::new("throughput", json, rows))
 }
 
@@ -206,8 +277,8 @@ pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
     let mut points = Vec::new();
     let mut rows = Vec::new();
     for clients in SWEEP_CLIENTS {
-        let direct = latency_zero_phase(b, "sweep", Side::Direct, clients, duration, 0)?;
-        let through = latency_zero_phase(b, "sweep", Side::Syncgate, clients, duration, 0)?;
+        let (direct, _) = latency_zero_phase(b, "sweep", Side::Direct, clients, duration, 0)?;
+        let (through, _) = latency_zero_phase(b, "sweep", Side::Syncgate, clients, duration, 0)?;
         b.points.push(point(clients, false, &direct));
         b.points.push(point(clients, true, &through));
         points.push(json!({
@@ -292,6 +363,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         },
     )?;
 
+    let reported = procs::Metrics::scrape(addr)?.summary();
     let efficiency = through.ok_per_s() / ideal_rps;
     let direct_efficiency = direct.ok_per_s() / ideal_rps;
     let rss_mb = peak_kib as f64 / 1024.0;
@@ -311,6 +383,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         "rss_idle_mb": idle_kib as f64 / 1024.0,
         "rss_per_inflight_kb": per_inflight_kb,
         "workers_busy_max": busy_max,
+        "gateway_reported": reported,
         "errors": through.tally.errors + direct.tally.errors,
         "rejected": through.tally.rejected.count(),
     });

@@ -74,6 +74,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
     let (addr, _) = b.gateway(mock, gateway)?;
     let label = format!("streams: {n} concurrent through syncgate");
     let through = b.measure(label, &spec(addr, "bench"), warm, duration, 0, |_| {})?;
+    let reported = super::procs::Metrics::scrape(addr)?.summary();
 
     let added_ttft_p99 = ms(through.tally.ok.p99()) - ms(direct.tally.ok.p99());
     let side = |r: &LoadResult| {
@@ -94,6 +95,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
     json["added_ttft_p99_ms"] = json!(added_ttft_p99);
     json["streams"] = json!(n);
     json["direct"] = side(&direct);
+    json["gateway_reported"] = reported;
     let measured = t.streams_clean + t.streams_stalled + t.streams_failed;
     let rows = vec![
         Row::goal(

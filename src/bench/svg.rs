@@ -142,7 +142,8 @@ pub(crate) fn render(points: &[Point], machine: &Machine) -> String {
     // Throughput: linear from zero, in steps of 1, 2 or 5 × 10^k.
     let top_rps = kept.iter().map(|p| p.rps).fold(0.0, f64::max).max(1.0);
     let step = nice_step(top_rps / 5.0);
-    let y_max = (top_rps / step).ceil() * step;
+    // Headroom above the highest point for its label.
+    let y_max = (top_rps * 1.08 / step).ceil() * step;
     let y_rps = |v: f64| BOTTOM - v / y_max * (BOTTOM - TOP);
     let rps_ticks: Vec<f64> = (0..=((y_max / step).round() as usize))
         .map(|i| i as f64 * step)
