@@ -416,22 +416,86 @@ impl Metrics {
         (!values.is_empty()).then(|| values.iter().sum())
     }
 
-    /// The mean of histogram `name` in milliseconds (`_sum` ÷ `_count`), if it has samples.
-    pub(crate) fn mean_ms(&self, name: &str) -> Option<f64> {
-        let count = self.total(&format!("{name}_count"))?;
-        let sum = self.total(&format!("{name}_sum"))?;
-        (count > 0.0).then(|| sum / count * 1e3)
+    /// The sums and counts behind what the gateway measures about its own work.
+    pub(crate) fn reported(&self) -> Reported {
+        let pair = |name: &str| {
+            (
+                self.total(&format!("{name}_sum")).unwrap_or(0.0),
+                self.total(&format!("{name}_count")).unwrap_or(0.0),
+            )
+        };
+        Reported {
+            overhead: pair("syncgate_overhead_seconds"),
+            queue_wait: pair("syncgate_queue_wait_seconds"),
+            first_byte: pair("syncgate_upstream_first_byte_seconds"),
+            retries: self.total("syncgate_upstream_retries_total").unwrap_or(0.0),
+        }
+    }
+}
+
+/// What the gateway measured about its own work, as histogram (sum in seconds, count) pairs:
+/// its overhead (time not blocked on the provider), queue wait, the upstream's time to
+/// first byte, and the retries it took.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Reported {
+    overhead: (f64, f64),
+    queue_wait: (f64, f64),
+    first_byte: (f64, f64),
+    retries: f64,
+}
+
+impl Reported {
+    fn zip(self, other: Reported, f: impl Fn(f64, f64) -> f64) -> Reported {
+        let pair = |a: (f64, f64), b: (f64, f64)| (f(a.0, b.0), f(a.1, b.1));
+        Reported {
+            overhead: pair(self.overhead, other.overhead),
+            queue_wait: pair(self.queue_wait, other.queue_wait),
+            first_byte: pair(self.first_byte, other.first_byte),
+            retries: f(self.retries, other.retries),
+        }
     }
 
-    /// What the gateway says about its own work: mean overhead (time not blocked on the
-    /// provider), queue wait and upstream time to first byte, and the retries it took.
-    pub(crate) fn summary(&self) -> serde_json::Value {
+    /// What happened between `earlier` and this reading.
+    pub(crate) fn since(self, earlier: Reported) -> Reported {
+        self.zip(earlier, |a, b| a - b)
+    }
+
+    pub(crate) fn add(self, other: Reported) -> Reported {
+        self.zip(other, |a, b| a + b)
+    }
+
+    /// Means in milliseconds, and the retries.
+    pub(crate) fn to_json(self) -> serde_json::Value {
+        let mean = |(sum, count): (f64, f64)| (count > 0.0).then(|| sum / count * 1e3);
         serde_json::json!({
-            "overhead_mean_ms": self.mean_ms("syncgate_overhead_seconds"),
-            "queue_wait_mean_ms": self.mean_ms("syncgate_queue_wait_seconds"),
-            "upstream_first_byte_mean_ms": self.mean_ms("syncgate_upstream_first_byte_seconds"),
-            "upstream_retries": self.total("syncgate_upstream_retries_total"),
+            "overhead_mean_ms": mean(self.overhead),
+            "queue_wait_mean_ms": mean(self.queue_wait),
+            "upstream_first_byte_mean_ms": mean(self.first_byte),
+            "upstream_retries": self.retries,
         })
+    }
+}
+
+/// The gateway's own figures over a measured window: read at its first tick and at the end.
+pub(crate) struct ReportedWindow {
+    addr: SocketAddr,
+    start: Option<Reported>,
+}
+
+impl ReportedWindow {
+    pub(crate) fn new(addr: SocketAddr) -> ReportedWindow {
+        ReportedWindow { addr, start: None }
+    }
+
+    pub(crate) fn tick(&mut self, measuring: bool) {
+        if measuring && self.start.is_none() {
+            self.start = Metrics::scrape(self.addr).ok().map(|m| m.reported());
+        }
+    }
+
+    pub(crate) fn finish(&self) -> anyhow::Result<Reported> {
+        let end = Metrics::scrape(self.addr)?.reported();
+        Ok(end.since(self.start.unwrap_or_default()))
     }
 }
 
@@ -511,7 +575,14 @@ mod tests {
         assert_eq!(m.total("syncgate_workers_busy"), Some(7.0));
         assert_eq!(m.total("syncgate_t_total"), Some(5.0));
         assert_eq!(m.total("syncgate_t"), None);
-        assert_eq!(m.mean_ms("syncgate_h_seconds"), Some(5.0));
+        let r = m.reported();
+        assert_eq!(r.retries, 0.0);
+        let later = Metrics(
+            "syncgate_overhead_seconds_sum 0.5\nsyncgate_overhead_seconds_count 100\n".to_string(),
+        );
+        let json = later.reported().since(r).to_json();
+        assert_eq!(json["overhead_mean_ms"], 5.0);
+        assert!(json["queue_wait_mean_ms"].is_null());
     }
 
     #[test]

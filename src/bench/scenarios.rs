@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{self, Load, LoadResult, LoadSpec, Work};
-use super::procs::{self, CpuMeter, GatewaySpec, MockSpec};
+use super::procs::{self, CpuMeter, GatewaySpec, MockSpec, Reported, ReportedWindow};
 use super::report::{ms, us, Outcome, Row};
 use super::svg::Point;
 use super::Bench;
@@ -57,7 +57,8 @@ impl Side {
     }
 }
 
-/// One latency-0 phase of `clients` on `side`; with the CPU seconds each process used.
+/// One latency-0 phase of `clients` on `side`, with the CPU seconds each process used and,
+/// through syncgate, what the gateway measured about itself.
 fn latency_zero_phase(
     b: &mut Bench,
     name: &str,
@@ -65,7 +66,7 @@ fn latency_zero_phase(
     clients: usize,
     duration: Duration,
     min_samples: u64,
-) -> anyhow::Result<(LoadResult, Vec<(&'static str, f64)>)> {
+) -> anyhow::Result<Phase> {
     let mock = MockSpec::latency(0);
     let (addr, model, gateway_pid) = match side {
         Side::Direct => (b.fleet.upstream(mock)?, "bench-model", None),
@@ -93,37 +94,47 @@ fn latency_zero_phase(
     };
     let label = format!("{name}: {} {}", plural(clients, "client"), side.name());
     let warm = warmup(duration, Duration::ZERO);
-    let result = b.measure(label, &spec, warm, duration, min_samples, |m| cpu.tick(m))?;
-    Ok((result, cpu.used()))
+    let mut window = gateway_pid.map(|_| ReportedWindow::new(addr));
+    let result = b.measure(label, &spec, warm, duration, min_samples, |m| {
+        cpu.tick(m);
+        if let Some(w) = &mut window {
+            w.tick(m);
+        }
+    })?;
+    let reported = window.map(|w| w.finish()).transpose()?;
+    Ok(Phase {
+        result,
+        cpu: cpu.used(),
+        reported,
+    })
 }
 
 /// Direct, syncgate, syncgate, direct (half the duration each): drift on a shared machine
 /// falls on both sides alike. Returns (direct, syncgate), each merged over its two rounds.
-fn abba(
-    b: &mut Bench,
-    name: &str,
-    clients: usize,
-    min_samples: u64,
-) -> anyhow::Result<[Rounds; 2]> {
+fn abba(b: &mut Bench, name: &str, clients: usize, min_samples: u64) -> anyhow::Result<[Phase; 2]> {
     let half = b.duration / 2;
-    let mut sides: [Option<Rounds>; 2] = [None, None];
+    let mut sides: [Option<Phase>; 2] = [None, None];
     for side in [Side::Direct, Side::Syncgate, Side::Syncgate, Side::Direct] {
-        let (result, cpu) = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
+        let phase = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
         let slot = &mut sides[usize::from(side == Side::Syncgate)];
         *slot = Some(match slot.take() {
             Some(mut earlier) => {
-                for (name, secs) in cpu {
+                for (name, secs) in phase.cpu {
                     match earlier.cpu.iter_mut().find(|(n, _)| *n == name) {
                         Some((_, total)) => *total += secs,
                         None => earlier.cpu.push((name, secs)),
                     }
                 }
-                Rounds {
-                    result: earlier.result.combine(result),
+                Phase {
+                    result: earlier.result.combine(phase.result),
                     cpu: earlier.cpu,
+                    reported: match (earlier.reported, phase.reported) {
+                        (Some(a), Some(b)) => Some(a.add(b)),
+                        (a, b) => a.or(b),
+                    },
                 }
             }
-            None => Rounds { result, cpu },
+            None => phase,
         });
     }
     match sides {
@@ -132,13 +143,15 @@ fn abba(
     }
 }
 
-/// One side's merged rounds and the CPU seconds its processes used.
-struct Rounds {
+/// One phase (or one side's merged rounds): the load's result, the CPU seconds each
+/// process used, and through syncgate what the gateway measured about itself.
+struct Phase {
     result: LoadResult,
     cpu: Vec<(&'static str, f64)>,
+    reported: Option<Reported>,
 }
 
-impl Rounds {
+impl Phase {
     /// "gateway 120 + upstream 40 + load generator 30 µs" of CPU per answered request.
     fn cpu_summary(&self) -> String {
         let n = self.result.tally.ok.count().max(1) as f64;
@@ -187,6 +200,7 @@ pub(crate) fn overhead(b: &mut Bench) -> anyhow::Result<Outcome> {
         "syncgate": through_side.cpu_per_request(),
         "direct": direct_side.cpu_per_request(),
     });
+    let reported = through_side.reported.map(Reported::to_json);
     let (direct, through) = (direct_side.result, through_side.result);
     b.points.push(point(1, false, &direct));
     b.points.push(point(1, true, &through));
@@ -205,6 +219,7 @@ pub(crate) fn overhead(b: &mut Bench) -> anyhow::Result<Outcome> {
         "samples": s.count(),
         "direct_samples": d.count(),
         "cpu_us_per_request": cpu,
+        "gateway_reported": reported,
         "errors": through.tally.errors + direct.tally.errors,
     });
     let detail = |added: f64, s: Duration, d: Duration| {
@@ -232,6 +247,7 @@ pub(crate) fn throughput(b: &mut Bench) -> anyhow::Result<Outcome> {
         "syncgate": through_side.cpu_per_request(),
         "direct": direct_side.cpu_per_request(),
     });
+    let reported = through_side.reported.map(Reported::to_json);
     let cpu_row = Row::info(
         "CPU per request, 64 clients",
         format!(
@@ -250,6 +266,7 @@ pub(crate) fn throughput(b: &mut Bench) -> anyhow::Result<Outcome> {
         "direct_rps": direct.ok_per_s(),
         "clients": CLIENTS,
         "cpu_us_per_request": cpu,
+        "gateway_reported": reported,
         "p50_ms": ms(through.tally.ok.p50()),
         "p99_ms": ms(through.tally.ok.p99()),
         "direct_p50_ms": ms(direct.tally.ok.p50()),
@@ -277,8 +294,8 @@ pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
     let mut points = Vec::new();
     let mut rows = Vec::new();
     for clients in SWEEP_CLIENTS {
-        let (direct, _) = latency_zero_phase(b, "sweep", Side::Direct, clients, duration, 0)?;
-        let (through, _) = latency_zero_phase(b, "sweep", Side::Syncgate, clients, duration, 0)?;
+        let direct = latency_zero_phase(b, "sweep", Side::Direct, clients, duration, 0)?.result;
+        let through = latency_zero_phase(b, "sweep", Side::Syncgate, clients, duration, 0)?.result;
         b.points.push(point(clients, false, &direct));
         b.points.push(point(clients, true, &through));
         points.push(json!({
@@ -343,6 +360,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
     let mut peak_kib = idle_kib;
     let mut ticks = 0u32;
     let mut busy_max = 0u64;
+    let mut window = ReportedWindow::new(addr);
     let label = format!("slow-ai: {} through syncgate", plural(clients, "client"));
     let through = b.measure(
         label,
@@ -351,6 +369,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         b.duration,
         0,
         |measuring| {
+            window.tick(measuring);
             if measuring {
                 peak_kib = peak_kib.max(procs::rss_kib(pid).unwrap_or(0));
                 ticks += 1;
@@ -363,7 +382,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         },
     )?;
 
-    let reported = procs::Metrics::scrape(addr)?.summary();
+    let reported = window.finish()?.to_json();
     let efficiency = through.ok_per_s() / ideal_rps;
     let direct_efficiency = direct.ok_per_s() / ideal_rps;
     let rss_mb = peak_kib as f64 / 1024.0;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
-use super::procs::{GatewaySpec, MockSpec};
+use super::procs::{GatewaySpec, MockSpec, ReportedWindow};
 use super::report::{ms, Outcome, Row};
 use super::scenarios::warmup;
 use super::Bench;
@@ -73,8 +73,11 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
     )?;
     let (addr, _) = b.gateway(mock, gateway)?;
     let label = format!("streams: {n} concurrent through syncgate");
-    let through = b.measure(label, &spec(addr, "bench"), warm, duration, 0, |_| {})?;
-    let reported = super::procs::Metrics::scrape(addr)?.summary();
+    let mut window = ReportedWindow::new(addr);
+    let through = b.measure(label, &spec(addr, "bench"), warm, duration, 0, |m| {
+        window.tick(m);
+    })?;
+    let reported = window.finish()?.to_json();
 
     let added_ttft_p99 = ms(through.tally.ok.p99()) - ms(direct.tally.ok.p99());
     let side = |r: &LoadResult| {
