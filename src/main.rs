@@ -3,6 +3,7 @@
 //! wait for a signal → shutdown. Errors are reported once, here at the edge.
 
 mod api;
+mod bench;
 mod config;
 mod http;
 mod metrics;
@@ -39,6 +40,9 @@ enum Command {
     /// Run an OpenAI-compatible fake provider that misbehaves on cue (for development, tests
     /// and load tests; see docs/mock-upstream.md).
     MockUpstream(MockUpstreamArgs),
+    /// Load-test syncgate against its own mock upstream and report each figure against its
+    /// goal (see docs/benchmarks.md; build with --release first).
+    Bench(bench::BenchArgs),
 }
 
 /// Every flag also reads `SYNCGATE_<NAME>`; a flag wins over the variable, both over the file.
@@ -170,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::MockUpstream(args) => mock_upstream(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 
