@@ -116,6 +116,27 @@ fn run_with_config(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> (TempCon
     (cfg, exit)
 }
 
+/// Starting with `toml` must fail, and stderr must name `key` and the config file.
+fn assert_refused_naming(toml: &str, key: &str) {
+    let (cfg, exit) = run_with_config(toml, &[], &[]);
+    assert!(
+        exit.failed(),
+        "expected a non-zero exit for `{key}` in:\n{toml}\n{}",
+        exit.describe()
+    );
+    assert!(
+        exit.stderr.contains(key),
+        "expected stderr to name `{key}`:\n{}",
+        exit.describe()
+    );
+    assert!(
+        cfg.is_named_in(&exit.stderr),
+        "expected stderr to name the config file {}:\n{}",
+        cfg.path().display(),
+        exit.describe()
+    );
+}
+
 #[test]
 fn unknown_config_key_fails_naming_the_key_and_the_file() {
     let cases = [
@@ -125,23 +146,7 @@ fn unknown_config_key_fails_naming_the_key_and_the_file() {
         ("[nonsense_table]\nx = 1\n", "nonsense_table"),
     ];
     for (toml, key) in cases {
-        let (cfg, exit) = run_with_config(toml, &[], &[]);
-        assert!(
-            exit.failed(),
-            "expected a non-zero exit for unknown key `{key}` in:\n{toml}\n{}",
-            exit.describe()
-        );
-        assert!(
-            exit.stderr.contains(key),
-            "expected stderr to name the unknown key `{key}`:\n{}",
-            exit.describe()
-        );
-        assert!(
-            cfg.is_named_in(&exit.stderr),
-            "expected stderr to name the config file {}:\n{}",
-            cfg.path().display(),
-            exit.describe()
-        );
+        assert_refused_naming(toml, key);
     }
 }
 
@@ -153,23 +158,7 @@ fn invalid_config_value_fails_naming_the_key_and_the_file() {
         ("[http]\nmax_body_bytes = -5\n", "max_body_bytes"),
     ];
     for (toml, key) in cases {
-        let (cfg, exit) = run_with_config(toml, &[], &[]);
-        assert!(
-            exit.failed(),
-            "expected a non-zero exit for the invalid value in:\n{toml}\n{}",
-            exit.describe()
-        );
-        assert!(
-            exit.stderr.contains(key),
-            "expected stderr to name `{key}`:\n{}",
-            exit.describe()
-        );
-        assert!(
-            cfg.is_named_in(&exit.stderr),
-            "expected stderr to name the config file {}:\n{}",
-            cfg.path().display(),
-            exit.describe()
-        );
+        assert_refused_naming(toml, key);
     }
 }
 

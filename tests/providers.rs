@@ -119,6 +119,19 @@ fn assert_idle_again(gw: &Server) {
     );
 }
 
+/// The mock must count a client (the gateway) closing on it within `bound` of `since`.
+fn assert_upstream_closed(up: &Server, since: Instant, bound: Duration, what: &str) {
+    let seen = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        stats(up)["client_closed"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(seen, "{what}: {}", stats(up));
+    assert!(
+        since.elapsed() < bound,
+        "{what}: took {:?}",
+        since.elapsed()
+    );
+}
+
 // --- streams, read event by event with arrival times -------------------------------------
 
 struct Streamed {
@@ -589,14 +602,11 @@ fn a_client_leaving_mid_stream_closes_the_upstream_within_a_second() {
     assert_eq!(s.status, 200, "{}", s.head);
     let left = Instant::now();
     drop(s);
-    let seen = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
-        stats(&up)["client_closed"].as_u64().unwrap_or(0) >= 1
-    });
-    assert!(seen, "the mock never saw the gateway close: {}", stats(&up));
-    assert!(
-        left.elapsed() < Duration::from_millis(1500),
-        "took {:?}",
-        left.elapsed()
+    assert_upstream_closed(
+        &up,
+        left,
+        Duration::from_millis(1500),
+        "the mock never saw the gateway close: {}",
     );
     assert_idle_again(&gw);
 }
@@ -671,14 +681,11 @@ fn a_client_leaving_while_the_provider_is_silent_closes_the_upstream_within_a_se
     assert_eq!(s.status, 200, "{}", s.head);
     let left = Instant::now();
     drop(s);
-    let seen = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
-        stats(&up)["client_closed"].as_u64().unwrap_or(0) >= 1
-    });
-    assert!(seen, "the mock never saw the gateway close: {}", stats(&up));
-    assert!(
-        left.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        left.elapsed()
+    assert_upstream_closed(
+        &up,
+        left,
+        Duration::from_secs(1),
+        "the mock never saw the gateway close: {}",
     );
     assert_idle_again(&gw);
 }
@@ -701,17 +708,10 @@ fn a_stall_past_idle_closes_the_upstream_as_the_client_gets_its_error_event() {
         s.data()
     );
     let ended = Instant::now();
-    let seen = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
-        stats(&up)["client_closed"].as_u64().unwrap_or(0) >= 1
-    });
-    assert!(
-        seen,
-        "the upstream stayed open after the stall: {}",
-        stats(&up)
-    );
-    assert!(
-        ended.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        ended.elapsed()
+    assert_upstream_closed(
+        &up,
+        ended,
+        Duration::from_secs(1),
+        "the upstream stayed open after the stall",
     );
 }
