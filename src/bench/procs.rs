@@ -181,8 +181,8 @@ pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 pub(crate) struct CpuMeter {
     /// (name, pid; `None` for the bench itself)
     procs: Vec<(&'static str, Option<u32>)>,
-    start: Option<Vec<f64>>,
-    last: Vec<f64>,
+    start: Option<(Instant, Vec<f64>)>,
+    last: (Instant, Vec<f64>),
 }
 
 impl CpuMeter {
@@ -190,7 +190,7 @@ impl CpuMeter {
         CpuMeter {
             procs,
             start: None,
-            last: Vec::new(),
+            last: (Instant::now(), Vec::new()),
         }
     }
 
@@ -206,7 +206,7 @@ impl CpuMeter {
         if !measuring {
             return;
         }
-        let now = self.read();
+        let now = (Instant::now(), self.read());
         if self.start.is_none() {
             self.start = Some(now.clone());
         }
@@ -215,14 +215,42 @@ impl CpuMeter {
 
     /// CPU seconds each process used in the window, by name.
     pub(crate) fn used(&self) -> Vec<(&'static str, f64)> {
-        let Some(start) = &self.start else {
+        let Some((_, start)) = &self.start else {
             return Vec::new();
         };
         self.procs
             .iter()
-            .zip(start.iter().zip(&self.last))
+            .zip(start.iter().zip(&self.last.1))
             .map(|((name, _), (a, b))| (*name, (b - a).max(0.0)))
             .collect()
+    }
+
+    /// "gateway 0.62 + upstream 0.31 + load generator 0.20 cores".
+    pub(crate) fn cores_summary(&self) -> String {
+        let cores = self.cores();
+        let parts: Vec<String> = self
+            .procs
+            .iter()
+            .filter_map(|(name, _)| {
+                let v = cores.get(*name)?.as_f64()?;
+                Some(format!("{} {v:.2}", name.replace('_', " ")))
+            })
+            .collect();
+        format!("{} cores", parts.join(" + "))
+    }
+
+    /// The share of a core each process kept busy over the window, by name.
+    pub(crate) fn cores(&self) -> serde_json::Value {
+        let Some((since, _)) = &self.start else {
+            return serde_json::Value::Null;
+        };
+        let secs = (self.last.0 - *since).as_secs_f64().max(1e-9);
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .used()
+            .into_iter()
+            .map(|(name, used)| (name.to_string(), serde_json::json!(used / secs)))
+            .collect();
+        serde_json::Value::Object(map)
     }
 }
 

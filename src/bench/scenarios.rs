@@ -345,6 +345,10 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
     let warm = warmup(b.duration, latency);
 
     let upstream = b.fleet.upstream(mock)?;
+    let mut direct_cpu = CpuMeter::new(vec![
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ]);
     let label = format!("slow-ai: {} direct", plural(clients, "client"));
     let direct = b.measure(
         label,
@@ -352,10 +356,15 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         warm,
         b.duration,
         0,
-        |_| {},
+        |m| direct_cpu.tick(m),
     )?;
 
     let (addr, pid) = b.gateway(mock, gateway)?;
+    let mut cpu = CpuMeter::new(vec![
+        ("gateway", Some(pid)),
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ]);
     let idle_kib = procs::rss_kib(pid).unwrap_or(0);
     let mut peak_kib = idle_kib;
     let mut ticks = 0u32;
@@ -370,6 +379,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         0,
         |measuring| {
             window.tick(measuring);
+            cpu.tick(measuring);
             if measuring {
                 peak_kib = peak_kib.max(procs::rss_kib(pid).unwrap_or(0));
                 ticks += 1;
@@ -403,6 +413,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         "rss_per_inflight_kb": per_inflight_kb,
         "workers_busy_max": busy_max,
         "gateway_reported": reported,
+        "cores_used": {"syncgate": cpu.cores(), "direct": direct_cpu.cores()},
         "errors": through.tally.errors + direct.tally.errors,
         "rejected": through.tally.rejected.count(),
     });
@@ -433,6 +444,14 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         Row::info(
             "memory per in-flight request",
             format!("{per_inflight_kb:.1} KB"),
+        ),
+        Row::info(
+            "CPU busy while measured",
+            format!(
+                "{}; direct: {}",
+                cpu.cores_summary(),
+                direct_cpu.cores_summary()
+            ),
         ),
     ];
     Ok(Outcome::new("slow_ai", json, rows))
