@@ -508,22 +508,39 @@ impl Reported {
 pub(crate) struct ReportedWindow {
     addr: SocketAddr,
     start: Option<Reported>,
+    /// How long the first scrape took: a new connection and a fast-lane answer, under load.
+    pub(crate) scrape_time: Option<Duration>,
 }
 
 impl ReportedWindow {
     pub(crate) fn new(addr: SocketAddr) -> ReportedWindow {
-        ReportedWindow { addr, start: None }
-    }
-
-    pub(crate) fn tick(&mut self, measuring: bool) {
-        if measuring && self.start.is_none() {
-            self.start = Metrics::scrape(self.addr).ok().map(|m| m.reported());
+        ReportedWindow {
+            addr,
+            start: None,
+            scrape_time: None,
         }
     }
 
-    pub(crate) fn finish(&self) -> anyhow::Result<Reported> {
+    pub(crate) fn tick(&mut self, measuring: bool) {
+        if measuring && self.scrape_time.is_none() {
+            let asked = Instant::now();
+            self.start = Metrics::scrape(self.addr).ok().map(|m| m.reported());
+            self.scrape_time = Some(asked.elapsed());
+        }
+    }
+
+    /// The sums and counts over the window.
+    pub(crate) fn finish_raw(&self) -> anyhow::Result<Reported> {
         let end = Metrics::scrape(self.addr)?.reported();
         Ok(end.since(self.start.unwrap_or_default()))
+    }
+
+    /// The figures over the window, with how long the first scrape took.
+    pub(crate) fn finish(&self) -> anyhow::Result<serde_json::Value> {
+        let mut json = self.finish_raw()?.to_json();
+        json["metrics_scrape_ms"] =
+            serde_json::json!(self.scrape_time.map(|t| t.as_secs_f64() * 1e3));
+        Ok(json)
     }
 }
 

@@ -101,7 +101,7 @@ fn latency_zero_phase(
             w.tick(m);
         }
     })?;
-    let reported = window.map(|w| w.finish()).transpose()?;
+    let reported = window.map(|w| w.finish_raw()).transpose()?;
     Ok(Phase {
         result,
         cpu: cpu.used(),
@@ -378,8 +378,8 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         b.duration,
         0,
         |measuring| {
-            window.tick(measuring);
             cpu.tick(measuring);
+            window.tick(measuring);
             if measuring {
                 peak_kib = peak_kib.max(procs::rss_kib(pid).unwrap_or(0));
                 ticks += 1;
@@ -392,7 +392,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         },
     )?;
 
-    let reported = window.finish()?.to_json();
+    let reported = window.finish()?;
     let efficiency = through.ok_per_s() / ideal_rps;
     let direct_efficiency = direct.ok_per_s() / ideal_rps;
     let rss_mb = peak_kib as f64 / 1024.0;
