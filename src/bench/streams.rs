@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
-use super::procs::{CpuMeter, GatewaySpec, MockSpec, ReportedWindow};
+use super::observe::{CpuMeter, ReportedWindow};
+use super::procs::{GatewaySpec, MockSpec};
 use super::report::{ms, Outcome, Row};
 use super::scenarios::warmup;
 use super::Bench;
