@@ -5,7 +5,9 @@
 
 mod client;
 mod hist;
+mod latency_zero;
 mod load;
+mod observe;
 mod procs;
 mod report;
 mod scenarios;
@@ -50,7 +52,7 @@ impl Scenario {
     fn phases(self) -> u64 {
         match self {
             Scenario::Overhead | Scenario::Throughput => 4,
-            Scenario::Sweep => 2 * scenarios::SWEEP_CLIENTS.len() as u64,
+            Scenario::Sweep => 2 * latency_zero::SWEEP_CLIENTS.len() as u64,
             Scenario::SlowAi | Scenario::Streams => 2,
             Scenario::SaturatedHealth | Scenario::Overload => 1,
         }
@@ -156,9 +158,9 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut outcomes: Vec<Outcome> = Vec::new();
     for scenario in selected {
         let outcome = match scenario {
-            Scenario::Overhead => scenarios::overhead(&mut bench),
-            Scenario::Throughput => scenarios::throughput(&mut bench),
-            Scenario::Sweep => scenarios::sweep(&mut bench),
+            Scenario::Overhead => latency_zero::overhead(&mut bench),
+            Scenario::Throughput => latency_zero::throughput(&mut bench),
+            Scenario::Sweep => latency_zero::sweep(&mut bench),
             Scenario::SlowAi => scenarios::slow_ai(&mut bench),
             Scenario::SaturatedHealth => scenarios::saturated_health(&mut bench),
             Scenario::Overload => scenarios::overload(&mut bench),
@@ -205,7 +207,7 @@ impl Bench {
     ) -> anyhow::Result<(std::net::SocketAddr, u32)> {
         let proc = self.fleet.gateway(upstream, spec)?;
         let (addr, pid) = (proc.addr, proc.pid());
-        let (gauges, idle) = procs::wait_for_gauges(addr, Duration::from_secs(15), |g| {
+        let (gauges, idle) = observe::wait_for_gauges(addr, Duration::from_secs(15), |g| {
             g.workers_busy == 0 && g.queue_depth == 0
         })?;
         if !idle {

@@ -1,30 +1,18 @@
-//! The request/answer scenarios: overhead, throughput, the concurrency sweep, slow-ai,
-//! saturated-health and overload. Each sets up the upstream and gateway it needs, runs its
-//! phases through [`Bench::measure`], and returns its figures (JSON) and table rows.
+//! The request/answer scenarios with a slow upstream: slow-ai, saturated-health and overload,
+//! and what every scenario shares (the request, the warm-up). Each sets up the upstream and
+//! gateway it needs, runs its phases through [`Bench::measure`], and returns its figures
+//! (JSON) and table rows.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
-use super::load::{self, Load, LoadResult, LoadSpec, Work};
-use super::procs::{self, CpuMeter, GatewaySpec, MockSpec, Reported, ReportedWindow};
-use super::report::{ms, us, Outcome, Row};
-use super::svg::Point;
+use super::load::{self, Load, LoadSpec, Work};
+use super::observe::{self, CpuMeter, ReportedWindow};
+use super::procs::{GatewaySpec, MockSpec};
+use super::report::{ms, Outcome, Row};
 use super::Bench;
-
-/// Concurrency levels of the sweep.
-pub(crate) const SWEEP_CLIENTS: [usize; 4] = [1, 8, 64, 256];
-/// The gateway for every latency-0 scenario: enough workers and queue for the sweep's 256
-/// clients, so nothing is refused and only the gateway's own cost is measured.
-const OPEN_GATEWAY: GatewaySpec = GatewaySpec {
-    workers: 256,
-    queue: 256,
-    max_connections: 1024,
-    max_queue_wait_ms: 5000,
-};
-/// Samples the overhead scenario wants on each side at the least.
-const OVERHEAD_MIN_SAMPLES: u64 = 5000;
 
 /// A chat completion for `model`, small on the way in and out.
 pub(crate) fn chat_request(model: &str) -> Arc<[u8]> {
@@ -41,140 +29,6 @@ pub(crate) fn warmup(duration: Duration, latency: Duration) -> Duration {
     (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(1)) + latency * 2
 }
 
-/// Where a phase sends its requests.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Direct,
-    Syncgate,
-}
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::Direct => "direct",
-            Side::Syncgate => "through syncgate",
-        }
-    }
-}
-
-/// One latency-0 phase of `clients` on `side`, with the CPU seconds each process used and,
-/// through syncgate, what the gateway measured about itself.
-fn latency_zero_phase(
-    b: &mut Bench,
-    name: &str,
-    side: Side,
-    clients: usize,
-    duration: Duration,
-    min_samples: u64,
-) -> anyhow::Result<Phase> {
-    let mock = MockSpec::latency(0);
-    let (addr, model, gateway_pid) = match side {
-        Side::Direct => (b.fleet.upstream(mock)?, "bench-model", None),
-        Side::Syncgate => {
-            let (addr, pid) = b.gateway(mock, OPEN_GATEWAY)?;
-            (addr, "bench", Some(pid))
-        }
-    };
-    let mut procs = vec![
-        ("upstream", b.fleet.upstream_pid()),
-        ("load_generator", None),
-    ];
-    if let Some(pid) = gateway_pid {
-        procs.insert(0, ("gateway", Some(pid)));
-    }
-    let mut cpu = CpuMeter::new(procs);
-    let spec = LoadSpec {
-        addr,
-        clients,
-        work: Work::Plain {
-            request: chat_request(model),
-            think_after_503: Duration::ZERO,
-        },
-        stagger: Duration::ZERO,
-    };
-    let label = format!("{name}: {} {}", plural(clients, "client"), side.name());
-    let warm = warmup(duration, Duration::ZERO);
-    let mut window = gateway_pid.map(|_| ReportedWindow::new(addr));
-    let result = b.measure(label, &spec, warm, duration, min_samples, |m| {
-        cpu.tick(m);
-        if let Some(w) = &mut window {
-            w.tick(m);
-        }
-    })?;
-    let reported = window.map(|w| w.finish()).transpose()?;
-    Ok(Phase {
-        result,
-        cpu: cpu.used(),
-        reported,
-    })
-}
-
-/// Direct, syncgate, syncgate, direct (half the duration each): drift on a shared machine
-/// falls on both sides alike. Returns (direct, syncgate), each merged over its two rounds.
-fn abba(b: &mut Bench, name: &str, clients: usize, min_samples: u64) -> anyhow::Result<[Phase; 2]> {
-    let half = b.duration / 2;
-    let mut sides: [Option<Phase>; 2] = [None, None];
-    for side in [Side::Direct, Side::Syncgate, Side::Syncgate, Side::Direct] {
-        let phase = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
-        let slot = &mut sides[usize::from(side == Side::Syncgate)];
-        *slot = Some(match slot.take() {
-            Some(mut earlier) => {
-                for (name, secs) in phase.cpu {
-                    match earlier.cpu.iter_mut().find(|(n, _)| *n == name) {
-                        Some((_, total)) => *total += secs,
-                        None => earlier.cpu.push((name, secs)),
-                    }
-                }
-                Phase {
-                    result: earlier.result.combine(phase.result),
-                    cpu: earlier.cpu,
-                    reported: match (earlier.reported, phase.reported) {
-                        (Some(a), Some(b)) => Some(a.add(b)),
-                        (a, b) => a.or(b),
-                    },
-                }
-            }
-            None => phase,
-        });
-    }
-    match sides {
-        [Some(d), Some(s)] => Ok([d, s]),
-        _ => anyhow::bail!("no rounds ran"),
-    }
-}
-
-/// One phase (or one side's merged rounds): the load's result, the CPU seconds each
-/// process used, and through syncgate what the gateway measured about itself.
-struct Phase {
-    result: LoadResult,
-    cpu: Vec<(&'static str, f64)>,
-    reported: Option<Reported>,
-}
-
-impl Phase {
-    /// "gateway 120 + upstream 40 + load generator 30 µs" of CPU per answered request.
-    fn cpu_summary(&self) -> String {
-        let n = self.result.tally.ok.count().max(1) as f64;
-        let parts: Vec<String> = self
-            .cpu
-            .iter()
-            .map(|(name, secs)| format!("{} {:.0}", name.replace('_', " "), secs * 1e6 / n))
-            .collect();
-        format!("{} µs", parts.join(" + "))
-    }
-
-    /// CPU microseconds per answered request, by process.
-    fn cpu_per_request(&self) -> serde_json::Value {
-        let n = self.result.tally.ok.count().max(1) as f64;
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .cpu
-            .iter()
-            .map(|(name, secs)| (name.to_string(), json!(secs * 1e6 / n)))
-            .collect();
-        serde_json::Value::Object(map)
-    }
-}
-
 /// "1 client", "8 clients".
 pub(crate) fn plural(n: usize, noun: &str) -> String {
     if n == 1 {
@@ -182,144 +36,6 @@ pub(crate) fn plural(n: usize, noun: &str) -> String {
     } else {
         format!("{n} {noun}s")
     }
-}
-
-fn point(clients: usize, syncgate: bool, r: &LoadResult) -> Point {
-    Point {
-        clients,
-        syncgate,
-        p50_ms: ms(r.tally.ok.p50()),
-        p99_ms: ms(r.tally.ok.p99()),
-        rps: r.ok_per_s(),
-    }
-}
-
-pub(crate) fn overhead(b: &mut Bench) -> anyhow::Result<Outcome> {
-    let [direct_side, through_side] = abba(b, "overhead", 1, OVERHEAD_MIN_SAMPLES)?;
-    let cpu = json!({
-        "syncgate": through_side.cpu_per_request(),
-        "direct": direct_side.cpu_per_request(),
-    });
-    let reported = through_side.reported.map(Reported::to_json);
-    let (direct, through) = (direct_side.result, through_side.result);
-    b.points.push(point(1, false, &direct));
-    b.points.push(point(1, true, &through));
-    let (d, s) = (&direct.tally.ok, &through.tally.ok);
-    let added_p50 = us(s.p50()) - us(d.p50());
-    let added_p99 = us(s.p99()) - us(d.p99());
-    let json = json!({
-        "added_p50_us": added_p50,
-        "added_p99_us": added_p99,
-        "p50_us": us(s.p50()),
-        "p99_us": us(s.p99()),
-        "direct_p50_us": us(d.p50()),
-        "direct_p99_us": us(d.p99()),
-        "mean_us": us(s.mean()),
-        "direct_mean_us": us(d.mean()),
-        "samples": s.count(),
-        "direct_samples": d.count(),
-        "cpu_us_per_request": cpu,
-        "gateway_reported": reported,
-        "errors": through.tally.errors + direct.tally.errors,
-    });
-    let detail = |added: f64, s: Duration, d: Duration| {
-        format!("{added:+.0} µs ({:.0} vs {:.0} µs direct)", us(s), us(d))
-    };
-    let rows = vec![
-        Row::info(
-            "added latency p50, 1 client",
-            detail(added_p50, s.p50(), d.p50()),
-        ),
-        Row::goal(
-            "added latency p99, 1 client",
-            detail(added_p99, s.p99(), d.p99()),
-            "≤ 150 µs",
-            added_p99 <= 150.0,
-        ),
-    ];
-    Ok(Outcome::new("overhead", json, rows))
-}
-
-pub(crate) fn throughput(b: &mut Bench) -> anyhow::Result<Outcome> {
-    const CLIENTS: usize = 64;
-    let [direct_side, through_side] = abba(b, "throughput", CLIENTS, 0)?;
-    let cpu = json!({
-        "syncgate": through_side.cpu_per_request(),
-        "direct": direct_side.cpu_per_request(),
-    });
-    let reported = through_side.reported.map(Reported::to_json);
-    let cpu_row = Row::info(
-        "CPU per request, 64 clients",
-        format!(
-            "{}; direct: {}",
-            through_side.cpu_summary(),
-            direct_side.cpu_summary()
-        ),
-    );
-    let (direct, through) = (direct_side.result, through_side.result);
-    b.points.push(point(CLIENTS, false, &direct));
-    b.points.push(point(CLIENTS, true, &through));
-    let ratio = through.ok_per_s() / direct.ok_per_s().max(1e-9);
-    let json = json!({
-        "ratio": ratio,
-        "rps": through.ok_per_s(),
-        "direct_rps": direct.ok_per_s(),
-        "clients": CLIENTS,
-        "cpu_us_per_request": cpu,
-        "gateway_reported": reported,
-        "p50_ms": ms(through.tally.ok.p50()),
-        "p99_ms": ms(through.tally.ok.p99()),
-        "direct_p50_ms": ms(direct.tally.ok.p50()),
-        "direct_p99_ms": ms(direct.tally.ok.p99()),
-        "errors": through.tally.errors + direct.tally.errors,
-    });
-    let rows = vec![
-        Row::goal(
-            "rps through syncgate ÷ direct, 64 clients",
-            format!(
-                "{ratio:.2} ({:.0} vs {:.0} rps)",
-                through.ok_per_s(),
-                direct.ok_per_s()
-            ),
-            "≥ 0.5",
-            ratio >= 0.5,
-        ),
-        cpu_row,
-    ];
-    Ok(Outcome::new("throughput", json, rows))
-}
-
-pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
-    let duration = (b.duration / 4).max(Duration::from_secs(1));
-    let mut points = Vec::new();
-    let mut rows = Vec::new();
-    for clients in SWEEP_CLIENTS {
-        let direct = latency_zero_phase(b, "sweep", Side::Direct, clients, duration, 0)?.result;
-        let through = latency_zero_phase(b, "sweep", Side::Syncgate, clients, duration, 0)?.result;
-        b.points.push(point(clients, false, &direct));
-        b.points.push(point(clients, true, &through));
-        points.push(json!({
-            "clients": clients,
-            "rps": through.ok_per_s(),
-            "p50_ms": ms(through.tally.ok.p50()),
-            "p99_ms": ms(through.tally.ok.p99()),
-            "direct_rps": direct.ok_per_s(),
-            "direct_p50_ms": ms(direct.tally.ok.p50()),
-            "direct_p99_ms": ms(direct.tally.ok.p99()),
-            "errors": through.tally.errors + direct.tally.errors,
-        }));
-        rows.push(Row::info(
-            &format!("{}: rps, p99", plural(clients, "client")),
-            format!(
-                "{:.0} rps, {:.2} ms (direct {:.0} rps, {:.2} ms)",
-                through.ok_per_s(),
-                ms(through.tally.ok.p99()),
-                direct.ok_per_s(),
-                ms(direct.tally.ok.p99())
-            ),
-        ));
-    }
-    Ok(Outcome::new("sweep", json!({ "points": points }), rows))
 }
 
 pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
@@ -345,6 +61,10 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
     let warm = warmup(b.duration, latency);
 
     let upstream = b.fleet.upstream(mock)?;
+    let mut direct_cpu = CpuMeter::new(vec![
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ]);
     let label = format!("slow-ai: {} direct", plural(clients, "client"));
     let direct = b.measure(
         label,
@@ -352,11 +72,16 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         warm,
         b.duration,
         0,
-        |_| {},
+        |m| direct_cpu.tick(m),
     )?;
 
     let (addr, pid) = b.gateway(mock, gateway)?;
-    let idle_kib = procs::rss_kib(pid).unwrap_or(0);
+    let mut cpu = CpuMeter::new(vec![
+        ("gateway", Some(pid)),
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ]);
+    let idle_kib = observe::rss_kib(pid).unwrap_or(0);
     let mut peak_kib = idle_kib;
     let mut ticks = 0u32;
     let mut busy_max = 0u64;
@@ -369,12 +94,13 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         b.duration,
         0,
         |measuring| {
+            cpu.tick(measuring);
             window.tick(measuring);
             if measuring {
-                peak_kib = peak_kib.max(procs::rss_kib(pid).unwrap_or(0));
+                peak_kib = peak_kib.max(observe::rss_kib(pid).unwrap_or(0));
                 ticks += 1;
                 if ticks % 10 == 5 {
-                    if let Ok(g) = procs::gauges(addr) {
+                    if let Ok(g) = observe::gauges(addr) {
                         busy_max = busy_max.max(g.workers_busy);
                     }
                 }
@@ -382,7 +108,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         },
     )?;
 
-    let reported = window.finish()?.to_json();
+    let reported = window.finish()?;
     let efficiency = through.ok_per_s() / ideal_rps;
     let direct_efficiency = direct.ok_per_s() / ideal_rps;
     let rss_mb = peak_kib as f64 / 1024.0;
@@ -403,6 +129,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         "rss_per_inflight_kb": per_inflight_kb,
         "workers_busy_max": busy_max,
         "gateway_reported": reported,
+        "cores_used": {"syncgate": cpu.cores(), "direct": direct_cpu.cores()},
         "errors": through.tally.errors + direct.tally.errors,
         "rejected": through.tally.rejected.count(),
     });
@@ -434,6 +161,14 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
             "memory per in-flight request",
             format!("{per_inflight_kb:.1} KB"),
         ),
+        Row::info(
+            "CPU busy while measured",
+            format!(
+                "{}; direct: {}",
+                cpu.cores_summary(),
+                direct_cpu.cores_summary()
+            ),
+        ),
     ];
     Ok(Outcome::new("slow_ai", json, rows))
 }
@@ -461,14 +196,14 @@ pub(crate) fn saturated_health(b: &mut Bench) -> anyhow::Result<Outcome> {
         },
         stagger: Duration::ZERO,
     })?;
-    let full = |g: &procs::Gauges| {
+    let full = |g: &observe::Gauges| {
         g.workers_busy >= gateway.workers as u64 && g.queue_depth >= gateway.queue as u64
     };
-    let (before, saturated_before) = procs::wait_for_gauges(addr, Duration::from_secs(10), full)?;
+    let (before, saturated_before) = observe::wait_for_gauges(addr, Duration::from_secs(10), full)?;
     load.begin_measuring();
     let probe = super::client::request_bytes("GET", "/healthz", b"");
     let (health, failures) = load::sequential(addr, &probe, b.duration, &super::INTERRUPTED);
-    let after = procs::gauges(addr)?;
+    let after = observe::gauges(addr)?;
     let overflow = load.finish();
     b.bar.inc(1);
     if super::interrupted() {

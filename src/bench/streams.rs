@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
-use super::procs::{GatewaySpec, MockSpec, ReportedWindow};
+use super::observe::{CpuMeter, ReportedWindow};
+use super::procs::{GatewaySpec, MockSpec};
 use super::report::{ms, Outcome, Row};
 use super::scenarios::warmup;
 use super::Bench;
@@ -62,6 +63,10 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
     let duration = b.duration.max(one_stream * 2);
 
     let upstream = b.fleet.upstream(mock)?;
+    let mut direct_cpu = CpuMeter::new(vec![
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ]);
     let label = format!("streams: {n} concurrent direct");
     let direct = b.measure(
         label,
@@ -69,15 +74,24 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
         warm,
         duration,
         0,
-        |_| {},
+        |m| {
+            direct_cpu.tick(m);
+        },
     )?;
-    let (addr, _) = b.gateway(mock, gateway)?;
+    let (addr, pid) = b.gateway(mock, gateway)?;
+    let mut cpu = CpuMeter::new(vec![
+        ("gateway", Some(pid)),
+        ("upstream", b.fleet.upstream_pid()),
+        ("load_generator", None),
+    ]);
     let label = format!("streams: {n} concurrent through syncgate");
     let mut window = ReportedWindow::new(addr);
     let through = b.measure(label, &spec(addr, "bench"), warm, duration, 0, |m| {
+        cpu.tick(m);
         window.tick(m);
     })?;
-    let reported = window.finish()?.to_json();
+    let reported = window.finish()?;
+    let scrape_ms = reported["metrics_scrape_ms"].as_f64().unwrap_or(f64::NAN);
 
     let added_ttft_p99 = ms(through.tally.ok.p99()) - ms(direct.tally.ok.p99());
     let side = |r: &LoadResult| {
@@ -99,6 +113,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
     json["streams"] = json!(n);
     json["direct"] = side(&direct);
     json["gateway_reported"] = reported;
+    json["cores_used"] = json!({"syncgate": cpu.cores(), "direct": direct_cpu.cores()});
     let measured = t.streams_clean + t.streams_stalled + t.streams_failed;
     let rows = vec![
         Row::goal(
@@ -132,6 +147,18 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
             ),
             "≤ 2 ms",
             added_ttft_p99 <= 2.0,
+        ),
+        Row::info(
+            "one /metrics scrape (new connection) meanwhile",
+            format!("{:.1} ms", scrape_ms),
+        ),
+        Row::info(
+            "CPU busy while measured",
+            format!(
+                "{}; direct: {}",
+                cpu.cores_summary(),
+                direct_cpu.cores_summary()
+            ),
         ),
     ];
     Ok(Outcome::new("streams", json, rows))
