@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
-use super::observe::{CpuMeter, Reported, ReportedWindow};
+use super::observe::{Reported, ReportedWindow};
 use super::procs::{GatewaySpec, MockSpec};
 use super::report::{ms, us, Outcome, Row};
 use super::scenarios::{chat_request, plural, warmup};
@@ -61,14 +61,7 @@ fn latency_zero_phase(
             (addr, "bench", Some(pid))
         }
     };
-    let mut procs = vec![
-        ("upstream", b.fleet.upstream_pid()),
-        ("load_generator", None),
-    ];
-    if let Some(pid) = gateway_pid {
-        procs.insert(0, ("gateway", Some(pid)));
-    }
-    let mut cpu = CpuMeter::new(procs);
+    let mut cpu = b.cpu_meter(gateway_pid);
     let spec = LoadSpec {
         addr,
         clients,

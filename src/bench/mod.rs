@@ -190,6 +190,19 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 impl Bench {
+    /// A CPU meter over the processes of a run: the gateway when there is one (the direct
+    /// runs have none), the mock upstream, and this load generator.
+    fn cpu_meter(&self, gateway: Option<u32>) -> observe::CpuMeter {
+        let mut procs = vec![
+            ("upstream", self.fleet.upstream_pid()),
+            ("load_generator", None),
+        ];
+        if let Some(pid) = gateway {
+            procs.insert(0, ("gateway", Some(pid)));
+        }
+        observe::CpuMeter::new(procs)
+    }
+
     /// Says what runs now (on the bar, or as a line when stderr is not a terminal).
     fn phase(&self, text: String) {
         if self.bar.is_hidden() {

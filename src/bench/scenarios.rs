@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{self, Load, LoadSpec, Work};
-use super::observe::{self, CpuMeter, ReportedWindow};
+use super::observe::{self, ReportedWindow};
 use super::procs::{GatewaySpec, MockSpec};
 use super::report::{ms, Outcome, Row};
 use super::Bench;
@@ -61,10 +61,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
     let warm = warmup(b.duration, latency);
 
     let upstream = b.fleet.upstream(mock)?;
-    let mut direct_cpu = CpuMeter::new(vec![
-        ("upstream", b.fleet.upstream_pid()),
-        ("load_generator", None),
-    ]);
+    let mut direct_cpu = b.cpu_meter(None);
     let label = format!("slow-ai: {} direct", plural(clients, "client"));
     let direct = b.measure(
         label,
@@ -76,11 +73,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
     )?;
 
     let (addr, pid) = b.gateway(mock, gateway)?;
-    let mut cpu = CpuMeter::new(vec![
-        ("gateway", Some(pid)),
-        ("upstream", b.fleet.upstream_pid()),
-        ("load_generator", None),
-    ]);
+    let mut cpu = b.cpu_meter(Some(pid));
     let idle_kib = observe::rss_kib(pid).unwrap_or(0);
     let mut peak_kib = idle_kib;
     let mut ticks = 0u32;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
-use super::observe::{CpuMeter, ReportedWindow};
+use super::observe::ReportedWindow;
 use super::procs::{GatewaySpec, MockSpec};
 use super::report::{ms, Outcome, Row};
 use super::scenarios::warmup;
@@ -63,10 +63,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
     let duration = b.duration.max(one_stream * 2);
 
     let upstream = b.fleet.upstream(mock)?;
-    let mut direct_cpu = CpuMeter::new(vec![
-        ("upstream", b.fleet.upstream_pid()),
-        ("load_generator", None),
-    ]);
+    let mut direct_cpu = b.cpu_meter(None);
     let label = format!("streams: {n} concurrent direct");
     let direct = b.measure(
         label,
@@ -79,11 +76,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
         },
     )?;
     let (addr, pid) = b.gateway(mock, gateway)?;
-    let mut cpu = CpuMeter::new(vec![
-        ("gateway", Some(pid)),
-        ("upstream", b.fleet.upstream_pid()),
-        ("load_generator", None),
-    ]);
+    let mut cpu = b.cpu_meter(Some(pid));
     let label = format!("streams: {n} concurrent through syncgate");
     let mut window = ReportedWindow::new(addr);
     let through = b.measure(label, &spec(addr, "bench"), warm, duration, 0, |m| {
