@@ -7,7 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::{ReadError, RequestReader};
-use crate::server::{admission, State};
+use crate::server::{admission, Handback, State};
 
 /// After refusing a request we stop writing, then read and discard what the client still
 /// sends for at most this long, so that our answer is not destroyed by a TCP reset.
@@ -25,12 +25,13 @@ pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr) {
         return;
     }
     let mut reader = RequestReader::new();
+    let handback = Handback::new();
     // A new connection must start its request within the head deadline; between requests
     // it may idle for the keep-alive timeout.
     let mut idle = limits.header_timeout;
     loop {
         match reader.read_request(&mut stream, limits, idle, peer) {
-            Ok(Some(request)) => match admission::admit(state, request, stream) {
+            Ok(Some(request)) => match admission::admit(state, request, stream, &handback) {
                 Some(back) => stream = back,
                 None => return,
             },

@@ -6,6 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::{request_id, Request, Version};
@@ -378,6 +379,16 @@ impl RequestReader {
                 self.buf.resize(self.end + READ_CHUNK, 0);
             }
         }
+        // Usually the bytes are already there (the idle peek saw them arrive): take them
+        // without waiting, so the common case changes no socket timeout.
+        match read_ready(stream, &mut self.buf[self.end..]) {
+            Ok(Some(n)) => {
+                self.end += n;
+                return Ok(n);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e),
+        }
         self.set_timeout(stream, timeout);
         loop {
             match stream.read(&mut self.buf[self.end..]) {
@@ -528,6 +539,31 @@ fn request_path(target: &str) -> String {
         _ => target,
     };
     origin.split('?').next().unwrap_or_default().to_string()
+}
+
+/// Reads what the socket already holds without waiting: `Ok(None)` if nothing is there yet.
+fn read_ready(stream: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: the descriptor is `stream`'s, open for this call; `buf` is valid for
+        // `buf.len()` bytes of writing.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 mod cancel;
 pub(crate) mod mock;
 pub(crate) mod openai;
+mod resolve;
 mod retry;
 
 use std::fmt;

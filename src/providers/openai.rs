@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use ureq::http::Response;
-use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{Connector, DefaultConnector};
 use ureq::Body;
 
 use super::cancel::{read_cancellably, Cancel, Cancellable};
+use super::resolve::CachingResolver;
 use super::ProviderError;
 use crate::config::Timeouts;
 
@@ -96,7 +96,7 @@ impl OpenAi {
         let connector = DefaultConnector::new().chain(Cancellable);
         Ok(OpenAi {
             provider: provider.to_string(),
-            agent: ureq::Agent::with_parts(config, connector, DefaultResolver::default()),
+            agent: ureq::Agent::with_parts(config, connector, CachingResolver::default()),
             base_url: base_url.to_string(),
             authorization,
             timeouts,

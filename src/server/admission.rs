@@ -8,8 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 
+use super::handoff::{Handback, Returner};
 use super::State;
 use crate::api::{self, ApiError, Route};
 use crate::http::{write_response, Rejection, Request, Response, Version, WriteMeta};
@@ -20,13 +21,19 @@ pub(crate) struct Job {
     pub(crate) request: Request,
     pub(crate) route: Route,
     pub(crate) stream: TcpStream,
-    pub(crate) handback: Sender<Option<TcpStream>>,
+    pub(crate) handback: Returner,
     pub(crate) enqueued: Instant,
 }
 
 /// Answers `request` here or queues it for a worker; returns the connection when it stays
-/// open for the next request.
-pub(crate) fn admit(state: &State, request: Request, stream: TcpStream) -> Option<TcpStream> {
+/// open for the next request. `handback` is the connection thread's own, where a worker
+/// returns the connection.
+pub(crate) fn admit(
+    state: &State,
+    request: Request,
+    stream: TcpStream,
+    handback: &Handback,
+) -> Option<TcpStream> {
     let route = match api::route(&request.method, &request.path, state.config.debug_routes) {
         Ok(route) => route,
         Err(e) => {
@@ -60,19 +67,21 @@ pub(crate) fn admit(state: &State, request: Request, stream: TcpStream) -> Optio
         state.pending.fetch_sub(1, Ordering::SeqCst);
         return respond(state, &request, route.template(), Err(error), stream, None);
     }
-    // One channel per job: if the job is ever dropped unanswered, its sender goes with it and
-    // this thread wakes to close the connection instead of waiting forever.
-    let (handback, returned) = crossbeam_channel::bounded(1);
+    // If the job is ever dropped unanswered, its returner goes with it and this thread wakes
+    // to close the connection instead of waiting forever.
     let job = Job {
         request,
         route,
         stream,
-        handback,
+        handback: handback.returner(),
         enqueued: Instant::now(),
     };
     match state.queue.try_send(job) {
         // The worker owns the connection until it hands it back.
-        Ok(()) => returned.recv().ok().flatten(),
+        Ok(()) => {
+            state.doorbell.ring();
+            handback.wait()
+        }
         // The channel holds `capacity()` jobs, so this happens only if the workers are gone.
         Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
             state.pending.fetch_sub(1, Ordering::SeqCst);
@@ -134,12 +143,15 @@ pub(crate) fn respond(
         e.to_response()
     });
     let status = response.status;
-    // Which provider served it and in how many attempts, as the handler marked the answer.
+    // Which provider served it and in how many attempts, as the handler marked the answer
+    // (formatted only when the access log is on).
+    let logging = log::log_enabled!(target: "syncgate::access", log::Level::Info);
     let served = match (
+        logging,
         response_header(&response, "x-syncgate-provider"),
         response_header(&response, "x-syncgate-attempts"),
     ) {
-        (Some(target), Some(attempts)) => format!(" upstream={target} attempts={attempts}"),
+        (true, Some(target), Some(attempts)) => format!(" upstream={target} attempts={attempts}"),
         _ => String::new(),
     };
     let meta = WriteMeta {

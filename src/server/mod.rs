@@ -2,6 +2,7 @@
 //! and graceful shutdown.
 
 pub(crate) mod admission;
+mod handoff;
 mod pool;
 
 use std::net::{SocketAddr, TcpListener};
@@ -18,6 +19,8 @@ use crate::http::{self, Acceptor};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use admission::{Job, ServiceTime};
+use handoff::Doorbell;
+pub(crate) use handoff::Handback;
 use pool::Pool;
 
 /// What every connection thread and worker shares.
@@ -26,6 +29,8 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     pub(crate) providers: Providers,
     queue: Sender<Job>,
+    /// Wakes a worker for each job sent to `queue`.
+    doorbell: Doorbell,
     draining: AtomicBool,
     /// Requests admitted (queued or in service) and not yet answered.
     pending: AtomicUsize,
@@ -113,6 +118,7 @@ impl Server {
             metrics,
             providers,
             queue,
+            doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
             service_time: ServiceTime::new(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 use super::admission::{respond, Job};
 use super::State;
@@ -20,44 +20,43 @@ use crate::api::{self, ApiError};
 const WORKER_STACK_BYTES: usize = 512 * 1024;
 
 pub(crate) struct Pool {
+    state: Arc<State>,
     threads: Vec<JoinHandle<()>>,
-    /// Dropping it wakes every idle worker to exit.
-    stop: Sender<()>,
 }
 
 impl Pool {
     pub(crate) fn spawn(state: &Arc<State>, jobs: Receiver<Job>) -> io::Result<Pool> {
-        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::with_capacity(state.config.capacity.workers);
         for i in 0..state.config.capacity.workers {
-            let (state, jobs, stop_rx) = (Arc::clone(state), jobs.clone(), stop_rx.clone());
+            let (state, jobs) = (Arc::clone(state), jobs.clone());
             let thread = thread::Builder::new()
                 .name(format!("sg-worker-{i}"))
                 .stack_size(WORKER_STACK_BYTES)
-                .spawn(move || work(&state, &jobs, &stop_rx))?;
+                .spawn(move || work(&state, &jobs))?;
             threads.push(thread);
         }
         state.metrics.workers.set(threads.len() as i64);
-        Ok(Pool { threads, stop })
+        Ok(Pool {
+            state: Arc::clone(state),
+            threads,
+        })
     }
 
     /// Tells every worker to exit once idle and waits for them all.
     pub(crate) fn join(self) {
-        drop(self.stop);
+        self.state.doorbell.close();
         for t in self.threads {
             let _ = t.join();
         }
     }
 }
 
-fn work(state: &State, jobs: &Receiver<Job>, stop: &Receiver<()>) {
-    loop {
-        select! {
-            recv(jobs) -> job => match job {
-                Ok(job) => serve(state, job),
-                Err(_) => return,
-            },
-            recv(stop) -> _ => return,
+/// A worker's life: wait on the doorbell, take the one job it announced, serve it. Every ring
+/// follows a completed send, so the job is there to take.
+fn work(state: &State, jobs: &Receiver<Job>) {
+    while state.doorbell.wait() {
+        if let Ok(job) = jobs.try_recv() {
+            serve(state, job);
         }
     }
 }
@@ -109,7 +108,7 @@ fn serve(state: &State, job: Job) {
     if !stale {
         state.service_time.observe(started.elapsed());
     }
-    let _ = handback.send(back);
+    handback.give(back);
     state.pending.fetch_sub(1, Ordering::SeqCst);
 }
 
