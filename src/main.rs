@@ -6,6 +6,7 @@ mod api;
 mod bench;
 mod config;
 mod http;
+mod malloc;
 mod metrics;
 mod mock_upstream;
 mod providers;
@@ -161,6 +162,9 @@ fn resolve(text: &str) -> anyhow::Result<SocketAddr> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        malloc::reexec_without_thread_caches();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -235,3 +235,29 @@ fn flag_overrides_env_and_config_file() {
         "file 9, env 11, --queue 13: expected syncgate_queue_capacity 13"
     );
 }
+
+/// The environment the running server process has now, as `/proc` shows it.
+fn environment_of(srv: &Server) -> String {
+    let raw = std::fs::read(format!("/proc/{}/environ", srv.pid())).expect("read environ");
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
+#[test]
+fn serve_runs_with_glibcs_per_thread_cache_off_unless_the_operator_set_it() {
+    // Same pid, serving: the server re-started itself with the tunable (src/malloc.rs).
+    let srv = Server::start(&[]);
+    assert_eq!(get(srv.addr, "/healthz").status, 200);
+    let env = environment_of(&srv);
+    assert!(
+        env.lines()
+            .any(|l| l == "GLIBC_TUNABLES=glibc.malloc.tcache_count=0"),
+        "expected the per-thread cache switched off; environment:\n{env}"
+    );
+
+    // The operator's own cache setting wins.
+    let srv = Server::start_with_env(&[], &[("GLIBC_TUNABLES", "glibc.malloc.tcache_count=3")]);
+    assert_eq!(get(srv.addr, "/healthz").status, 200);
+    assert!(environment_of(&srv)
+        .lines()
+        .any(|l| l == "GLIBC_TUNABLES=glibc.malloc.tcache_count=3"));
+}

@@ -31,10 +31,15 @@ pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr) {
     let mut idle = limits.header_timeout;
     loop {
         match reader.read_request(&mut stream, limits, idle, peer) {
-            Ok(Some(request)) => match admission::admit(state, request, stream, &handback) {
-                Some(back) => stream = back,
-                None => return,
-            },
+            Ok(Some(request)) => {
+                // While a worker has the request this thread only waits: it holds no read
+                // buffer then, unless pipelined bytes are waiting in it.
+                reader.release_if_drained();
+                match admission::admit(state, request, stream, &handback) {
+                    Some(back) => stream = back,
+                    None => return,
+                }
+            }
             Ok(None) | Err(ReadError::Closed) => return,
             Err(ReadError::Reject(rejection)) => {
                 admission::refuse(state, rejection, peer, &mut stream);

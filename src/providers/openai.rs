@@ -24,10 +24,12 @@ const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 const EVENT_BUFFER: usize = 64;
 /// Stack of a pump thread: it reads lines and sends strings, nothing deep.
 const PUMP_STACK_BYTES: usize = 64 * 1024;
-/// Per-connection buffers of the agent. ureq's defaults are 128 KiB each way per pooled
-/// connection; requests and SSE events are far smaller, and a response head must fit the input.
-const INPUT_BUFFER_BYTES: usize = 64 * 1024;
-const OUTPUT_BUFFER_BYTES: usize = 16 * 1024;
+/// Per-connection buffers of the agent, held by every pooled connection. ureq's defaults are
+/// 128 KiB each way; at 1,000 connections 64 + 16 KiB were still ~80 MB. A response head must
+/// fit the input (providers send 1–4 KiB; a larger one fails the call with a clear error) and
+/// the output holds our request head; bodies of any size pass through both in pieces.
+const INPUT_BUFFER_BYTES: usize = 12 * 1024;
+const OUTPUT_BUFFER_BYTES: usize = 4 * 1024;
 
 pub(crate) struct OpenAi {
     provider: String,
