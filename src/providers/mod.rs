@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use serde_json::{Map, Value};
 
 use crate::config::{Config, ProviderKind, Timeouts, BUILTIN_MOCK};
 use crate::metrics::Metrics;
 pub(crate) use cancel::Cancel;
-use openai::{Event, OpenAi};
+use openai::{Events, OpenAi};
 
 /// A chat request after validation. `raw` is the client's whole body: everything syncgate
 /// does not interpret (tools, temperature, response_format, …) reaches the provider unchanged.
@@ -339,10 +338,10 @@ pub(crate) enum Answer {
     Mock,
     /// A whole JSON answer: the bytes as received and their parse.
     Json { bytes: Vec<u8>, value: Value },
-    /// A stream whose 200 head has arrived; its events follow on the channel. Dropping
+    /// A stream whose 200 head has arrived; its events are read by the relay. Dropping
     /// `cancel` stops the upstream read and closes the connection.
     Stream {
-        events: Receiver<Event>,
+        events: Events,
         cancel: Cancel,
         timeouts: Timeouts,
     },
@@ -438,7 +437,7 @@ pub(crate) fn call(
                 .and_then(|response| {
                     metrics.upstream_first_byte(name, started.elapsed());
                     if call.stream {
-                        let (events, cancel) = client.events(response)?;
+                        let (events, cancel) = client.events(response);
                         Ok(Answer::Stream {
                             events,
                             cancel,

@@ -4,14 +4,14 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
-use std::thread;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 use ureq::http::Response;
 use ureq::unversioned::transport::{Connector, DefaultConnector};
-use ureq::Body;
+use ureq::{Body, BodyReader};
 
 use super::cancel::{read_cancellably, Cancel, Cancellable};
 use super::resolve::CachingResolver;
@@ -20,10 +20,6 @@ use crate::config::Timeouts;
 
 /// Largest non-streamed answer we read from a provider.
 const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
-/// Events buffered between the pump and the worker; a slow client slows the upstream read.
-const EVENT_BUFFER: usize = 64;
-/// Stack of a pump thread: it reads lines and sends strings, nothing deep.
-const PUMP_STACK_BYTES: usize = 64 * 1024;
 /// Per-connection buffers of the agent, held by every pooled connection. ureq's defaults are
 /// 128 KiB each way; at 1,000 connections 64 + 16 KiB were still ~80 MB. A response head must
 /// fit the input (providers send 1–4 KiB; a larger one fails the call with a clear error) and
@@ -181,24 +177,15 @@ impl OpenAi {
         Ok((bytes, value))
     }
 
-    /// Starts a pump thread that reads the streamed body and sends each event's data. The
-    /// returned [`Cancel`] stops its reads (and so closes the upstream) when set or dropped.
-    pub(crate) fn events(
-        &self,
-        response: Response<Body>,
-    ) -> Result<(Receiver<Event>, Cancel), ProviderError> {
-        let (tx, rx) = crossbeam_channel::bounded(EVENT_BUFFER);
+    /// The streamed body as events, to be read by whichever thread relays them. The returned
+    /// [`Cancel`] stops those reads (and so closes the upstream) when set or dropped.
+    pub(crate) fn events(&self, response: Response<Body>) -> (Events, Cancel) {
         let (cancel, flag) = Cancel::new();
-        let reader = response.into_body().into_reader();
-        thread::Builder::new()
-            .name("sg-pump".into())
-            .stack_size(PUMP_STACK_BYTES)
-            .spawn(move || {
-                read_cancellably(flag);
-                pump(BufReader::new(reader), &tx);
-            })
-            .map_err(|e| self.bad_reply(format!("cannot start a stream reader: {e}")))?;
-        Ok((rx, cancel))
+        let events = Events {
+            reader: BufReader::new(response.into_body().into_reader()),
+            flag,
+        };
+        (events, cancel)
     }
 
     fn timeout(&self, phase: &'static str) -> ProviderError {
@@ -261,7 +248,23 @@ fn error_fields(text: &str, status: u16) -> (String, Option<String>, Option<Stri
     (message, field("type"), field("code"))
 }
 
-/// What the pump sends the relay.
+/// A streamed body not yet read: read it with [`Events::pump`].
+pub(crate) struct Events {
+    reader: BufReader<BodyReader<'static>>,
+    /// Set by the matching [`Cancel`]: the reads then fail within a slice.
+    flag: Arc<AtomicBool>,
+}
+
+impl Events {
+    /// Reads events on this thread, cancellably, handing each to `each` until it returns
+    /// false or the body ends (the last event is then `End` or `Failed`).
+    pub(crate) fn pump(self, each: impl FnMut(Event) -> bool) {
+        read_cancellably(self.flag);
+        pump(self.reader, each);
+    }
+}
+
+/// One thing read from a streamed body.
 #[derive(Debug)]
 pub(crate) enum Event {
     /// One event's `data` (multi-line data joined with `\n`), e.g. a chunk's JSON or `[DONE]`.
@@ -272,9 +275,9 @@ pub(crate) enum Event {
     Failed(String),
 }
 
-/// Reads SSE from the body until it ends or the relay stops listening. Dropping the reader on
-/// return closes the upstream connection (an unfinished body is never pooled).
-fn pump(mut reader: impl BufRead, tx: &Sender<Event>) {
+/// Reads SSE from the body until it ends or `each` says stop. Dropping the reader on return
+/// closes the upstream connection (an unfinished body is never pooled).
+fn pump(mut reader: impl BufRead, mut each: impl FnMut(Event) -> bool) {
     let mut data = String::new();
     let mut line = String::new();
     loop {
@@ -302,7 +305,7 @@ fn pump(mut reader: impl BufRead, tx: &Sender<Event>) {
             }
         };
         let last = !matches!(event, Event::Data(_));
-        if tx.send(event).is_err() || last {
+        if !each(event) || last {
             return;
         }
     }
@@ -313,15 +316,16 @@ mod tests {
     use super::*;
 
     fn pumped(input: &str) -> Vec<String> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        pump(input.as_bytes(), &tx);
-        rx.try_iter()
-            .map(|e| match e {
+        let mut got = Vec::new();
+        pump(input.as_bytes(), |e| {
+            got.push(match e {
                 Event::Data(d) => d,
                 Event::End => "<end>".into(),
                 Event::Failed(f) => format!("<failed {f}>"),
-            })
-            .collect()
+            });
+            true
+        });
+        got
     }
 
     #[test]
