@@ -5,20 +5,22 @@
 //! quarter of the gateway's CPU under load (perf, 64 clients: `sched_yield` from
 //! `Channel::recv`), and each yield hands the core to some other runnable thread. So the
 //! bounded crossbeam channel stays the queue (admission's `try_send` never blocks), and the
-//! sleeping is done here with a mutex and a condition variable, which go to the kernel's
-//! futex as soon as there is nothing to do:
+//! sleeping is done here with a mutex and thread parking or a condition variable, which go to
+//! the kernel's futex as soon as there is nothing to do:
 //! - [`Doorbell`]: a count of jobs sent and not yet taken. A worker waits on it and then takes
-//!   exactly one job with `try_recv`.
+//!   exactly one job with `try_recv`; the worker woken is the one idle the shortest time.
 //! - [`Handback`]: where a worker returns a connection to the thread that owns it. One per
 //!   connection, reused for every request on it.
 
 use std::net::TcpStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, Thread};
 
-/// Counts jobs in the queue for the workers that wait on it.
+/// Counts jobs in the queue for the workers that wait on it, and wakes the worker that went
+/// idle last: its stack and data are still warm in the caches, where the futex queue behind a
+/// condition variable would wake the one idle longest, a different cold thread every time.
 pub(crate) struct Doorbell {
     state: Mutex<Bell>,
-    rung: Condvar,
 }
 
 struct Bell {
@@ -26,6 +28,8 @@ struct Bell {
     jobs: usize,
     /// Set at shutdown: workers leave once no jobs are left.
     closed: bool,
+    /// Workers asleep waiting for a job, the most recent last.
+    idle: Vec<Thread>,
 }
 
 impl Doorbell {
@@ -34,19 +38,27 @@ impl Doorbell {
             state: Mutex::new(Bell {
                 jobs: 0,
                 closed: false,
+                idle: Vec::new(),
             }),
-            rung: Condvar::new(),
         }
     }
 
-    /// Announces one job just sent to the queue and wakes one waiting worker.
+    /// Announces one job just sent to the queue and wakes the worker that went idle last.
     pub(crate) fn ring(&self) {
-        lock(&self.state).jobs += 1;
-        self.rung.notify_one();
+        let woken = {
+            let mut bell = lock(&self.state);
+            bell.jobs += 1;
+            bell.idle.pop()
+        };
+        if let Some(worker) = woken {
+            worker.unpark();
+        }
     }
 
     /// Waits for a job to claim; false once the bell is closed and every job was claimed.
+    /// Called only by the worker threads themselves.
     pub(crate) fn wait(&self) -> bool {
+        let me = thread::current();
         let mut bell = lock(&self.state);
         loop {
             if bell.jobs > 0 {
@@ -56,14 +68,28 @@ impl Doorbell {
             if bell.closed {
                 return false;
             }
-            bell = self.rung.wait(bell).unwrap_or_else(PoisonError::into_inner);
+            bell.idle.push(me.clone());
+            drop(bell);
+            // An unpark between the unlock and here is kept, so park returns at once.
+            thread::park();
+            bell = lock(&self.state);
+            // Woken by ring (already taken off the list), by close, or spuriously.
+            if let Some(i) = bell.idle.iter().rposition(|t| t.id() == me.id()) {
+                bell.idle.remove(i);
+            }
         }
     }
 
     /// Lets every worker leave once the jobs already announced are claimed.
     pub(crate) fn close(&self) {
-        lock(&self.state).closed = true;
-        self.rung.notify_all();
+        let sleeping = {
+            let mut bell = lock(&self.state);
+            bell.closed = true;
+            std::mem::take(&mut bell.idle)
+        };
+        for worker in sleeping {
+            worker.unpark();
+        }
     }
 }
 
@@ -158,7 +184,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use std::net::TcpListener;
-    use std::thread;
 
     #[test]
     fn doorbell_hands_out_each_job_once_and_releases_workers_when_closed() {
