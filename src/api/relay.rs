@@ -60,8 +60,10 @@ enum End {
 /// What the pump and the supervising worker share, under one lock.
 struct Shared<'o, 'b> {
     out: &'o mut BodyStream<'b>,
-    /// Set once, by whichever side ended the stream; after it nothing more is written.
+    /// How the pump ended the stream, for the supervisor to take.
     end: Option<io::Result<End>>,
+    /// Set by the supervisor when it returns: the pump writes nothing more.
+    closed: bool,
     /// Until when the next event may come, and what that allowance was (for the message).
     deadline: Instant,
     allowed: Duration,
@@ -79,7 +81,6 @@ impl Relay {
     /// Relays until `[DONE]`, an upstream failure, or a write error (the client left). A write
     /// error returns `Err`; the upstream read is cancelled and its connection closed.
     fn run(self, out: &mut BodyStream<'_>) -> io::Result<()> {
-        let provider = self.served.provider.clone();
         let Relay {
             events,
             cancel,
@@ -99,6 +100,7 @@ impl Relay {
         let shared = Mutex::new(Shared {
             out,
             end: None,
+            closed: false,
             // The first event must come within first_byte of the head; each next within idle.
             deadline: started + timeouts.first_byte,
             allowed: timeouts.first_byte,
@@ -110,21 +112,14 @@ impl Relay {
                 .name("sg-pump".into())
                 .stack_size(PUMP_STACK_BYTES)
                 .spawn_scoped(scope, || {
+                    // The pump's last event always ends the stream and wakes the supervisor.
                     events.pump(|event| on_event(&shared, &changed, &counter, timeouts, event));
-                    // However the pump stopped, the supervisor hears of it.
-                    let mut s = lock(&shared);
-                    if s.end.is_none() {
-                        s.end = Some(fail(s.out, "upstream_truncated", "provider stream ended"));
-                    }
-                    changed.notify_one();
                 });
             let result = match pumping {
                 Ok(_) => supervise(&shared, &changed, heartbeat, &served.provider),
                 Err(e) => {
                     let message = format!("cannot start a stream reader: {e}");
-                    let mut s = lock(&shared);
-                    s.end = Some(Ok(End::Failed("internal_error")));
-                    fail(s.out, "internal_error", &message)
+                    fail(lock(&shared).out, "internal_error", &message)
                 }
             };
             // Whatever ended the relay, the upstream read stops now (within a read slice) and
@@ -132,8 +127,9 @@ impl Relay {
             cancel.cancel();
             result
         });
+        let provider = &served.provider;
         upstream_duration
-            .with_label_values(&[&provider])
+            .with_label_values(&[provider])
             .observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(End::Done) => {}
@@ -142,7 +138,6 @@ impl Relay {
             }
             Err(e) => log::info!("client left a stream from provider {provider}: {e}"),
         }
-        drop(served);
         result.map(|_| ())
     }
 }
@@ -164,7 +159,7 @@ fn on_event(
     event: Event,
 ) -> bool {
     let mut s = lock(shared);
-    if s.end.is_some() {
+    if s.closed || s.end.is_some() {
         return false;
     }
     let end = match event {
@@ -240,12 +235,21 @@ fn supervise(
     heartbeat: Duration,
     provider: &str,
 ) -> io::Result<End> {
-    let mut s = lock(shared);
+    let (mut s, end) = watch(lock(shared), changed, heartbeat, provider);
+    s.closed = true;
+    end
+}
+
+/// The supervisor's loop, holding the lock except while it sleeps.
+fn watch<'a, 'o, 'b>(
+    mut s: MutexGuard<'a, Shared<'o, 'b>>,
+    changed: &Condvar,
+    heartbeat: Duration,
+    provider: &str,
+) -> (MutexGuard<'a, Shared<'o, 'b>>, io::Result<End>) {
     loop {
         if let Some(end) = s.end.take() {
-            // Leave a mark so the pump writes nothing more.
-            s.end = Some(Ok(End::Done));
-            return end;
+            return (s, end);
         }
         let now = Instant::now();
         if now >= s.deadline {
@@ -254,8 +258,7 @@ fn supervise(
                 s.allowed.as_millis()
             );
             let end = fail(s.out, "upstream_timeout", &message);
-            s.end = Some(Ok(End::Done));
-            return end;
+            return (s, end);
         }
         let next_heartbeat = (s.last_write + heartbeat).saturating_duration_since(now);
         let wait = next_heartbeat.min(CLIENT_CHECK).min(s.deadline - now);
@@ -267,14 +270,13 @@ fn supervise(
             continue;
         }
         if presence::has_left(s.out.socket()) {
-            s.end = Some(Ok(End::Done));
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "client left"));
+            let left = io::Error::new(io::ErrorKind::BrokenPipe, "client left");
+            return (s, Err(left));
         }
         let now = Instant::now();
         if now < s.deadline && now >= s.last_write + heartbeat {
             if let Err(e) = s.out.send(b": keep-alive\n\n") {
-                s.end = Some(Ok(End::Done));
-                return Err(e);
+                return (s, Err(e));
             }
             s.last_write = now;
         }

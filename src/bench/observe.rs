@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::client::{request_bytes, IO_TIMEOUT};
+use super::report::Row;
 
 /// Resident memory of process `pid` now, in KiB (VmRSS from /proc/PID/status).
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
@@ -95,6 +96,18 @@ impl CpuMeter {
             })
             .collect();
         format!("{} cores", parts.join(" + "))
+    }
+
+    /// The table row comparing how busy each process kept the CPU here and in the direct run.
+    pub(crate) fn busy_row(&self, direct: &Self) -> Row {
+        Row::info(
+            "CPU busy while measured",
+            format!(
+                "{}; direct: {}",
+                self.cores_summary(),
+                direct.cores_summary()
+            ),
+        )
     }
 
     /// The share of a core each process kept busy over the window, by name.

@@ -154,14 +154,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
             "memory per in-flight request",
             format!("{per_inflight_kb:.1} KB"),
         ),
-        Row::info(
-            "CPU busy while measured",
-            format!(
-                "{}; direct: {}",
-                cpu.cores_summary(),
-                direct_cpu.cores_summary()
-            ),
-        ),
+        cpu.busy_row(&direct_cpu),
     ];
     Ok(Outcome::new("slow_ai", json, rows))
 }

@@ -145,14 +145,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
             "one /metrics scrape (new connection) meanwhile",
             format!("{:.1} ms", scrape_ms),
         ),
-        Row::info(
-            "CPU busy while measured",
-            format!(
-                "{}; direct: {}",
-                cpu.cores_summary(),
-                direct_cpu.cores_summary()
-            ),
-        ),
+        cpu.busy_row(&direct_cpu),
     ];
     Ok(Outcome::new("streams", json, rows))
 }

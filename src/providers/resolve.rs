@@ -44,7 +44,6 @@ impl Resolver for CachingResolver {
             .parse::<IpAddr>()
         {
             let mut addrs = self.empty();
-            addrs.truncate(0);
             addrs.push(SocketAddr::new(ip, port));
             return Ok(addrs);
         }
