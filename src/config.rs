@@ -48,6 +48,12 @@ struct RawConfig {
     #[serde(default)]
     stream: RawStream,
     #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    conversations: RawConversations,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -89,6 +95,34 @@ struct RawMock {
 #[serde(deny_unknown_fields)]
 struct RawStream {
     heartbeat_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    read_pool: Option<usize>,
+    write_queue: Option<usize>,
+    log_queue: Option<usize>,
+    log_overflow: Option<String>,
+    log_block_ms: Option<u64>,
+    log_flush_ms: Option<u64>,
+    batch_max: Option<usize>,
+    durability: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    requests: Option<bool>,
+    bodies: Option<bool>,
+    body_max_bytes: Option<usize>,
+    retention_days: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConversations {
+    max_history_messages: Option<usize>,
 }
 
 /// One `[[providers]]` entry; `type` picks the variant, and each variant has its own keys.
@@ -146,6 +180,11 @@ pub(crate) struct Config {
     pub(crate) debug_routes: bool,
     /// Gap after which a waiting stream gets an SSE comment (`: keep-alive`). Default 10 s.
     pub(crate) heartbeat: Duration,
+    pub(crate) store: StoreConfig,
+    pub(crate) log: LogConfig,
+    /// Stored messages sent to the model with a new conversation turn, at most (the newest;
+    /// the conversation's system prompt is always sent). Default 50.
+    pub(crate) max_history_messages: usize,
     /// Configured providers (the built-in `mock` is not listed here; it always exists).
     pub(crate) providers: Vec<ProviderConfig>,
     /// Configured model names and their targets, tried in order.
@@ -220,6 +259,56 @@ pub(crate) struct Capacity {
     pub(crate) ready_high_water: f64,
 }
 
+/// The SQLite store: its read pool and its one writer.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreConfig {
+    /// Read connections at most (r2d2 pool). Default 8.
+    pub(crate) read_pool: usize,
+    /// Acknowledged writes (conversation turns) waiting for the writer, at most. Default 1024.
+    pub(crate) write_queue: usize,
+    /// Request-log rows waiting for the writer, at most. Default 10,000.
+    pub(crate) log_queue: usize,
+    /// What a request does when the log queue is full.
+    pub(crate) log_overflow: LogOverflow,
+    /// How often the writer commits the request log while log rows are arriving. Default 10 ms.
+    pub(crate) log_flush: Duration,
+    /// Rows in one transaction at most. Default 1000.
+    pub(crate) batch_max: usize,
+    /// `synchronous` for acknowledged writes (the log always uses NORMAL). Default full.
+    pub(crate) durability: Durability,
+}
+
+/// The request log's policy when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogOverflow {
+    /// Wait for room up to this long, then drop the row (counted).
+    Block(Duration),
+    /// Drop the row at once (counted).
+    Drop,
+}
+
+/// How hard an acknowledged write is made to stick before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// `synchronous = FULL`: the WAL is synced at each commit; survives power loss.
+    Full,
+    /// `synchronous = NORMAL`: survives a crash of syncgate, not of the machine.
+    Normal,
+}
+
+/// The request log.
+#[derive(Debug, Clone)]
+pub(crate) struct LogConfig {
+    /// Write a row per `/v1` and `/api` call. Default on.
+    pub(crate) requests: bool,
+    /// Keep request and response bodies in the row. Default off.
+    pub(crate) bodies: bool,
+    /// Each kept body is cut to this many bytes. Default 64 KiB.
+    pub(crate) body_max_bytes: usize,
+    /// Rows older than this many days are deleted in the background; 0 keeps them. Default 30.
+    pub(crate) retention_days: u64,
+}
+
 /// Per-connection limits and deadlines of the HTTP front end.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpLimits {
@@ -258,6 +347,22 @@ impl Default for Config {
             mock_latency: Duration::ZERO,
             debug_routes: false,
             heartbeat: Duration::from_millis(10_000),
+            store: StoreConfig {
+                read_pool: 8,
+                write_queue: 1024,
+                log_queue: 10_000,
+                log_overflow: LogOverflow::Block(Duration::from_millis(100)),
+                log_flush: Duration::from_millis(10),
+                batch_max: 1000,
+                durability: Durability::Full,
+            },
+            log: LogConfig {
+                requests: true,
+                bodies: false,
+                body_max_bytes: 64 * 1024,
+                retention_days: 30,
+            },
+            max_history_messages: 50,
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -448,6 +553,23 @@ impl Config {
             (raw.stream.heartbeat_ms.unwrap_or(10_000), false),
             1,
         )?;
+        let store = validate_store(raw.store, &d.store, file)?;
+        let log = LogConfig {
+            requests: raw.log.requests.unwrap_or(d.log.requests),
+            bodies: raw.log.bodies.unwrap_or(d.log.bodies),
+            body_max_bytes: raw.log.body_max_bytes.unwrap_or(d.log.body_max_bytes),
+            retention_days: raw.log.retention_days.unwrap_or(d.log.retention_days),
+        };
+        let max_history_messages = at_least(
+            "conversations.max_history_messages",
+            (
+                raw.conversations
+                    .max_history_messages
+                    .unwrap_or(d.max_history_messages) as u64,
+                false,
+            ),
+            1,
+        )? as usize;
         let providers = raw
             .providers
             .into_iter()
@@ -470,10 +592,72 @@ impl Config {
             mock_latency,
             debug_routes: over.debug_routes,
             heartbeat,
+            store,
+            log,
+            max_history_messages,
             providers,
             models,
         })
     }
+}
+
+fn validate_store(
+    raw: RawStore,
+    d: &StoreConfig,
+    file: Option<&Path>,
+) -> Result<StoreConfig, ConfigError> {
+    let positive = |key: &'static str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(file_invalid(
+            key,
+            file,
+            "must be at least 1, got 0".to_string(),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let log_block = Duration::from_millis(raw.log_block_ms.unwrap_or(100));
+    let log_overflow = match raw.log_overflow.as_deref() {
+        None | Some("block") => LogOverflow::Block(log_block),
+        Some("drop") => LogOverflow::Drop,
+        Some(other) => {
+            return Err(file_invalid(
+                "store.log_overflow",
+                file,
+                format!("must be \"block\" or \"drop\", got {other:?}"),
+            ))
+        }
+    };
+    let durability = match raw.durability.as_deref() {
+        None | Some("full") => Durability::Full,
+        Some("normal") => Durability::Normal,
+        Some(other) => {
+            return Err(file_invalid(
+                "store.durability",
+                file,
+                format!("must be \"full\" or \"normal\", got {other:?}"),
+            ))
+        }
+    };
+    let log_flush = match raw.log_flush_ms {
+        Some(0) => {
+            return Err(file_invalid(
+                "store.log_flush_ms",
+                file,
+                "must be at least 1, got 0".to_string(),
+            ))
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => d.log_flush,
+    };
+    Ok(StoreConfig {
+        read_pool: positive("store.read_pool", raw.read_pool, d.read_pool)?,
+        write_queue: positive("store.write_queue", raw.write_queue, d.write_queue)?,
+        log_queue: positive("store.log_queue", raw.log_queue, d.log_queue)?,
+        log_overflow,
+        log_flush,
+        batch_max: positive("store.batch_max", raw.batch_max, d.batch_max)?,
+        durability,
+    })
 }
 
 fn file_invalid(key: &'static str, file: Option<&Path>, why: String) -> ConfigError {

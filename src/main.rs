@@ -11,6 +11,7 @@ mod metrics;
 mod mock_upstream;
 mod providers;
 mod server;
+mod store;
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -44,6 +45,20 @@ enum Command {
     /// Load-test syncgate against its own mock upstream and report each figure against its
     /// goal (see docs/benchmarks.md; build with --release first).
     Bench(bench::BenchArgs),
+    /// Create the database or bring its schema up to date (serve does this at start too).
+    Migrate(DbArgs),
+}
+
+#[derive(Args)]
+struct DbArgs {
+    /// SQLite database file.
+    #[arg(
+        long,
+        env = "SYNCGATE_DB",
+        value_name = "PATH",
+        default_value = "./syncgate.db"
+    )]
+    db: PathBuf,
 }
 
 /// Every flag also reads `SYNCGATE_<NAME>`; a flag wins over the variable, both over the file.
@@ -179,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve(&args),
         Command::MockUpstream(args) => mock_upstream(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Migrate(args) => migrate(&args),
     }
 }
 
@@ -189,10 +205,6 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     // readiness line is already a graceful shutdown.
     let on_signal = catch_signals()?;
 
-    log::info!(
-        "database {} (not used yet: storage is not built)",
-        config.db.display()
-    );
     let server = server::Server::start(config)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{}", server.local_addr())
@@ -205,6 +217,26 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         "received signal {signal}: shutting down gracefully (a second signal exits at once)"
     );
     server.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `syncgate migrate`: applies what migrations the file lacks and says what it did.
+fn migrate(args: &DbArgs) -> anyhow::Result<ExitCode> {
+    let (_, migrated) = store::open_migrated(&args.db)?;
+    if migrated.from == migrated.to {
+        println!(
+            "{}: schema version {} is up to date",
+            args.db.display(),
+            migrated.to
+        );
+    } else {
+        println!(
+            "{}: migrated schema version {} -> {}",
+            args.db.display(),
+            migrated.from,
+            migrated.to
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

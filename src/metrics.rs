@@ -79,6 +79,65 @@ pub(crate) struct Metrics {
     pub(crate) upstream_in_flight: IntGaugeVec,
     /// `syncgate_tokens_total{provider,model,kind}`: prompt and completion tokens reported.
     pub(crate) tokens: IntCounterVec,
+    pub(crate) store: StoreMetrics,
+}
+
+/// The database's metrics; cheap to clone (each is a shared handle) for the writer thread.
+#[derive(Clone)]
+pub(crate) struct StoreMetrics {
+    /// `syncgate_store_batch_rows`: rows and writes committed per transaction.
+    pub(crate) batch_rows: Histogram,
+    /// `syncgate_store_commit_seconds`: time to run and commit one batch.
+    pub(crate) commit_seconds: Histogram,
+    /// `syncgate_store_queue_depth`: rows and writes waiting for the writer (set when scraped).
+    pub(crate) queue_depth: IntGauge,
+    /// `syncgate_store_log_rows_dropped_total`: request-log rows dropped (queue full, failed commit).
+    pub(crate) log_rows_dropped: IntCounter,
+    /// `syncgate_store_read_connections_in_use`: read connections taken from the pool.
+    pub(crate) reads_in_use: IntGauge,
+}
+
+/// Rows per transaction: one acknowledged write alone up to a full batch.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+/// Commit times: an unsynced append to a synced batch on a slow disk.
+const COMMIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl StoreMetrics {
+    fn new() -> StoreMetrics {
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("valid metric")
+        };
+        StoreMetrics {
+            batch_rows: histogram(
+                "syncgate_store_batch_rows",
+                "Rows and acknowledged writes committed in one transaction",
+                BATCH_BUCKETS,
+            ),
+            commit_seconds: histogram(
+                "syncgate_store_commit_seconds",
+                "Time to write and commit one batch",
+                COMMIT_BUCKETS,
+            ),
+            queue_depth: IntGauge::new(
+                "syncgate_store_queue_depth",
+                "Rows and writes waiting for the database writer",
+            )
+            .expect("valid metric"),
+            log_rows_dropped: IntCounter::new(
+                "syncgate_store_log_rows_dropped_total",
+                "Request-log rows dropped: queue full past its bound, or a failed commit",
+            )
+            .expect("valid metric"),
+            reads_in_use: IntGauge::new(
+                "syncgate_store_read_connections_in_use",
+                "Read connections taken from the pool",
+            )
+            .expect("valid metric"),
+        }
+    }
 }
 
 impl Metrics {
@@ -199,6 +258,7 @@ impl Metrics {
                 "Failed accepts, survived",
             )
             .expect("valid metric"),
+            store: StoreMetrics::new(),
             registry,
         };
         metrics.register_all();
@@ -226,6 +286,11 @@ impl Metrics {
             Box::new(self.upstream_retries.clone()),
             Box::new(self.upstream_in_flight.clone()),
             Box::new(self.tokens.clone()),
+            Box::new(self.store.batch_rows.clone()),
+            Box::new(self.store.commit_seconds.clone()),
+            Box::new(self.store.queue_depth.clone()),
+            Box::new(self.store.log_rows_dropped.clone()),
+            Box::new(self.store.reads_in_use.clone()),
         ];
         for c in collectors {
             self.registry

@@ -1,10 +1,12 @@
 //! `POST /v1/chat/completions`: OpenAI's chat API. Validates the body into a [`ChatRequest`],
 //! asks the model, and answers in OpenAI's shape, as one JSON body or as server-sent events.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use super::record::Record;
 use super::{annotate, relay, ApiError};
 use crate::http::{Request, Response};
 use crate::providers::{
@@ -16,6 +18,9 @@ use crate::server::State;
 /// (JSON passed through as received) or relay its stream event by event.
 pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, ApiError> {
     let chat = parse(&request.body)?;
+    let record = &request.record;
+    record.model(&chat.model);
+    record.note(|f| f.streamed = chat.stream);
     let targets = state
         .providers
         .route(&chat.model)
@@ -28,15 +33,17 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
     };
     let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
     let label = served.label();
+    record.served(&served, clock);
     let response = match answer {
         Answer::Mock => {
             let reply = mock::reply(&chat);
             state
                 .metrics
                 .count_tokens(&served.provider, &chat.model, reply.usage);
+            record.usage(reply.usage);
             let id = format!("chatcmpl-{}", request.request_id);
             if chat.stream {
-                stream_reply(id, chat, reply)
+                stream_reply(id, chat, reply, Arc::clone(record))
             } else {
                 Response::json(200, &completion_json(&id, &chat.model, &reply))
             }
@@ -46,6 +53,7 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
                 state
                     .metrics
                     .count_tokens(&served.provider, &chat.model, usage);
+                record.usage(usage);
             }
             Response::text(200, "application/json", bytes)
         }
@@ -63,6 +71,7 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
             tokens: state.metrics.tokens.clone(),
             upstream_duration: state.metrics.upstream_duration.clone(),
             started: std::time::Instant::now(),
+            record: Arc::clone(record),
         }),
     };
     Ok(annotate(response, request, label, clock, &state.metrics))
@@ -223,7 +232,7 @@ pub(crate) fn completion_json(id: &str, model: &str, reply: &ChatReply) -> Value
 
 /// The reply as server-sent events: a role chunk, one chunk per word, a finish chunk, the
 /// usage chunk when asked for, then `[DONE]`. Each event is written and sent on its own.
-fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply) -> Response {
+fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply, record: Arc<Record>) -> Response {
     let produce = Box::new(move |out: &mut crate::http::BodyStream<'_>| {
         let created = unix_now();
         let chunk =
@@ -234,6 +243,7 @@ fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply) -> Response {
         )?;
         for piece in mock::stream_pieces(&reply.content) {
             send_event(out, &chunk(json!({"content": piece}), Value::Null))?;
+            record.first_token();
         }
         send_event(out, &chunk(json!({}), json!(reply.finish_reason)))?;
         if chat.include_usage {

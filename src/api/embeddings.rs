@@ -16,6 +16,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
         None | Some(Value::Null) => return Err(missing("model")),
         Some(_) => return Err(invalid("model", "'model' must be a non-empty string")),
     };
+    request.record.model(&model);
     let inputs = inputs(body.get("input"))?;
     let dimensions = match body.get("dimensions") {
         None | Some(Value::Null) => mock::EMBEDDING_DIMENSIONS,
@@ -41,6 +42,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
     };
     let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
     let label = served.label();
+    request.record.served(&served, clock);
     let response = match answer {
         Answer::Mock => {
             let data: Vec<Value> = inputs
@@ -56,6 +58,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
                 completion_tokens: 0,
             };
             state.metrics.count_tokens(&served.provider, &model, usage);
+            request.record.usage(usage);
             Response::json(
                 200,
                 &json!({"object": "list", "data": data, "model": model,
@@ -65,6 +68,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
         Answer::Json { bytes, value } => {
             if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
                 state.metrics.count_tokens(&served.provider, &model, usage);
+                request.record.usage(usage);
             }
             Response::text(200, "application/json", bytes)
         }

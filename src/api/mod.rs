@@ -5,6 +5,7 @@ pub(crate) mod chat;
 mod embeddings;
 mod models;
 pub(crate) mod ops;
+pub(crate) mod record;
 mod relay;
 
 use std::fmt;

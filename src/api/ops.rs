@@ -34,6 +34,7 @@ fn readyz(state: &State) -> Response {
 
 fn metrics(state: &State) -> Response {
     state.metrics.queue_depth.set(state.queue_len() as i64);
+    state.store.observe();
     Response::text(
         200,
         "text/plain; version=0.0.4; charset=utf-8",

@@ -11,7 +11,7 @@
 //! wake-up per event and, at 1,000 concurrent streams on two cores, most streams stalled.
 
 use std::io;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use prometheus::{HistogramVec, IntCounterVec};
 use serde::de::IgnoredAny;
 use serde_json::{json, Value};
 
+use super::record::Record;
 use crate::config::Timeouts;
 use crate::http::presence;
 use crate::http::{BodyStream, Response};
@@ -40,6 +41,8 @@ pub(crate) struct Relay {
     pub(crate) upstream_duration: HistogramVec,
     /// When the provider's head arrived.
     pub(crate) started: Instant,
+    /// The call's request-log facts: first token, usage, how the stream ended.
+    pub(crate) record: Arc<Record>,
 }
 
 /// While the provider is silent, how often the relay looks whether the client is still there.
@@ -68,6 +71,8 @@ struct Shared<'o, 'b> {
     deadline: Instant,
     allowed: Duration,
     last_write: Instant,
+    /// Whether an event from the provider has reached the client yet.
+    sent_any: bool,
 }
 
 pub(crate) fn response(relay: Relay) -> Response {
@@ -91,11 +96,13 @@ impl Relay {
             tokens,
             upstream_duration,
             started,
+            record,
         } = self;
         let counter = Counter {
             tokens,
             provider: served.provider.clone(),
             model,
+            record: Arc::clone(&record),
         };
         let shared = Mutex::new(Shared {
             out,
@@ -105,6 +112,7 @@ impl Relay {
             deadline: started + timeouts.first_byte,
             allowed: timeouts.first_byte,
             last_write: Instant::now(),
+            sent_any: false,
         });
         let changed = Condvar::new();
         let result = thread::scope(|scope| {
@@ -128,9 +136,18 @@ impl Relay {
             result
         });
         let provider = &served.provider;
+        let relayed = started.elapsed();
         upstream_duration
             .with_label_values(&[provider])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(relayed.as_secs_f64());
+        record.note(|f| {
+            f.upstream += relayed;
+            match &result {
+                Ok(End::Done) => {}
+                Ok(End::Failed(code)) => f.stream_error = Some(code),
+                Err(_) => f.client_left = true,
+            }
+        });
         match &result {
             Ok(End::Done) => {}
             Ok(End::Failed(code)) => {
@@ -142,11 +159,12 @@ impl Relay {
     }
 }
 
-/// Tokens counted from the usage a stream reports.
+/// Tokens counted from the usage a stream reports; the first token's time.
 struct Counter {
     tokens: IntCounterVec,
     provider: String,
     model: String,
+    record: Arc<Record>,
 }
 
 /// The pump's handling of one event, writing to the client under the lock. Returns whether
@@ -217,6 +235,10 @@ fn relay_data(
     }
     if let Err(e) = send_data(s.out, data) {
         return Some(Err(e));
+    }
+    if !s.sent_any {
+        s.sent_any = true;
+        counter.record.first_token();
     }
     let now = Instant::now();
     s.allowed = timeouts.idle;
@@ -299,6 +321,7 @@ impl Counter {
                 .with_label_values(&[&self.provider, &self.model, kind])
                 .inc_by(n);
         }
+        self.record.usage(usage);
     }
 }
 

@@ -152,11 +152,12 @@ impl RequestReader {
                 self.read_chunked_body(stream, limits)?
             }
         };
-        let path = request_path(&head.target);
+        let (path, query) = request_path(&head.target);
         let request_id = request_id(header(&head.headers, "x-request-id"));
         Ok(Some(Request {
             method: head.method,
             path,
+            query,
             version: head.version,
             headers: head.headers,
             body,
@@ -164,6 +165,7 @@ impl RequestReader {
             peer,
             received,
             request_id,
+            record: Default::default(),
         }))
     }
 
@@ -530,7 +532,8 @@ fn wants_keep_alive(headers: &[(String, String)], version: Version) -> bool {
 }
 
 /// The path of a request target, without its query; an absolute-form target is reduced to it.
-fn request_path(target: &str) -> String {
+/// The path and the query string (without its `?`) of a request target.
+fn request_path(target: &str) -> (String, String) {
     let origin = match target.find("://") {
         Some(i) if target.starts_with("http") => match target[i + 3..].find('/') {
             Some(j) => &target[i + 3 + j..],
@@ -538,7 +541,10 @@ fn request_path(target: &str) -> String {
         },
         _ => target,
     };
-    origin.split('?').next().unwrap_or_default().to_string()
+    match origin.split_once('?') {
+        Some((path, query)) => (path.to_string(), query.to_string()),
+        None => (origin.to_string(), String::new()),
+    }
 }
 
 /// Reads what the socket already holds without waiting: `Ok(None)` if nothing is there yet.
@@ -652,9 +658,10 @@ mod tests {
 
     #[test]
     fn targets_reduce_to_their_path() {
-        assert_eq!(request_path("/v1/models?x=1"), "/v1/models");
-        assert_eq!(request_path("http://h:1/a/b?q"), "/a/b");
-        assert_eq!(request_path("http://h:1"), "/");
-        assert_eq!(request_path("*"), "*");
+        let pair = |p: &str, q: &str| (p.to_string(), q.to_string());
+        assert_eq!(request_path("/v1/models?x=1"), pair("/v1/models", "x=1"));
+        assert_eq!(request_path("http://h:1/a/b?q"), pair("/a/b", "q"));
+        assert_eq!(request_path("http://h:1"), pair("/", ""));
+        assert_eq!(request_path("*"), pair("*", ""));
     }
 }

@@ -141,6 +141,7 @@ mod tests {
         Request {
             method: "POST".into(),
             path: path.into(),
+            query: String::new(),
             version: Version::Http11,
             headers: headers
                 .iter()
@@ -151,6 +152,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             received: Instant::now(),
             request_id: "id".into(),
+            record: Default::default(),
         }
     }
 

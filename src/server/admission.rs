@@ -13,7 +13,8 @@ use crossbeam_channel::TrySendError;
 use super::handoff::{Handback, Returner};
 use super::State;
 use crate::api::{self, ApiError, Route};
-use crate::http::{write_response, Rejection, Request, Response, Version, WriteMeta};
+use crate::http::{write_response, Body, Rejection, Request, Response, Version, WriteMeta};
+use crate::store::requests::RequestRow;
 
 /// A request handed to the worker pool, with the connection it came on. The worker writes the
 /// answer and hands the connection back through `handback` (or drops it to close it).
@@ -133,6 +134,7 @@ pub(crate) fn respond(
     mut stream: TcpStream,
     queue_wait: Option<Duration>,
 ) -> Option<TcpStream> {
+    let error_code = result.as_ref().err().map(|e| e.code().to_string());
     let response = result.unwrap_or_else(|e| {
         if let Some(reason) = e.reject_reason() {
             state.metrics.reject(reason);
@@ -159,11 +161,29 @@ pub(crate) fn respond(
         keep_alive: request.keep_alive && !state.is_draining(),
         request_id: Some(&request.request_id),
     };
+    let log = &state.config.log;
+    let logged = log.requests && is_logged_path(&request.path);
+    let response_body = match &response.body {
+        Body::Bytes(bytes) if logged && log.bodies => Some(capped(bytes, log.body_max_bytes)),
+        _ => None,
+    };
     let (bytes, keep_alive, note) = match write_response(&mut stream, response, &meta) {
         Ok(w) => (w.bytes, w.keep_alive, ""),
         Err(_) => (0, false, " client-gone"),
     };
     let elapsed = request.received.elapsed();
+    if logged {
+        let row = log_row(
+            request, route, status, elapsed, queue_wait, note, error_code,
+        );
+        state.store.writer.log(RequestRow {
+            request_body: log
+                .bodies
+                .then(|| capped(&request.body, log.body_max_bytes)),
+            response_body,
+            ..row
+        });
+    }
     state
         .metrics
         .observe_request(route, status, elapsed.as_secs_f64());
@@ -187,6 +207,56 @@ pub(crate) fn respond(
         crate::http::loggable_headers(&request.headers)
     );
     keep_alive.then_some(stream)
+}
+
+/// The calls the request log keeps: the API, not the fast lane or stray paths.
+fn is_logged_path(path: &str) -> bool {
+    path.starts_with("/v1/") || path.starts_with("/api/")
+}
+
+fn capped(bytes: &[u8], max: usize) -> Vec<u8> {
+    bytes[..bytes.len().min(max)].to_vec()
+}
+
+/// The request-log row of an answered call, from the request and what its handler noted.
+fn log_row(
+    request: &Request,
+    route: &str,
+    status: u16,
+    elapsed: Duration,
+    queue_wait: Option<Duration>,
+    note: &str,
+    error_code: Option<String>,
+) -> RequestRow {
+    let facts = request.record.facts();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let queue = queue_wait.unwrap_or_default();
+    let age = request.received.elapsed();
+    RequestRow {
+        request_id: request.request_id.clone(),
+        ts_ms: crate::store::now_ms() - age.as_millis() as i64,
+        method: request.method.clone(),
+        route: route.to_string(),
+        model: facts.model,
+        provider: facts.provider,
+        upstream_model: facts.upstream_model,
+        attempts: facts.attempts,
+        status,
+        error_code: error_code.or(facts.stream_error.map(str::to_string)),
+        total_ms: ms(elapsed),
+        queue_ms: ms(queue),
+        upstream_ms: ms(facts.upstream),
+        overhead_ms: ms(elapsed.saturating_sub(queue).saturating_sub(facts.upstream)),
+        ttft_ms: facts
+            .first_token
+            .map(|t| ms(t.saturating_duration_since(request.received))),
+        prompt_tokens: facts.usage.map(|u| u.prompt_tokens),
+        completion_tokens: facts.usage.map(|u| u.completion_tokens),
+        streamed: facts.streamed,
+        client_left: facts.client_left || !note.is_empty(),
+        request_body: None,
+        response_body: None,
+    }
 }
 
 fn response_header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::http::{self, Acceptor};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
+use crate::store::Store;
 use admission::{Job, ServiceTime};
 use handoff::Doorbell;
 pub(crate) use handoff::Handback;
@@ -28,6 +29,8 @@ pub(crate) struct State {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) providers: Providers,
+    /// The database: request log, conversations.
+    pub(crate) store: Store,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -102,6 +105,12 @@ impl Server {
         let metrics = Metrics::new();
         metrics.queue_capacity.set(capacity.queue as i64);
         metrics.connections_max.set(capacity.max_connections as i64);
+        let store = Store::open(&config.db, &config.store, metrics.store.clone())?;
+        log::info!(
+            "database {} ({} read connections, one writer)",
+            config.db.display(),
+            config.store.read_pool
+        );
         let providers = Providers::from_config(&config);
         for name in providers.names() {
             metrics.register_provider(name);
@@ -117,6 +126,7 @@ impl Server {
             config,
             metrics,
             providers,
+            store,
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
@@ -148,7 +158,7 @@ impl Server {
         self.acceptor.stop();
         let in_flight = state.pending.load(Ordering::SeqCst);
         log::info!("draining: {in_flight} requests queued or in flight");
-        if pool::wait_idle(state, deadline) {
+        let drained = if pool::wait_idle(state, deadline) {
             self.pool.join();
             log::info!("drained: every request answered, workers stopped");
             true
@@ -158,6 +168,9 @@ impl Server {
                 state.pending.load(Ordering::SeqCst)
             );
             false
-        }
+        };
+        // The request log rows still queued are committed before the process exits.
+        state.store.close();
+        drained
     }
 }

@@ -91,6 +91,55 @@ impl Drop for TempConfig {
     }
 }
 
+/// A database path under the system temp dir; the file and its WAL and shared-memory
+/// companions are removed on drop.
+pub struct TempDb {
+    pub path: PathBuf,
+}
+
+impl TempDb {
+    pub fn new() -> TempDb {
+        let name = format!("{}.db", unique("syncgate-test-db"));
+        TempDb {
+            path: std::env::temp_dir().join(name),
+        }
+    }
+
+    pub fn path_str(&self) -> String {
+        self.path
+            .to_str()
+            .expect("temp dir path is not UTF-8")
+            .to_string()
+    }
+
+    /// The database file and its WAL, concatenated: everything written so far.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        let mut bytes = fs::read(&self.path).unwrap_or_default();
+        for suffix in ["-wal", "-journal"] {
+            let mut other = self.path.clone().into_os_string();
+            other.push(suffix);
+            bytes.extend(fs::read(PathBuf::from(other)).unwrap_or_default());
+        }
+        bytes
+    }
+}
+
+impl Default for TempDb {
+    fn default() -> TempDb {
+        TempDb::new()
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut file = self.path.clone().into_os_string();
+            file.push(suffix);
+            let _ = fs::remove_file(PathBuf::from(file));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Process management
 // ---------------------------------------------------------------------------
@@ -162,6 +211,8 @@ pub struct Server {
     stderr_thread: Option<JoinHandle<()>>,
     exited: Option<ExitStatus>,
     _config: Option<TempConfig>,
+    /// The database the harness made for this server when the test named none.
+    _db: Option<TempDb>,
 }
 
 impl Server {
@@ -187,8 +238,17 @@ impl Server {
             full.push("--config");
             full.push(p);
         }
+        // Each server gets a database of its own unless the test names one.
+        let db = (!args.contains(&"--db")).then(TempDb::new);
+        let db_path = db.as_ref().map(TempDb::path_str);
+        if let Some(p) = &db_path {
+            full.push("--db");
+            full.push(p);
+        }
         full.extend_from_slice(args);
-        Server::start_command(&full, envs, config)
+        let mut server = Server::start_command(&full, envs, config);
+        server._db = db;
+        server
     }
 
     /// `syncgate mock-upstream --listen 127.0.0.1:0 ARGS...`: the fake provider.
@@ -242,6 +302,7 @@ impl Server {
                             stderr_thread: Some(stderr_thread),
                             exited: None,
                             _config: config,
+                            _db: None,
                         };
                     }
                 }

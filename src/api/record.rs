@@ -1,0 +1,71 @@
+//! What a handler learns about a call while serving it (the model asked for, who answered,
+//! tokens, when the first token went out), kept for the call's request-log row. The worker's
+//! `respond` turns it into the row once the answer is written, stream included.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::providers::{Served, UpstreamClock, Usage};
+
+/// Shared by the handler and, for a stream, the relay that outlives it.
+#[derive(Debug, Default)]
+pub(crate) struct Record {
+    facts: Mutex<Facts>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Facts {
+    pub(crate) model: Option<String>,
+    pub(crate) provider: Option<String>,
+    pub(crate) upstream_model: Option<String>,
+    pub(crate) attempts: u32,
+    /// Time blocked on providers: calls, backoff and, for a stream, its relay.
+    pub(crate) upstream: Duration,
+    /// When the first event with content reached the client.
+    pub(crate) first_token: Option<Instant>,
+    pub(crate) usage: Option<Usage>,
+    pub(crate) streamed: bool,
+    pub(crate) client_left: bool,
+    /// A stream that ended in an error event (its status was already 200).
+    pub(crate) stream_error: Option<&'static str>,
+}
+
+impl Record {
+    pub(crate) fn note(&self, f: impl FnOnce(&mut Facts)) {
+        f(&mut self.lock());
+    }
+
+    /// The model the client asked for.
+    pub(crate) fn model(&self, model: &str) {
+        self.note(|f| f.model = Some(model.to_string()));
+    }
+
+    /// Who answered, in how many attempts, and the time blocked on them so far.
+    pub(crate) fn served(&self, served: &Served, clock: UpstreamClock) {
+        self.note(|f| {
+            f.provider = Some(served.provider.clone());
+            f.upstream_model = Some(served.upstream_model.clone());
+            f.attempts = served.attempts;
+            f.upstream = clock.blocked;
+        });
+    }
+
+    pub(crate) fn usage(&self, usage: Usage) {
+        self.note(|f| f.usage = Some(usage));
+    }
+
+    /// Marks the first token sent, once.
+    pub(crate) fn first_token(&self) {
+        self.note(|f| {
+            f.first_token.get_or_insert_with(Instant::now);
+        });
+    }
+
+    pub(crate) fn facts(&self) -> Facts {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,129 @@
+//! The schema, as SQL files in `migrations/` embedded in the binary and applied in order.
+//! `PRAGMA user_version` holds the number of the last one applied, so migrating twice is a
+//! no-op, and a database written by a newer syncgate (a number we do not know) is refused
+//! rather than misread.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// Every migration, numbered from 1 without gaps; the number is the file's `NNNN` prefix.
+pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[(
+    1,
+    "0001_initial",
+    include_str!("../../migrations/0001_initial.sql"),
+)];
+
+/// The schema version this build writes.
+pub(crate) fn latest() -> u32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// What [`migrate`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Migrated {
+    pub(crate) from: u32,
+    pub(crate) to: u32,
+}
+
+/// Brings the schema up to date. Each migration commits with its version number, so a
+/// crash between two leaves a database that the next start continues from.
+pub(crate) fn migrate(conn: &mut Connection) -> anyhow::Result<Migrated> {
+    let from = version(conn)?;
+    check_not_newer(from)?;
+    for (number, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > from) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process may have migrated while we waited for the write lock.
+        let now: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now >= *number {
+            continue;
+        }
+        tx.execute_batch(sql)
+            .map_err(|e| anyhow::anyhow!("migration {name} failed: {e}"))?;
+        tx.pragma_update(None, "user_version", number)?;
+        tx.commit()?;
+        log::info!("database migrated to {name}");
+    }
+    Ok(Migrated {
+        from,
+        to: version(conn)?,
+    })
+}
+
+/// The schema version of an open database (0 for a new, empty file).
+pub(crate) fn version(conn: &Connection) -> rusqlite::Result<u32> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Refuses a database whose schema is newer than this build knows.
+pub(crate) fn check_not_newer(version: u32) -> anyhow::Result<()> {
+    let latest = latest();
+    if version > latest {
+        anyhow::bail!(
+            "the database has schema version {version}, written by a newer syncgate; this \
+             build knows versions up to {latest}. Run the newer syncgate, or restore a backup \
+             taken before it ran"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_match_the_files() {
+        for (i, (number, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*number as usize, i + 1, "{name}");
+            assert!(name.starts_with(&format!("{number:04}_")), "{name}");
+        }
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.1)).collect();
+        assert_eq!(
+            files, embedded,
+            "every file in migrations/ is embedded, in order"
+        );
+    }
+
+    #[test]
+    fn migrating_from_empty_then_again_is_a_no_op() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(
+            migrate(&mut conn).unwrap(),
+            Migrated {
+                from: 0,
+                to: latest()
+            }
+        );
+        conn.execute(
+            "INSERT INTO conversations (id, created_ms) VALUES ('c', 1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            migrate(&mut conn).unwrap(),
+            Migrated {
+                from: latest(),
+                to: latest()
+            }
+        );
+        let kept: i64 = conn
+            .query_row("SELECT count(*) FROM conversations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", latest() + 1)
+            .unwrap();
+        let err = migrate(&mut conn).unwrap_err().to_string();
+        assert!(err.contains("newer syncgate"), "{err}");
+    }
+}

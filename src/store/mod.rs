@@ -1,0 +1,217 @@
+//! Everything syncgate remembers, in one SQLite file: the request log and conversations
+//! (later jobs and keys). WAL mode, so readers never wait for the writer; reads go through an
+//! r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
+
+pub(crate) mod migrate;
+pub(crate) mod requests;
+mod writer;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use r2d2::PooledConnection;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::StoreConfig;
+use crate::metrics::StoreMetrics;
+#[allow(unused_imports)] // used by the conversations store, landing next
+pub(crate) use writer::{WriteFn, Writer};
+
+/// How long a connection waits for a lock before SQLITE_BUSY: only another process (a
+/// `syncgate migrate`, a backup) can hold one, since this one writes from one thread.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a free read connection.
+const READ_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a store operation failed. Never carries a row's content.
+#[derive(Debug, Clone)]
+pub(crate) enum StoreError {
+    /// The writer's queue or the read pool stayed full.
+    Busy,
+    /// The store is shutting down.
+    Closed,
+    /// SQLite refused: a constraint, I/O, a full disk.
+    Failed(String),
+}
+
+#[allow(dead_code)] // used by the conversations store, landing next
+impl StoreError {
+    /// Whether SQLite refused for a uniqueness constraint (an idempotent repeat's race).
+    pub(crate) fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Failed(m) if m.contains("UNIQUE constraint failed"))
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Busy => write!(f, "the database is busy"),
+            StoreError::Closed => write!(f, "the database is closed"),
+            StoreError::Failed(why) => write!(f, "database error: {why}"),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Failed(e.to_string())
+    }
+}
+
+impl From<r2d2::Error> for StoreError {
+    fn from(_: r2d2::Error) -> StoreError {
+        StoreError::Busy
+    }
+}
+
+/// The open database: the read pool and the writer.
+#[allow(dead_code)] // reads are used by the API endpoints landing next
+pub(crate) struct Store {
+    reads: r2d2::Pool<SqliteConnectionManager>,
+    pub(crate) writer: Writer,
+    metrics: StoreMetrics,
+}
+
+/// Settings every connection gets. WAL is a property of the file, set once at open.
+fn prepare(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+/// Opens (creating if needed) and migrates the database file for `syncgate migrate`,
+/// `usage` and `serve`.
+pub(crate) fn open_migrated(path: &Path) -> anyhow::Result<(Connection, migrate::Migrated)> {
+    let mut conn = Connection::open(path)
+        .with_context(|| format!("cannot open the database {}", path.display()))?;
+    prepare(&conn)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .with_context(|| format!("cannot use the database {}", path.display()))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        anyhow::bail!(
+            "the database {} cannot use WAL mode (got {mode}); is it on a network filesystem?",
+            path.display()
+        );
+    }
+    let migrated = migrate::migrate(&mut conn)
+        .with_context(|| format!("cannot migrate the database {}", path.display()))?;
+    Ok((conn, migrated))
+}
+
+/// Opens an existing database read-only, refusing one from a newer syncgate.
+#[allow(dead_code)] // used by `syncgate usage`, landing next
+pub(crate) fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open the database {}", path.display()))?;
+    prepare(&conn)?;
+    let version = migrate::version(&conn)?;
+    migrate::check_not_newer(version)?;
+    if version == 0 {
+        anyhow::bail!(
+            "{} holds no syncgate data (run `syncgate migrate --db {}` or start the server)",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens the file, applies migrations and starts the writer.
+    pub(crate) fn open(
+        path: &Path,
+        config: &StoreConfig,
+        metrics: StoreMetrics,
+    ) -> anyhow::Result<Store> {
+        let (conn, migrated) = open_migrated(path)?;
+        if migrated.from != migrated.to {
+            log::info!(
+                "database {} schema {} -> {}",
+                path.display(),
+                migrated.from,
+                migrated.to
+            );
+        }
+        let manager = SqliteConnectionManager::file(path).with_init(|c| {
+            prepare(c)?;
+            // Reads only: a bug here cannot write behind the writer's back.
+            c.pragma_update(None, "query_only", "ON")
+        });
+        let reads = r2d2::Pool::builder()
+            .max_size(config.read_pool as u32)
+            .min_idle(Some(1))
+            .connection_timeout(READ_WAIT)
+            .build(manager)
+            .with_context(|| format!("cannot open read connections to {}", path.display()))?;
+        let writer = Writer::spawn(conn, config, metrics.clone())
+            .context("cannot start the database writer")?;
+        Ok(Store {
+            reads,
+            writer,
+            metrics,
+        })
+    }
+
+    /// A read connection from the pool; waits at most a few seconds for one.
+    #[allow(dead_code)] // used by the API endpoints landing next
+    pub(crate) fn read(&self) -> Result<Reader, StoreError> {
+        let conn = self.reads.get()?;
+        self.metrics.reads_in_use.inc();
+        Ok(Reader {
+            conn,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Sets the gauges read at scrape time.
+    pub(crate) fn observe(&self) {
+        self.metrics
+            .queue_depth
+            .set(self.writer.queue_depth() as i64);
+    }
+
+    /// Commits what is queued and stops the writer (at shutdown).
+    pub(crate) fn close(&self) {
+        self.writer.close();
+    }
+}
+
+/// A pooled read connection; counted in `syncgate_store_read_connections_in_use`.
+#[allow(dead_code)] // used by the API endpoints landing next
+pub(crate) struct Reader {
+    conn: PooledConnection<SqliteConnectionManager>,
+    metrics: StoreMetrics,
+}
+
+impl std::ops::Deref for Reader {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.metrics.reads_in_use.dec();
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[allow(dead_code)] // used by the conversations store, landing next
+/// A stored object's id with a prefix, `conv_…`, `msg_…`: a random (v4) UUID from the
+/// operating system's generator, since ids of stored data must not be guessable.
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
