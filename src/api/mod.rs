@@ -101,6 +101,72 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
     }
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        if let crate::store::StoreError::Failed(why) = &e {
+            log::error!("database error: {why}");
+        }
+        ApiError::Store(e)
+    }
+}
+
+/// The value of `name` in a query string (`a=1&b=x%20y`), percent-decoded (`+` is a space);
+/// the first one when repeated. `None` when absent; an error when not valid UTF-8 once decoded.
+#[allow(dead_code)] // used by the /api endpoints landing next
+pub(crate) fn query_param(query: &str, name: &str) -> Result<Option<String>, ApiError> {
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(key).as_deref() == Some(name) {
+            return decode(value)
+                .map(Some)
+                .ok_or_else(|| ApiError::InvalidRequest {
+                    message: format!("query parameter '{name}' is not valid percent-encoded UTF-8"),
+                    param: name.to_string(),
+                });
+        }
+    }
+    Ok(None)
+}
+
+/// A positive integer query parameter no larger than `max`, else `default` when absent.
+#[allow(dead_code)] // used by the /api endpoints landing next
+pub(crate) fn query_limit(
+    query: &str,
+    name: &str,
+    default: u32,
+    max: u32,
+) -> Result<u32, ApiError> {
+    match query_param(query, name)? {
+        None => Ok(default),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::InvalidRequest {
+                message: format!("'{name}' must be an integer from 1 to {max}"),
+                param: name.to_string(),
+            }),
+        },
+    }
+}
+
+fn decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Reads a request body that must be a JSON object.
 pub(crate) fn json_object(
     body: &[u8],
@@ -155,6 +221,11 @@ pub(crate) enum ApiError {
     InvalidRequest { message: String, param: String },
     /// No model by this name.
     ModelNotFound(String),
+    /// No stored object of this kind (`conversation`, …) with this id.
+    #[allow(dead_code)] // used by the conversations API landing next
+    NotFound { kind: &'static str, id: String },
+    /// The database could not take or give the data (busy, closing, failed).
+    Store(crate::store::StoreError),
     /// Calling the model's providers failed (after retries and fallbacks).
     Provider(ProviderError),
     /// Every queue slot is taken; the client should retry after this many seconds.
@@ -181,7 +252,13 @@ impl ApiError {
                 Rejection::ExpectationFailed => 417,
                 Rejection::HeadTimeout | Rejection::BodyTimeout => 408,
             },
-            ApiError::UnknownRoute { .. } | ApiError::ModelNotFound(_) => 404,
+            ApiError::UnknownRoute { .. }
+            | ApiError::ModelNotFound(_)
+            | ApiError::NotFound { .. } => 404,
+            ApiError::Store(e) => match e {
+                crate::store::StoreError::Busy | crate::store::StoreError::Closed => 503,
+                crate::store::StoreError::Failed(_) => 500,
+            },
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => 400,
             ApiError::Provider(e) => match e {
@@ -265,6 +342,12 @@ impl ApiError {
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::Store(e) => match e {
+                crate::store::StoreError::Busy => "store_busy",
+                crate::store::StoreError::Closed => "draining",
+                crate::store::StoreError::Failed(_) => "store_error",
+            },
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::QueueTimeout { .. } => "queue_timeout",
             ApiError::Draining => "draining",
@@ -314,7 +397,9 @@ impl ApiError {
             ApiError::QueueFull { retry_after_s } => {
                 response.with_header("retry-after", retry_after_s.to_string())
             }
-            ApiError::Draining | ApiError::TooManyConnections => {
+            ApiError::Draining
+            | ApiError::TooManyConnections
+            | ApiError::Store(crate::store::StoreError::Busy | crate::store::StoreError::Closed) => {
                 response.with_header("retry-after", "1".to_string())
             }
             ApiError::MethodNotAllowed { allow, .. } => {
@@ -367,6 +452,12 @@ impl fmt::Display for ApiError {
             ApiError::InvalidJson(why) => write!(f, "request body is not valid JSON: {why}"),
             ApiError::InvalidRequest { message, .. } => f.write_str(message),
             ApiError::ModelNotFound(model) => write!(f, "the model {model:?} does not exist"),
+            ApiError::NotFound { kind, id } => write!(f, "no {kind} with id {id:?}"),
+            // The detail (SQLite's words) goes to the server log, not to the client.
+            ApiError::Store(crate::store::StoreError::Failed(_)) => {
+                f.write_str("the database failed to store or read the data")
+            }
+            ApiError::Store(e) => write!(f, "{e}; retry shortly"),
             // A client error's message is the provider's own; anything else says which
             // provider failed and how (never a key: errors carry no request headers).
             ApiError::Provider(ProviderError::Status {
@@ -395,6 +486,25 @@ impl fmt::Display for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_parameters_are_found_and_decoded() {
+        let q = "model=gpt%2D4o+mini&limit=5&empty=&flag&model=second";
+        assert_eq!(
+            query_param(q, "model").unwrap().as_deref(),
+            Some("gpt-4o mini")
+        );
+        assert_eq!(query_param(q, "empty").unwrap().as_deref(), Some(""));
+        assert_eq!(query_param(q, "flag").unwrap().as_deref(), Some(""));
+        assert_eq!(query_param(q, "absent").unwrap(), None);
+        assert!(query_param("x=%ff", "x").is_err());
+        assert!(query_param("x=%4", "x").is_err());
+        assert_eq!(query_limit(q, "limit", 20, 100).unwrap(), 5);
+        assert_eq!(query_limit("", "limit", 20, 100).unwrap(), 20);
+        for bad in ["limit=0", "limit=101", "limit=-1", "limit=x"] {
+            assert!(query_limit(bad, "limit", 20, 100).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn routes_resolve_by_path_then_method() {
