@@ -85,7 +85,7 @@ fn bench_writes_the_documented_json_and_an_svg() {
         &dir,
         &[
             "--scenarios",
-            "overhead,saturated-health",
+            "overhead,saturated-health,writer",
             "--duration-s",
             "1",
             "--clients",
@@ -120,8 +120,20 @@ fn bench_writes_the_documented_json_and_an_svg() {
     for key in ["p50_ms", "p99_ms"] {
         assert!(number(&report, &["scenarios", "saturated_health", key]) > 0.0);
     }
+    for key in [
+        "log_rows_per_s",
+        "log_rows_per_s_transaction_per_row",
+        "acknowledged_per_s",
+        "acknowledged_per_s_transaction_each",
+    ] {
+        assert!(number(&report, &["scenarios", "writer", key]) > 0.0);
+    }
     let ran: Vec<&String> = report["scenarios"].as_object().unwrap().keys().collect();
-    assert_eq!(ran, ["overhead", "saturated_health"], "{report:#}");
+    assert_eq!(
+        ran,
+        ["overhead", "saturated_health", "writer"],
+        "{report:#}"
+    );
 
     let svg = read(&svg_path);
     assert!(

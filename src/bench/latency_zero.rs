@@ -23,6 +23,7 @@ const OPEN_GATEWAY: GatewaySpec = GatewaySpec {
     queue: 256,
     max_connections: 1024,
     max_queue_wait_ms: 5000,
+    log_requests: true,
 };
 /// Samples the overhead scenario wants on each side at the least.
 const OVERHEAD_MIN_SAMPLES: u64 = 5000;
@@ -32,6 +33,8 @@ const OVERHEAD_MIN_SAMPLES: u64 = 5000;
 enum Side {
     Direct,
     Syncgate,
+    /// Through syncgate with its request log switched off.
+    Unlogged,
 }
 
 impl Side {
@@ -39,6 +42,7 @@ impl Side {
         match self {
             Side::Direct => "direct",
             Side::Syncgate => "through syncgate",
+            Side::Unlogged => "through syncgate, request log off",
         }
     }
 }
@@ -56,8 +60,12 @@ fn latency_zero_phase(
     let mock = MockSpec::latency(0);
     let (addr, model, gateway_pid) = match side {
         Side::Direct => (b.fleet.upstream(mock)?, "bench-model", None),
-        Side::Syncgate => {
-            let (addr, pid) = b.gateway(mock, OPEN_GATEWAY)?;
+        Side::Syncgate | Side::Unlogged => {
+            let spec = GatewaySpec {
+                log_requests: side == Side::Syncgate,
+                ..OPEN_GATEWAY
+            };
+            let (addr, pid) = b.gateway(mock, spec)?;
             (addr, "bench", Some(pid))
         }
     };
@@ -88,14 +96,31 @@ fn latency_zero_phase(
     })
 }
 
-/// Direct, syncgate, syncgate, direct (half the duration each): drift on a shared machine
-/// falls on both sides alike. Returns (direct, syncgate), each merged over its two rounds.
+/// A, B, B, A (half the duration each; A is the baseline, direct unless said otherwise):
+/// drift on a shared machine falls on both sides alike. Returns (a, b), each merged over its
+/// two rounds.
 fn abba(b: &mut Bench, name: &str, clients: usize, min_samples: u64) -> anyhow::Result<[Phase; 2]> {
+    abba_of(
+        b,
+        name,
+        [Side::Direct, Side::Syncgate],
+        clients,
+        min_samples,
+    )
+}
+
+fn abba_of(
+    b: &mut Bench,
+    name: &str,
+    [first, second]: [Side; 2],
+    clients: usize,
+    min_samples: u64,
+) -> anyhow::Result<[Phase; 2]> {
     let half = b.duration / 2;
     let mut sides: [Option<Phase>; 2] = [None, None];
-    for side in [Side::Direct, Side::Syncgate, Side::Syncgate, Side::Direct] {
+    for side in [first, second, second, first] {
         let phase = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
-        let slot = &mut sides[usize::from(side == Side::Syncgate)];
+        let slot = &mut sides[usize::from(side == second)];
         *slot = Some(match slot.take() {
             Some(mut earlier) => {
                 for (name, secs) in phase.cpu {
@@ -290,4 +315,40 @@ pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
         ));
     }
     Ok(Outcome::new("sweep", json!({ "points": points }), rows))
+}
+
+/// Throughput with the request log on ÷ off (64 clients, latency 0): what logging every call
+/// costs. Both sides run through syncgate; the log's side writes one row per request.
+pub(crate) fn logging(b: &mut Bench) -> anyhow::Result<Outcome> {
+    const CLIENTS: usize = 64;
+    let [off, on] = abba_of(b, "logging", [Side::Unlogged, Side::Syncgate], CLIENTS, 0)?;
+    let cpu_row = Row::info(
+        "CPU per request, log on",
+        format!("{}; log off: {}", on.cpu_summary(), off.cpu_summary()),
+    );
+    let (off, on) = (off.result, on.result);
+    let ratio = on.ok_per_s() / off.ok_per_s().max(1e-9);
+    let json = json!({
+        "ratio": ratio,
+        "rps_on": on.ok_per_s(),
+        "rps_off": off.ok_per_s(),
+        "clients": CLIENTS,
+        "p99_ms_on": ms(on.tally.ok.p99()),
+        "p99_ms_off": ms(off.tally.ok.p99()),
+        "errors": on.tally.errors + off.tally.errors,
+    });
+    let rows = vec![
+        Row::goal(
+            "rps with the request log on ÷ off, 64 clients",
+            format!(
+                "{ratio:.2} ({:.0} vs {:.0} rps)",
+                on.ok_per_s(),
+                off.ok_per_s()
+            ),
+            "≥ 0.9",
+            ratio >= 0.9,
+        ),
+        cpu_row,
+    ];
+    Ok(Outcome::new("logging", json, rows))
 }

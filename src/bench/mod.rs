@@ -11,6 +11,7 @@ mod observe;
 mod procs;
 mod report;
 mod scenarios;
+mod store;
 mod streams;
 mod svg;
 
@@ -45,13 +46,17 @@ pub(crate) enum Scenario {
     Overload,
     /// --streams concurrent SSE streams: stalls and added time to first token.
     Streams,
+    /// Requests per second with the request log on ÷ off (64 clients, latency 0).
+    Logging,
+    /// The database writer alone: rows/s with group commit against a transaction per row.
+    Writer,
 }
 
 impl Scenario {
     /// Measured phases it runs (for the progress bar).
     fn phases(self) -> u64 {
         match self {
-            Scenario::Overhead | Scenario::Throughput => 4,
+            Scenario::Overhead | Scenario::Throughput | Scenario::Logging | Scenario::Writer => 4,
             Scenario::Sweep => 2 * latency_zero::SWEEP_CLIENTS.len() as u64,
             Scenario::SlowAi | Scenario::Streams => 2,
             Scenario::SaturatedHealth | Scenario::Overload => 1,
@@ -165,6 +170,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             Scenario::SaturatedHealth => scenarios::saturated_health(&mut bench),
             Scenario::Overload => scenarios::overload(&mut bench),
             Scenario::Streams => streams::streams(&mut bench),
+            Scenario::Logging => latency_zero::logging(&mut bench),
+            Scenario::Writer => store::writer(&mut bench),
         };
         let outcome = outcome.with_context(|| format!("scenario {scenario:?} failed"))?;
         outcomes.push(outcome);

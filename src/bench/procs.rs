@@ -43,6 +43,8 @@ pub(crate) struct GatewaySpec {
     pub(crate) queue: usize,
     pub(crate) max_connections: usize,
     pub(crate) max_queue_wait_ms: u64,
+    /// Whether the gateway writes its request log (the logging scenario compares both).
+    pub(crate) log_requests: bool,
 }
 
 /// A child process of the bench, killed and reaped on drop.
@@ -170,6 +172,9 @@ queue = {queue}
 max_connections = {max_connections}
 max_queue_wait_ms = {max_queue_wait_ms}
 
+[log]
+requests = {log_requests}
+
 [[providers]]
 name = "up"
 type = "openai"
@@ -188,6 +193,7 @@ targets = ["up/bench-model"]
         queue = spec.queue,
         max_connections = spec.max_connections,
         max_queue_wait_ms = spec.max_queue_wait_ms,
+        log_requests = spec.log_requests,
     )
 }
 
@@ -303,6 +309,7 @@ mod tests {
             queue: 16,
             max_connections: 100,
             max_queue_wait_ms: 60_000,
+            log_requests: true,
         };
         let toml = gateway_toml("127.0.0.1:4000".parse().unwrap(), &spec);
         let path = std::env::temp_dir().join(format!("bench-config-{}.toml", std::process::id()));

@@ -47,6 +47,7 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
         queue: clients,
         max_connections: clients + 64,
         max_queue_wait_ms: 5000,
+        log_requests: true,
     };
     let ideal_rps = clients as f64 / latency.as_secs_f64();
     let spec = |addr, model| LoadSpec {
@@ -165,6 +166,7 @@ pub(crate) fn saturated_health(b: &mut Bench) -> anyhow::Result<Outcome> {
         queue: 16,
         max_connections: 1024,
         max_queue_wait_ms: 60_000,
+        log_requests: true,
     };
     // Twice what the gateway holds: the surplus keeps the queue full and is refused.
     let clients = 2 * (gateway.workers + gateway.queue);
@@ -235,6 +237,7 @@ pub(crate) fn overload(b: &mut Bench) -> anyhow::Result<Outcome> {
         queue: 16,
         max_connections: 1024,
         max_queue_wait_ms: 5000,
+        log_requests: true,
     };
     let latency = Duration::from_millis(100);
     let capacity_rps = gateway.workers as f64 / latency.as_secs_f64();

@@ -45,6 +45,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
         queue: n,
         max_connections: n + 64,
         max_queue_wait_ms: 5000,
+        log_requests: true,
     };
     // Clients start spread over one stream's length, so the upstream's events for different
     // streams do not all fall due at the same instant.
