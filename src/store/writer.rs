@@ -8,6 +8,7 @@
 //!   every `log_flush` (one wake-up per interval, not per row); an acknowledged write arriving
 //!   in between is committed at once, with whatever log rows are waiting.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -30,28 +31,56 @@ pub(crate) type WriteFn = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + 
 /// How long a worker waits for room in a full write queue before answering 503.
 const WRITE_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
+/// An acknowledged write on its way to the writer. However it ends — committed, failed, or
+/// dropped unrun because the writer stopped — its caller is told exactly once.
 struct Op {
-    run: WriteFn,
+    run: Option<WriteFn>,
     done: Arc<Done>,
+}
+
+impl Drop for Op {
+    /// An op dropped before it was answered (the writer stopped with it queued) fails.
+    fn drop(&mut self) {
+        self.done.finish(Err(StoreError::Closed));
+    }
 }
 
 /// Where the writer reports an acknowledged write's outcome, after the commit.
 struct Done {
-    outcome: Mutex<Option<Result<(), StoreError>>>,
+    outcome: Mutex<Outcome>,
     ready: Condvar,
 }
 
+enum Outcome {
+    Pending,
+    Ready(Result<(), StoreError>),
+    Taken,
+}
+
 impl Done {
-    fn finish(&self, outcome: Result<(), StoreError>) {
-        *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
-        self.ready.notify_one();
+    fn new() -> Arc<Done> {
+        Arc::new(Done {
+            outcome: Mutex::new(Outcome::Pending),
+            ready: Condvar::new(),
+        })
     }
 
-    #[allow(dead_code)] // used by the conversations store, landing next
+    /// Records the outcome; only the first call counts.
+    fn finish(&self, outcome: Result<(), StoreError>) {
+        let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*slot, Outcome::Pending) {
+            *slot = Outcome::Ready(outcome);
+            self.ready.notify_one();
+        }
+    }
+
     fn wait(&self) -> Result<(), StoreError> {
         let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(outcome) = slot.take() {
+            if let Outcome::Ready(_) = &*slot {
+                let Outcome::Ready(outcome) = std::mem::replace(&mut *slot, Outcome::Taken) else {
+                    unreachable!("matched Ready just above");
+                };
                 return outcome;
             }
             slot = self
@@ -109,12 +138,9 @@ impl Writer {
     /// Runs `write` in the writer's next transaction and returns once that has committed.
     #[allow(dead_code)] // used by the conversations store, landing next
     pub(crate) fn write(&self, write: WriteFn) -> Result<(), StoreError> {
-        let done = Arc::new(Done {
-            outcome: Mutex::new(None),
-            ready: Condvar::new(),
-        });
+        let done = Done::new();
         let op = Op {
-            run: write,
+            run: Some(write),
             done: Arc::clone(&done),
         };
         match self.ops.send_timeout(op, WRITE_QUEUE_WAIT) {
@@ -153,11 +179,8 @@ impl Writer {
         self.closed.store(true, Ordering::SeqCst);
         // Wakes the writer if it is waiting for work; it then drains both queues and exits.
         let wake = Op {
-            run: Box::new(|_| Ok(())),
-            done: Arc::new(Done {
-                outcome: Mutex::new(None),
-                ready: Condvar::new(),
-            }),
+            run: Some(Box::new(|_| Ok(()))),
+            done: Done::new(),
         };
         let _ = self.ops.send_timeout(wake, WRITE_QUEUE_WAIT);
         let thread = self
@@ -253,26 +276,34 @@ impl Batcher {
         }
         let started = Instant::now();
         let size = ops.len() + rows.len();
-        let mut finished: Vec<(Arc<Done>, Result<(), StoreError>)> = Vec::with_capacity(ops.len());
+        let mut finished: Vec<(Op, Result<(), StoreError>)> = Vec::with_capacity(ops.len());
         let committed = (|| -> rusqlite::Result<()> {
             let mut tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             requests::insert(&tx, rows)?;
-            for op in ops.drain(..) {
-                let sp = tx.savepoint()?;
-                let outcome = match (op.run)(&sp) {
-                    Ok(()) => sp.commit().map_err(StoreError::from),
-                    // Dropping the savepoint undoes this write alone; the batch goes on.
-                    Err(e) => Err(StoreError::from(e)),
+            for mut op in ops.drain(..) {
+                let Some(run) = op.run.take() else {
+                    continue;
                 };
-                finished.push((op.done, outcome));
+                let sp = tx.savepoint()?;
+                // Dropping the savepoint undoes a failed write alone; the batch goes on. A
+                // write that panics fails like one that errs, and the writer lives on.
+                let outcome = match panic::catch_unwind(AssertUnwindSafe(|| run(&sp))) {
+                    Ok(Ok(())) => sp.commit().map_err(StoreError::from),
+                    Ok(Err(e)) => Err(StoreError::from(e)),
+                    Err(_) => {
+                        log::error!("a database write panicked; it was rolled back");
+                        Err(StoreError::Failed("the write panicked".to_string()))
+                    }
+                };
+                finished.push((op, outcome));
             }
             tx.commit()
         })();
         // Ops not yet run when the transaction failed are answered with its error too.
         for op in ops.drain(..) {
-            finished.push((op.done, Err(StoreError::Closed)));
+            finished.push((op, Err(StoreError::Closed)));
         }
         match committed {
             Ok(()) => {
@@ -280,16 +311,16 @@ impl Batcher {
                 self.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                for (done, outcome) in finished {
-                    done.finish(outcome);
+                for (op, outcome) in finished {
+                    op.done.finish(outcome);
                 }
             }
             Err(e) => {
                 log::error!("database commit of {size} rows failed: {e}");
                 self.metrics.log_rows_dropped.inc_by(rows.len() as u64);
                 let why = e.to_string();
-                for (done, _) in finished {
-                    done.finish(Err(StoreError::Failed(why.clone())));
+                for (op, _) in finished {
+                    op.done.finish(Err(StoreError::Failed(why.clone())));
                 }
             }
         }
@@ -418,6 +449,36 @@ mod tests {
         writer.write(insert("c99")).unwrap();
         writer.close();
         assert_eq!(count(&path, "SELECT count(*) FROM conversations"), 17);
+        cleanup(&path);
+    }
+
+    #[test]
+    fn a_panicking_write_fails_alone_and_a_write_after_close_is_refused() {
+        let path = temp_db("panic");
+        let metrics = Metrics::new();
+        let writer = Writer::spawn(
+            open(&path),
+            &config(LogOverflow::Drop, 100),
+            metrics.store.clone(),
+        )
+        .unwrap();
+        let err = writer
+            .write(Box::new(|_: &Connection| panic!("a bug in a write")))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Failed(_)), "{err}");
+        writer
+            .write(Box::new(|c: &Connection| {
+                c.execute(
+                    "INSERT INTO conversations (id, created_ms) VALUES ('ok', 1)",
+                    [],
+                )
+                .map(drop)
+            }))
+            .unwrap();
+        writer.close();
+        let after = writer.write(Box::new(|_: &Connection| Ok(())));
+        assert!(matches!(after, Err(StoreError::Closed)), "{after:?}");
+        assert_eq!(count(&path, "SELECT count(*) FROM conversations"), 1);
         cleanup(&path);
     }
 
