@@ -267,6 +267,11 @@ fn migrate(args: &DbArgs) -> anyhow::Result<ExitCode> {
 
 /// `syncgate usage`: the request log's totals as a table on stdout.
 fn usage(args: &UsageArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        if since >= until {
+            anyhow::bail!("--until must be later than --since");
+        }
+    }
     let conn = store::open_read_only(&args.db.db)?;
     let range = store::requests::TimeRange {
         since_ms: args.since,
