@@ -19,51 +19,23 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
         query,
         &["model", "status", "since", "until", "before", "limit"],
     )?;
-    let model = match query_param(query, "model")? {
-        Some(model) if model.is_empty() => return Err(invalid("model", "'model' is empty")),
-        model => model,
-    };
-    let status = match query_param(query, "status")? {
-        None => None,
-        Some(text) => match text.parse::<u16>() {
-            Ok(status) if (100..=599).contains(&status) => Some(status),
-            _ => {
-                return Err(invalid(
-                    "status",
-                    "'status' must be an HTTP status from 100 to 599",
-                ))
-            }
-        },
-    };
-    let before = match query_param(query, "before")? {
-        None => None,
-        Some(text) => Some(
-            text.parse::<i64>()
-                .ok()
-                .filter(|id| *id > 0)
-                .ok_or_else(|| {
-                    invalid(
-                        "before",
-                        "'before' must be the id of a logged request (a positive integer)",
-                    )
-                })?,
-        ),
-    };
+    let before = before_param(query)?;
     let mut filter = Filter {
-        model,
-        status,
+        model: model_param(query)?,
+        status: status_param(query)?,
         range: query_time_range(query)?,
         before: None,
         limit: query_limit(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)? as usize,
     };
     let conn = state.store.read()?;
     if let Some(id) = before {
-        filter.before = Some(requests::cursor(&conn, id)?.ok_or_else(|| {
+        let cursor = requests::cursor(&conn, id)?.ok_or_else(|| {
             invalid(
                 "before",
-                &format!("no logged request has id {id} (it may have expired)"),
+                format!("no logged request has id {id} (it may have expired)"),
             )
-        })?);
+        })?;
+        filter.before = Some(cursor);
     }
     let page = requests::list(&conn, &filter)?;
     drop(conn);
@@ -74,9 +46,44 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
     ))
 }
 
-fn invalid(param: &str, message: &str) -> ApiError {
+fn model_param(query: &str) -> Result<Option<String>, ApiError> {
+    match query_param(query, "model")? {
+        Some(model) if model.is_empty() => Err(invalid("model", "'model' must not be empty")),
+        model => Ok(model),
+    }
+}
+
+fn status_param(query: &str) -> Result<Option<u16>, ApiError> {
+    query_param(query, "status")?
+        .map(|text| {
+            text.parse::<u16>()
+                .ok()
+                .filter(|status| (100..=599).contains(status))
+                .ok_or_else(|| invalid("status", "'status' must be an HTTP status from 100 to 599"))
+        })
+        .transpose()
+}
+
+/// The cursor: the id of the last row of the previous page.
+fn before_param(query: &str) -> Result<Option<i64>, ApiError> {
+    query_param(query, "before")?
+        .map(|text| {
+            text.parse::<i64>()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    invalid(
+                        "before",
+                        "'before' must be the id of a logged request (a positive integer)",
+                    )
+                })
+        })
+        .transpose()
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest {
-        message: message.to_string(),
+        message: message.into(),
         param: param.to_string(),
     }
 }
