@@ -12,6 +12,7 @@ mod mock_upstream;
 mod providers;
 mod server;
 mod store;
+mod time;
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -47,6 +48,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Create the database or bring its schema up to date (serve does this at start too).
     Migrate(DbArgs),
+    /// Print calls, errors and tokens from the request log, by model or by UTC day (the
+    /// totals of GET /api/usage; reads the database without changing it).
+    Usage(UsageArgs),
 }
 
 #[derive(Args)]
@@ -59,6 +63,26 @@ struct DbArgs {
         default_value = "./syncgate.db"
     )]
     db: PathBuf,
+}
+
+#[derive(Args)]
+struct UsageArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Totals per `model` or per `day` (UTC).
+    #[arg(long, value_name = "model|day", default_value = "model")]
+    group_by: store::usage::GroupBy,
+    /// Only calls logged at or after this time: unix seconds or RFC 3339 (2026-11-23T10:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<i64>,
+    /// Only calls logged before this time: unix seconds or RFC 3339.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<i64>,
+}
+
+/// An instant on the command line, as unix ms.
+fn parse_time(text: &str) -> Result<i64, String> {
+    time::parse_instant(text).ok_or_else(|| format!("expected {}", time::INSTANT_FORMS))
 }
 
 /// Every flag also reads `SYNCGATE_<NAME>`; a flag wins over the variable, both over the file.
@@ -195,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::MockUpstream(args) => mock_upstream(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Migrate(args) => migrate(&args),
+        Command::Usage(args) => usage(&args),
     }
 }
 
@@ -237,6 +262,24 @@ fn migrate(args: &DbArgs) -> anyhow::Result<ExitCode> {
             migrated.to
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `syncgate usage`: the request log's totals as a table on stdout.
+fn usage(args: &UsageArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        if since >= until {
+            anyhow::bail!("--until must be later than --since");
+        }
+    }
+    let conn = store::open_read_only(&args.db.db)?;
+    let range = store::requests::TimeRange {
+        since_ms: args.since,
+        until_ms: args.until,
+    };
+    let totals = store::usage::summarise(&conn, args.group_by, range)
+        .with_context(|| format!("cannot read usage from {}", args.db.db.display()))?;
+    print!("{}", store::usage::table(args.group_by, &totals));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -93,6 +93,8 @@ pub(crate) struct StoreMetrics {
     pub(crate) queue_depth: IntGauge,
     /// `syncgate_store_log_rows_dropped_total`: request-log rows dropped (queue full, failed commit).
     pub(crate) log_rows_dropped: IntCounter,
+    /// `syncgate_store_log_rows_expired_total`: request-log rows deleted by retention.
+    pub(crate) log_rows_expired: IntCounter,
     /// `syncgate_store_read_connections_in_use`: read connections taken from the pool.
     pub(crate) reads_in_use: IntGauge,
 }
@@ -129,6 +131,11 @@ impl StoreMetrics {
             log_rows_dropped: IntCounter::new(
                 "syncgate_store_log_rows_dropped_total",
                 "Request-log rows dropped: queue full past its bound, or a failed commit",
+            )
+            .expect("valid metric"),
+            log_rows_expired: IntCounter::new(
+                "syncgate_store_log_rows_expired_total",
+                "Request-log rows deleted for being older than [log] retention_days",
             )
             .expect("valid metric"),
             reads_in_use: IntGauge::new(
@@ -290,6 +297,7 @@ impl Metrics {
             Box::new(self.store.commit_seconds.clone()),
             Box::new(self.store.queue_depth.clone()),
             Box::new(self.store.log_rows_dropped.clone()),
+            Box::new(self.store.log_rows_expired.clone()),
             Box::new(self.store.reads_in_use.clone()),
         ];
         for c in collectors {

@@ -7,6 +7,8 @@ mod models;
 pub(crate) mod ops;
 pub(crate) mod record;
 mod relay;
+mod requests;
+mod usage;
 
 use std::fmt;
 
@@ -15,6 +17,7 @@ use serde_json::json;
 use crate::http::{Rejection, Request, Response};
 use crate::providers::ProviderError;
 use crate::server::State;
+use crate::store::requests::TimeRange;
 
 /// Every route, by template. The fast-lane ones are answered by the connection thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,10 @@ pub(crate) enum Route {
     Embeddings,
     Models,
     Model,
+    /// `GET /api/requests`: the request log.
+    Requests,
+    /// `GET /api/usage`: calls and tokens by model or day.
+    Usage,
     /// `POST /debug/panic`: panics on purpose, served only with `--enable-debug-routes`.
     DebugPanic,
 }
@@ -41,6 +48,8 @@ impl Route {
             Route::Embeddings => "/v1/embeddings",
             Route::Models => "/v1/models",
             Route::Model => "/v1/models/{id}",
+            Route::Requests => "/api/requests",
+            Route::Usage => "/api/usage",
             Route::DebugPanic => "/debug/panic",
         }
     }
@@ -64,6 +73,8 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
         "/v1/embeddings" => (Route::Embeddings, "POST"),
         "/v1/models" => (Route::Models, "GET"),
+        "/api/requests" => (Route::Requests, "GET"),
+        "/api/usage" => (Route::Usage, "GET"),
         "/debug/panic" if debug_routes => (Route::DebugPanic, "POST"),
         p if p
             .strip_prefix("/v1/models/")
@@ -96,6 +107,8 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::Embeddings => embeddings::embed(state, request),
         Route::Models => Ok(models::list(state)),
         Route::Model => models::get(state, request),
+        Route::Requests => requests::list(state, request),
+        Route::Usage => usage::summary(state, request),
         Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
         Route::Healthz | Route::Readyz | Route::Metrics => Ok(ops::answer(state, route)),
     }
@@ -110,9 +123,27 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// Refuses a query string naming a parameter not in `known`, so a misspelt filter is an error
+/// rather than silently ignored.
+pub(crate) fn known_params(query: &str, known: &[&str]) -> Result<(), ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+        let key = decode(key).unwrap_or_else(|| key.to_string());
+        if !known.contains(&key.as_str()) {
+            return Err(ApiError::InvalidRequest {
+                message: format!(
+                    "unknown query parameter '{key}'; expected one of: {}",
+                    known.join(", ")
+                ),
+                param: key,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The value of `name` in a query string (`a=1&b=x%20y`), percent-decoded (`+` is a space);
 /// the first one when repeated. `None` when absent; an error when not valid UTF-8 once decoded.
-#[allow(dead_code)] // used by the /api endpoints landing next
 pub(crate) fn query_param(query: &str, name: &str) -> Result<Option<String>, ApiError> {
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -129,7 +160,6 @@ pub(crate) fn query_param(query: &str, name: &str) -> Result<Option<String>, Api
 }
 
 /// A positive integer query parameter no larger than `max`, else `default` when absent.
-#[allow(dead_code)] // used by the /api endpoints landing next
 pub(crate) fn query_limit(
     query: &str,
     name: &str,
@@ -146,6 +176,40 @@ pub(crate) fn query_limit(
             }),
         },
     }
+}
+
+/// An instant query parameter, unix seconds or RFC 3339 text, as unix ms; `None` when absent.
+pub(crate) fn query_time(query: &str, name: &str) -> Result<Option<i64>, ApiError> {
+    match query_param(query, name)? {
+        None => Ok(None),
+        Some(text) => match crate::time::parse_instant(&text) {
+            Some(ms) => Ok(Some(ms)),
+            None => Err(ApiError::InvalidRequest {
+                message: format!(
+                    "'{name}' must be {}; got {text:?}",
+                    crate::time::INSTANT_FORMS
+                ),
+                param: name.to_string(),
+            }),
+        },
+    }
+}
+
+/// The `since` and `until` parameters: the calls logged at or after `since` and before `until`.
+pub(crate) fn query_time_range(query: &str) -> Result<TimeRange, ApiError> {
+    let range = TimeRange {
+        since_ms: query_time(query, "since")?,
+        until_ms: query_time(query, "until")?,
+    };
+    if let (Some(since), Some(until)) = (range.since_ms, range.until_ms) {
+        if since >= until {
+            return Err(ApiError::InvalidRequest {
+                message: "'until' must be later than 'since'".to_string(),
+                param: "until".to_string(),
+            });
+        }
+    }
+    Ok(range)
 }
 
 fn decode(text: &str) -> Option<String> {

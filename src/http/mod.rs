@@ -30,7 +30,6 @@ pub(crate) struct Request {
     /// The path without the query string (absolute-form targets are reduced to it).
     pub(crate) path: String,
     /// The query string without its `?`, undecoded; empty when there is none.
-    #[allow(dead_code)] // read by the API endpoints landing next
     pub(crate) query: String,
     pub(crate) version: Version,
     /// Header names lower-cased, in the order received.

@@ -52,12 +52,15 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         api::Route::Embeddings => Ok(Route::Embeddings),
         api::Route::Models => Ok(Route::Models),
         api::Route::Model => Ok(Route::Model),
-        api::Route::Healthz | api::Route::Readyz | api::Route::Metrics | api::Route::DebugPanic => {
-            Err(ApiError::UnknownRoute {
-                method: method.to_string(),
-                path: path.to_string(),
-            })
-        }
+        api::Route::Healthz
+        | api::Route::Readyz
+        | api::Route::Metrics
+        | api::Route::Requests
+        | api::Route::Usage
+        | api::Route::DebugPanic => Err(ApiError::UnknownRoute {
+            method: method.to_string(),
+            path: path.to_string(),
+        }),
     }
 }
 

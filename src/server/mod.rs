@@ -105,7 +105,12 @@ impl Server {
         let metrics = Metrics::new();
         metrics.queue_capacity.set(capacity.queue as i64);
         metrics.connections_max.set(capacity.max_connections as i64);
-        let store = Store::open(&config.db, &config.store, metrics.store.clone())?;
+        let store = Store::open(
+            &config.db,
+            &config.store,
+            config.log.retention_days,
+            metrics.store.clone(),
+        )?;
         log::info!(
             "database {} ({} read connections, one writer)",
             config.db.display(),

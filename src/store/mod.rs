@@ -4,9 +4,12 @@
 
 pub(crate) mod migrate;
 pub(crate) mod requests;
+mod retention;
+pub(crate) mod usage;
 mod writer;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,8 +19,10 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::config::StoreConfig;
 use crate::metrics::StoreMetrics;
+use retention::Retention;
 #[allow(unused_imports)] // used by the conversations store, landing next
-pub(crate) use writer::{WriteFn, Writer};
+pub(crate) use writer::WriteFn;
+pub(crate) use writer::Writer;
 
 /// How long a connection waits for a lock before SQLITE_BUSY: only another process (a
 /// `syncgate migrate`, a backup) can hold one, since this one writes from one thread.
@@ -54,6 +59,8 @@ impl std::fmt::Display for StoreError {
     }
 }
 
+impl std::error::Error for StoreError {}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         StoreError::Failed(e.to_string())
@@ -66,11 +73,11 @@ impl From<r2d2::Error> for StoreError {
     }
 }
 
-/// The open database: the read pool and the writer.
-#[allow(dead_code)] // reads are used by the API endpoints landing next
+/// The open database: the read pool, the writer, and the retention thread if rows expire.
 pub(crate) struct Store {
     reads: r2d2::Pool<SqliteConnectionManager>,
-    pub(crate) writer: Writer,
+    pub(crate) writer: Arc<Writer>,
+    retention: Option<Retention>,
     metrics: StoreMetrics,
 }
 
@@ -102,8 +109,11 @@ pub(crate) fn open_migrated(path: &Path) -> anyhow::Result<(Connection, migrate:
 }
 
 /// Opens an existing database read-only, refusing one from a newer syncgate.
-#[allow(dead_code)] // used by `syncgate usage`, landing next
 pub(crate) fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
+    // SQLite would say only "unable to open database file".
+    if !path.is_file() {
+        anyhow::bail!("no database at {}", path.display());
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -123,10 +133,12 @@ pub(crate) fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
 }
 
 impl Store {
-    /// Opens the file, applies migrations and starts the writer.
+    /// Opens the file, applies migrations and starts the writer and, when `retention_days`
+    /// is above 0, the thread that deletes request-log rows older than that.
     pub(crate) fn open(
         path: &Path,
         config: &StoreConfig,
+        retention_days: u64,
         metrics: StoreMetrics,
     ) -> anyhow::Result<Store> {
         let (conn, migrated) = open_migrated(path)?;
@@ -149,17 +161,23 @@ impl Store {
             .connection_timeout(READ_WAIT)
             .build(manager)
             .with_context(|| format!("cannot open read connections to {}", path.display()))?;
-        let writer = Writer::spawn(conn, config, metrics.clone())
-            .context("cannot start the database writer")?;
+        let writer = Arc::new(
+            Writer::spawn(conn, config, metrics.clone())
+                .context("cannot start the database writer")?,
+        );
+        let retention = (retention_days > 0)
+            .then(|| Retention::spawn(Arc::clone(&writer), retention_days, metrics.clone()))
+            .transpose()
+            .context("cannot start the retention thread")?;
         Ok(Store {
             reads,
             writer,
+            retention,
             metrics,
         })
     }
 
     /// A read connection from the pool; waits at most a few seconds for one.
-    #[allow(dead_code)] // used by the API endpoints landing next
     pub(crate) fn read(&self) -> Result<Reader, StoreError> {
         let conn = self.reads.get()?;
         self.metrics.reads_in_use.inc();
@@ -176,14 +194,16 @@ impl Store {
             .set(self.writer.queue_depth() as i64);
     }
 
-    /// Commits what is queued and stops the writer (at shutdown).
+    /// Stops deleting old rows, commits what is queued and stops the writer (at shutdown).
     pub(crate) fn close(&self) {
+        if let Some(retention) = &self.retention {
+            retention.stop();
+        }
         self.writer.close();
     }
 }
 
 /// A pooled read connection; counted in `syncgate_store_read_connections_in_use`.
-#[allow(dead_code)] // used by the API endpoints landing next
 pub(crate) struct Reader {
     conn: PooledConnection<SqliteConnectionManager>,
     metrics: StoreMetrics,

@@ -136,7 +136,6 @@ impl Writer {
     }
 
     /// Runs `write` in the writer's next transaction and returns once that has committed.
-    #[allow(dead_code)] // used by the conversations store, landing next
     pub(crate) fn write(&self, write: WriteFn) -> Result<(), StoreError> {
         let done = Done::new();
         let op = Op {

@@ -1,0 +1,150 @@
+//! Retention: the `sg-retention` thread deletes request-log rows older than
+//! `[log] retention_days`, once at start and then every hour. It deletes a few hundred rows per
+//! acknowledged write, with a pause between, so the writer never holds the write lock for long
+//! and request-log rows keep flowing while a large backlog is cleared.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::{now_ms, requests, StoreError, Writer};
+use crate::metrics::StoreMetrics;
+use crate::time::MS_PER_DAY;
+
+/// Rows deleted per write: small enough that a batch commits in milliseconds.
+const BATCH_ROWS: usize = 500;
+/// Between two batches, so the writer's other work goes first.
+const BATCH_PAUSE: Duration = Duration::from_millis(20);
+/// Between two sweeps.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// The running retention thread; stopped by [`Retention::stop`] (or by dropping it).
+pub(crate) struct Retention {
+    /// Dropped to stop the thread: its waits end at once when this side disconnects.
+    stop: Mutex<Option<Sender<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Retention {
+    /// Starts deleting rows older than `retention_days` days through `writer`.
+    pub(crate) fn spawn(
+        writer: Arc<Writer>,
+        retention_days: u64,
+        metrics: StoreMetrics,
+    ) -> std::io::Result<Retention> {
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let sweeper = Sweeper {
+            writer,
+            retention_days,
+            keep_ms: i64::try_from(retention_days)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(MS_PER_DAY),
+            stopped,
+            metrics,
+        };
+        let thread = thread::Builder::new()
+            .name("sg-retention".into())
+            .spawn(move || sweeper.run())?;
+        Ok(Retention {
+            stop: Mutex::new(Some(stop)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stops the thread between two batches and waits for it. Idempotent.
+    pub(crate) fn stop(&self) {
+        drop(
+            self.stop
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The thread's state.
+struct Sweeper {
+    writer: Arc<Writer>,
+    retention_days: u64,
+    keep_ms: i64,
+    stopped: Receiver<()>,
+    metrics: StoreMetrics,
+}
+
+impl Sweeper {
+    fn run(&self) {
+        loop {
+            let (deleted, running) = self.sweep();
+            if deleted > 0 {
+                log::info!(
+                    "retention: deleted {deleted} request-log rows older than {} days",
+                    self.retention_days
+                );
+            }
+            if !running || self.told_to_stop(SWEEP_EVERY) {
+                return;
+            }
+        }
+    }
+
+    /// Deletes the rows older than the cutoff, batch by batch. Returns how many, and false
+    /// when the thread must end (told to stop, or the store closed).
+    fn sweep(&self) -> (u64, bool) {
+        let cutoff_ms = now_ms().saturating_sub(self.keep_ms);
+        let mut deleted = 0;
+        loop {
+            match self.delete_batch(cutoff_ms) {
+                Ok(n) => {
+                    deleted += n as u64;
+                    self.metrics.log_rows_expired.inc_by(n as u64);
+                    if n < BATCH_ROWS {
+                        return (deleted, true);
+                    }
+                }
+                Err(StoreError::Closed) => return (deleted, false),
+                Err(e) => {
+                    log::warn!(
+                        "retention: cannot delete old request-log rows: {e}; next try in an hour"
+                    );
+                    return (deleted, true);
+                }
+            }
+            if self.told_to_stop(BATCH_PAUSE) {
+                return (deleted, false);
+            }
+        }
+    }
+
+    /// One acknowledged write deleting at most [`BATCH_ROWS`] rows; returns how many it did.
+    fn delete_batch(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let deleted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&deleted);
+        self.writer.write(Box::new(move |conn| {
+            count.store(
+                requests::expire(conn, cutoff_ms, BATCH_ROWS)?,
+                Ordering::SeqCst,
+            );
+            Ok(())
+        }))?;
+        Ok(deleted.load(Ordering::SeqCst))
+    }
+
+    /// Waits `pause`, returning early with true once [`Retention::stop`] is called.
+    fn told_to_stop(&self, pause: Duration) -> bool {
+        !matches!(
+            self.stopped.recv_timeout(pause),
+            Err(RecvTimeoutError::Timeout)
+        )
+    }
+}
