@@ -30,7 +30,6 @@ pub(crate) struct Request {
     /// The path without the query string (absolute-form targets are reduced to it).
     pub(crate) path: String,
     /// The query string without its `?`, undecoded; empty when there is none.
-    #[allow(dead_code)] // read by the API endpoints landing next
     pub(crate) query: String,
     pub(crate) version: Version,
     /// Header names lower-cased, in the order received.
@@ -45,6 +44,16 @@ pub(crate) struct Request {
     pub(crate) request_id: String,
     /// What serving it taught us, for its request-log row.
     pub(crate) record: std::sync::Arc<crate::api::record::Record>,
+}
+
+impl Request {
+    /// The first value of a header, by its lower-case name.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Accepts a client's request id when it is 1–128 visible ASCII characters; else makes one: a

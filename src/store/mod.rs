@@ -2,11 +2,13 @@
 //! (later jobs and keys). WAL mode, so readers never wait for the writer; reads go through an
 //! r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
 
+pub(crate) mod conversations;
 pub(crate) mod migrate;
 pub(crate) mod requests;
 mod writer;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,8 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::config::StoreConfig;
 use crate::metrics::StoreMetrics;
-#[allow(unused_imports)] // used by the conversations store, landing next
-pub(crate) use writer::{WriteFn, Writer};
+pub(crate) use writer::Writer;
 
 /// How long a connection waits for a lock before SQLITE_BUSY: only another process (a
 /// `syncgate migrate`, a backup) can hold one, since this one writes from one thread.
@@ -36,11 +37,19 @@ pub(crate) enum StoreError {
     Failed(String),
 }
 
-#[allow(dead_code)] // used by the conversations store, landing next
 impl StoreError {
     /// Whether SQLite refused for a uniqueness constraint (an idempotent repeat's race).
     pub(crate) fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::Failed(m) if m.contains("UNIQUE constraint failed"))
+    }
+
+    /// The error's `code` in answers: an HTTP error body or a stream's final error event.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            StoreError::Busy => "store_busy",
+            StoreError::Closed => "draining",
+            StoreError::Failed(_) => "store_error",
+        }
     }
 }
 
@@ -67,10 +76,10 @@ impl From<r2d2::Error> for StoreError {
 }
 
 /// The open database: the read pool and the writer.
-#[allow(dead_code)] // reads are used by the API endpoints landing next
 pub(crate) struct Store {
     reads: r2d2::Pool<SqliteConnectionManager>,
-    pub(crate) writer: Writer,
+    /// Shared, so a stream that outlives its handler can still keep what it relayed.
+    pub(crate) writer: Arc<Writer>,
     metrics: StoreMetrics,
 }
 
@@ -151,6 +160,7 @@ impl Store {
             .with_context(|| format!("cannot open read connections to {}", path.display()))?;
         let writer = Writer::spawn(conn, config, metrics.clone())
             .context("cannot start the database writer")?;
+        let writer = Arc::new(writer);
         Ok(Store {
             reads,
             writer,
@@ -159,7 +169,6 @@ impl Store {
     }
 
     /// A read connection from the pool; waits at most a few seconds for one.
-    #[allow(dead_code)] // used by the API endpoints landing next
     pub(crate) fn read(&self) -> Result<Reader, StoreError> {
         let conn = self.reads.get()?;
         self.metrics.reads_in_use.inc();
@@ -183,7 +192,6 @@ impl Store {
 }
 
 /// A pooled read connection; counted in `syncgate_store_read_connections_in_use`.
-#[allow(dead_code)] // used by the API endpoints landing next
 pub(crate) struct Reader {
     conn: PooledConnection<SqliteConnectionManager>,
     metrics: StoreMetrics,
@@ -209,7 +217,6 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[allow(dead_code)] // used by the conversations store, landing next
 /// A stored object's id with a prefix, `conv_…`, `msg_…`: a random (v4) UUID from the
 /// operating system's generator, since ids of stored data must not be guessable.
 pub(crate) fn new_id(prefix: &str) -> String {

@@ -47,7 +47,6 @@ impl Done {
         self.ready.notify_one();
     }
 
-    #[allow(dead_code)] // used by the conversations store, landing next
     fn wait(&self) -> Result<(), StoreError> {
         let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -107,7 +106,6 @@ impl Writer {
     }
 
     /// Runs `write` in the writer's next transaction and returns once that has committed.
-    #[allow(dead_code)] // used by the conversations store, landing next
     pub(crate) fn write(&self, write: WriteFn) -> Result<(), StoreError> {
         let done = Arc::new(Done {
             outcome: Mutex::new(None),
