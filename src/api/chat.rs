@@ -247,7 +247,12 @@ pub(crate) fn stream_reply(
             transcript.set_usage(reply.usage);
         }
         let sent = send_reply_events(out, &id, &chat, &reply, &record, transcript.as_mut());
-        relay::end(out, sent.map(|()| relay::End::Done), transcript).map(drop)
+        let ended = relay::end(out, sent.map(|()| relay::End::Done), transcript)?;
+        // Only a transcript that could not be kept fails a stream made here.
+        if let relay::End::Failed(code) = ended {
+            record.note(|f| f.stream_error = Some(code));
+        }
+        Ok(())
     });
     Response::stream(200, "text/event-stream", produce)
         .with_header("cache-control", "no-cache".to_string())

@@ -12,10 +12,10 @@ use super::chat::{self, invalid, missing, usage_json};
 use super::relay::{self, Relayed, Transcript};
 use super::{annotate, json_object, path_id, query_limit, query_param, ApiError};
 use crate::http::{Request, Response};
-use crate::providers::{self, mock, Answer, Call, ChatRequest, UpstreamClock, Usage};
+use crate::providers::{self, mock, Answer, Call, ChatRequest, Served, UpstreamClock, Usage};
 use crate::server::State;
 use crate::store::conversations::{self as store, Conversation, Message, Page, Turn};
-use crate::store::{new_id, now_ms, Writer};
+use crate::store::{new_id, now_ms, StoreError, Writer};
 
 /// `GET /api/conversations`: newest first, `limit` (default 20, at most 100) per page, the
 /// page after the conversation `before` names.
@@ -75,9 +75,10 @@ pub(crate) fn list_messages(state: &State, request: &Request) -> Result<Response
 }
 
 /// `POST /api/conversations/{id}/messages`, one turn: the main path. A repeat of a stored turn
-/// is answered from the store; otherwise the model is asked with the history, and the turn
-/// is stored before the answer (a stream's before its `[DONE]`). If the model cannot be
-/// reached nothing is stored and the provider's error is the answer, as on `/v1`.
+/// is answered from the store (as JSON, even when it asks for a stream: the turn is over);
+/// otherwise the model is asked with the history, and the turn is stored before the answer
+/// (a stream's before its `[DONE]`). If the model cannot be reached nothing is stored and the
+/// provider's error is the answer, as on `/v1`.
 pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, ApiError> {
     let ask = parse_turn(&request.body)?;
     let key = idempotency_key(request)?;
@@ -87,18 +88,25 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
             return Ok(Response::json(200, &reply_json(&reply)));
         }
     }
-    let model = match ask.model.clone().or_else(|| conversation.model.clone()) {
-        Some(model) => model,
-        None => return Err(missing("model")),
-    };
+    let model = ask
+        .model
+        .clone()
+        .or_else(|| conversation.model.clone())
+        .ok_or_else(|| {
+            invalid(
+                "model",
+                "missing 'model': the conversation has none, so the message must name one",
+            )
+        })?;
     let chat = prompt(state, &conversation, &model, &ask)?;
+    let pending = Pending::new(conversation.id, ask.content, model, key);
     let record = &request.record;
-    record.model(&model);
+    record.model(&chat.model);
     record.note(|f| f.streamed = chat.stream);
     let targets = state
         .providers
-        .route(&model)
-        .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
+        .route(&chat.model)
+        .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
     let mut clock = UpstreamClock::default();
     let call = Call {
         path: "/chat/completions",
@@ -108,22 +116,22 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
     let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
     let label = served.label();
     record.served(&served, clock);
-    let pending = Pending {
-        user: Message {
-            id: new_id("msg"),
-            conversation_id: conversation.id,
-            role: "user".to_string(),
-            content: ask.content,
-            model: None,
-            created_ms: now_ms(),
-            incomplete: false,
-            usage: None,
-        },
-        reply_id: new_id("msg"),
-        model,
-        idempotency_key: key,
-    };
-    let response = match answer {
+    let response = answer_turn(state, request, pending, chat, answer, served)?;
+    Ok(annotate(response, request, label, clock, &state.metrics))
+}
+
+/// The model's answer to a turn, to the client: stored first when whole, or relayed as it
+/// comes with the turn stored at the end of the stream.
+fn answer_turn(
+    state: &State,
+    request: &Request,
+    pending: Pending,
+    chat: ChatRequest,
+    answer: Answer,
+    served: Served,
+) -> Result<Response, ApiError> {
+    let record = &request.record;
+    match answer {
         Answer::Mock => {
             let reply = mock::reply(&chat);
             state
@@ -133,9 +141,15 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
             if chat.stream {
                 let id = pending.reply_id.clone();
                 let transcript = pending.transcript(Arc::clone(&state.store.writer));
-                chat::stream_reply(id, chat, reply, Arc::clone(record), Some(transcript))
+                Ok(chat::stream_reply(
+                    id,
+                    chat,
+                    reply,
+                    Arc::clone(record),
+                    Some(transcript),
+                ))
             } else {
-                store_reply(state, pending, reply.content, Some(reply.usage))?
+                store_reply(state, pending, reply.content, Some(reply.usage))
             }
         }
         Answer::Json { value, .. } => {
@@ -150,13 +164,13 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
                 .pointer("/choices/0/message/content")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            store_reply(state, pending, content.to_string(), usage)?
+            store_reply(state, pending, content.to_string(), usage)
         }
         Answer::Stream {
             events,
             cancel,
             timeouts,
-        } => relay::response(relay::Relay {
+        } => Ok(relay::response(relay::Relay {
             events,
             cancel,
             timeouts,
@@ -168,9 +182,8 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
             upstream_duration: state.metrics.upstream_duration.clone(),
             started: std::time::Instant::now(),
             record: Arc::clone(record),
-        }),
-    };
-    Ok(annotate(response, request, label, clock, &state.metrics))
+        })),
+    }
 }
 
 /// What a turn asks, from its body.
@@ -192,6 +205,30 @@ struct Pending {
 }
 
 impl Pending {
+    /// The user's message, as of now, before the model is asked.
+    fn new(
+        conversation_id: String,
+        content: String,
+        model: String,
+        idempotency_key: Option<String>,
+    ) -> Pending {
+        Pending {
+            user: Message {
+                id: new_id("msg"),
+                conversation_id,
+                role: "user".to_string(),
+                content,
+                model: None,
+                created_ms: now_ms(),
+                incomplete: false,
+                usage: None,
+            },
+            reply_id: new_id("msg"),
+            model,
+            idempotency_key,
+        }
+    }
+
     fn into_turn(self, content: String, complete: bool, usage: Option<Usage>) -> Turn {
         let reply = Message {
             id: self.reply_id,
@@ -224,8 +261,7 @@ impl Pending {
     }
 }
 
-/// Stores a whole reply's turn and answers with the stored reply. When a twin request with
-/// the same key stored its turn first, its reply is the answer.
+/// Stores a whole reply's turn and answers with the stored reply.
 fn store_reply(
     state: &State,
     pending: Pending,
@@ -235,20 +271,25 @@ fn store_reply(
     let key = pending.idempotency_key.clone();
     let turn = pending.into_turn(content, true, usage);
     let reply = turn.reply.clone();
-    let reply = match store::add_turn(&state.store.writer, turn) {
-        Ok(()) => reply,
-        Err(e) if e.is_unique_violation() => key
-            .map(|key| store::reply_for_key(&state.store, &reply.conversation_id, &key))
-            .transpose()?
-            .flatten()
-            .ok_or(e)?,
-        // Deleted while the model was answering: a foreign key refused the messages.
-        Err(_) if store::get(&state.store, &reply.conversation_id)?.is_none() => {
-            return Err(not_found(&reply.conversation_id))
+    let id = &reply.conversation_id;
+    let reply = match (store::add_turn(&state.store.writer, turn), key) {
+        (Ok(()), _) => reply,
+        // A twin request with the same key stored its turn first: its reply is the answer.
+        (Err(e), Some(key)) if e.is_unique_violation() => {
+            store::reply_for_key(&state.store, id, &key)?.ok_or(e)?
         }
-        Err(e) => return Err(e.into()),
+        (Err(e), _) => return Err(refused(state, id, e)),
     };
     Ok(Response::json(200, &reply_json(&reply)))
+}
+
+/// Why a turn's write failed: 404 when the conversation was deleted while the model answered
+/// (a foreign key refused the messages), else the store's error.
+fn refused(state: &State, conversation_id: &str, e: StoreError) -> ApiError {
+    match store::get(&state.store, conversation_id) {
+        Ok(None) => not_found(conversation_id),
+        _ => e.into(),
+    }
 }
 
 /// The chat request a turn sends: the conversation's system prompt, its newest stored

@@ -83,7 +83,8 @@ const PUMP_STACK_BYTES: usize = 256 * 1024;
 pub(crate) enum End {
     /// Every event was sent (a relayed stream's `[DONE]` arrived); [`end`] sends `[DONE]`.
     Done,
-    /// The stream failed upstream; the client got a final error event with this code.
+    /// The stream failed upstream, or its transcript could not be kept; the client got a
+    /// final error event with this code instead of `[DONE]`.
     Failed(&'static str),
 }
 
@@ -185,7 +186,7 @@ impl Relay {
         match &result {
             Ok(End::Done) => {}
             Ok(End::Failed(code)) => {
-                log::warn!("stream from provider {provider} ended early: {code}")
+                log::warn!("stream from provider {provider} ended without [DONE]: {code}")
             }
             Err(e) => log::info!("client left a stream from provider {provider}: {e}"),
         }
