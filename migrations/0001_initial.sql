@@ -29,16 +29,18 @@ CREATE INDEX requests_ts ON requests (ts_ms, id);
 CREATE INDEX requests_model_ts ON requests (model, ts_ms, id);
 CREATE INDEX requests_status_ts ON requests (status, ts_ms, id);
 
--- Conversations kept server-side, and their messages in order.
+-- Conversations kept server-side, and their messages in order. `seq` is the order of
+-- creation (commit order), which lists page by: ids are random and clocks tie.
 CREATE TABLE conversations (
-    id              TEXT    PRIMARY KEY,
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT    NOT NULL UNIQUE,
     title           TEXT,
     model           TEXT,
     system          TEXT,
     created_ms      INTEGER NOT NULL,
+    -- The key of the request that created it, so a repeat finds it.
     idempotency_key TEXT    UNIQUE
 );
-CREATE INDEX conversations_created ON conversations (created_ms, id);
 
 CREATE TABLE messages (
     seq               INTEGER PRIMARY KEY,

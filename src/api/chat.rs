@@ -43,7 +43,7 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
             record.usage(reply.usage);
             let id = format!("chatcmpl-{}", request.request_id);
             if chat.stream {
-                stream_reply(id, chat, reply, Arc::clone(record))
+                stream_reply(id, chat, reply, Arc::clone(record), None)
             } else {
                 Response::json(200, &completion_json(&id, &chat.model, &reply))
             }
@@ -72,6 +72,7 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
             upstream_duration: state.metrics.upstream_duration.clone(),
             started: std::time::Instant::now(),
             record: Arc::clone(record),
+            transcript: None,
         }),
     };
     Ok(annotate(response, request, label, clock, &state.metrics))
@@ -205,11 +206,12 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn usage_json(reply: &ChatReply) -> Value {
+/// OpenAI's `usage` object.
+pub(crate) fn usage_json(usage: Usage) -> Value {
     json!({
-        "prompt_tokens": reply.usage.prompt_tokens,
-        "completion_tokens": reply.usage.completion_tokens,
-        "total_tokens": reply.usage.total_tokens(),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens(),
     })
 }
 
@@ -226,34 +228,64 @@ pub(crate) fn completion_json(id: &str, model: &str, reply: &ChatReply) -> Value
             "logprobs": null,
             "finish_reason": reply.finish_reason,
         }],
-        "usage": usage_json(reply),
+        "usage": usage_json(reply.usage),
     })
 }
 
-/// The reply as server-sent events: a role chunk, one chunk per word, a finish chunk, the
-/// usage chunk when asked for, then `[DONE]`. Each event is written and sent on its own.
-fn stream_reply(id: String, chat: ChatRequest, reply: ChatReply, record: Arc<Record>) -> Response {
+/// The built-in mock's reply as server-sent events: a role chunk, one chunk per word, a
+/// finish chunk, the usage chunk when asked for, then `[DONE]`. Each event is written and
+/// sent on its own. A `transcript` keeps what was sent, as a relayed stream's does.
+pub(crate) fn stream_reply(
+    id: String,
+    chat: ChatRequest,
+    reply: ChatReply,
+    record: Arc<Record>,
+    mut transcript: Option<relay::Transcript>,
+) -> Response {
     let produce = Box::new(move |out: &mut crate::http::BodyStream<'_>| {
-        let created = unix_now();
-        let chunk =
-            |delta: Value, finish: Value| chunk_json(&id, created, &chat.model, delta, finish);
-        send_event(
-            out,
-            &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-        )?;
-        for piece in mock::stream_pieces(&reply.content) {
-            send_event(out, &chunk(json!({"content": piece}), Value::Null))?;
-            record.first_token();
+        if let Some(transcript) = &mut transcript {
+            transcript.set_usage(reply.usage);
         }
-        send_event(out, &chunk(json!({}), json!(reply.finish_reason)))?;
-        if chat.include_usage {
-            send_event(out, &usage_chunk_json(&id, created, &chat.model, &reply))?;
+        let sent = send_reply_events(out, &id, &chat, &reply, &record, transcript.as_mut());
+        let ended = relay::end(out, sent.map(|()| relay::End::Done), transcript)?;
+        // Only a transcript that could not be kept fails a stream made here.
+        if let relay::End::Failed(code) = ended {
+            record.note(|f| f.stream_error = Some(code));
         }
-        out.send(b"data: [DONE]\n\n")
+        Ok(())
     });
     Response::stream(200, "text/event-stream", produce)
         .with_header("cache-control", "no-cache".to_string())
         .with_header("x-accel-buffering", "no".to_string())
+}
+
+/// Every event of a mock stream but the final `[DONE]`; the content sent goes to `transcript`.
+fn send_reply_events(
+    out: &mut crate::http::BodyStream<'_>,
+    id: &str,
+    chat: &ChatRequest,
+    reply: &ChatReply,
+    record: &Record,
+    mut transcript: Option<&mut relay::Transcript>,
+) -> std::io::Result<()> {
+    let created = unix_now();
+    let chunk = |delta: Value, finish: Value| chunk_json(id, created, &chat.model, delta, finish);
+    send_event(
+        out,
+        &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+    )?;
+    for piece in mock::stream_pieces(&reply.content) {
+        send_event(out, &chunk(json!({"content": piece}), Value::Null))?;
+        record.first_token();
+        if let Some(transcript) = transcript.as_deref_mut() {
+            transcript.push(piece);
+        }
+    }
+    send_event(out, &chunk(json!({}), json!(reply.finish_reason)))?;
+    if chat.include_usage {
+        send_event(out, &usage_chunk_json(id, created, &chat.model, reply))?;
+    }
+    Ok(())
 }
 
 /// One `chat.completion.chunk` with a single choice carrying `delta` and `finish_reason`.
@@ -274,7 +306,7 @@ pub(crate) fn chunk_json(
 pub(crate) fn usage_chunk_json(id: &str, created: u64, model: &str, reply: &ChatReply) -> Value {
     json!({
         "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [], "usage": usage_json(reply),
+        "choices": [], "usage": usage_json(reply.usage),
     })
 }
 

@@ -2,6 +2,7 @@
 //! loop of a request once a worker has it.
 
 pub(crate) mod chat;
+mod conversations;
 mod embeddings;
 mod models;
 pub(crate) mod ops;
@@ -19,7 +20,8 @@ use crate::providers::ProviderError;
 use crate::server::State;
 use crate::store::requests::TimeRange;
 
-/// Every route, by template. The fast-lane ones are answered by the connection thread.
+/// Every route: a method on a path template. The fast-lane ones are answered by the
+/// connection thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     Healthz,
@@ -33,6 +35,12 @@ pub(crate) enum Route {
     Requests,
     /// `GET /api/usage`: calls and tokens by model or day.
     Usage,
+    ConversationList,
+    ConversationCreate,
+    ConversationGet,
+    ConversationDelete,
+    MessageList,
+    MessageCreate,
     /// `POST /debug/panic`: panics on purpose, served only with `--enable-debug-routes`.
     DebugPanic,
 }
@@ -50,7 +58,32 @@ impl Route {
             Route::Model => "/v1/models/{id}",
             Route::Requests => "/api/requests",
             Route::Usage => "/api/usage",
+            Route::ConversationList | Route::ConversationCreate => "/api/conversations",
+            Route::ConversationGet | Route::ConversationDelete => "/api/conversations/{id}",
+            Route::MessageList | Route::MessageCreate => "/api/conversations/{id}/messages",
             Route::DebugPanic => "/debug/panic",
+        }
+    }
+
+    /// The one method the route answers.
+    pub(crate) fn method(self) -> &'static str {
+        match self {
+            Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::Models
+            | Route::Model
+            | Route::Requests
+            | Route::Usage
+            | Route::ConversationList
+            | Route::ConversationGet
+            | Route::MessageList => "GET",
+            Route::ChatCompletions
+            | Route::Embeddings
+            | Route::ConversationCreate
+            | Route::MessageCreate
+            | Route::DebugPanic => "POST",
+            Route::ConversationDelete => "DELETE",
         }
     }
 
@@ -63,40 +96,53 @@ impl Route {
 /// The metrics label for requests that matched no route.
 pub(crate) const UNMATCHED: &str = "unmatched";
 
-/// Finds the route for a method and path. Unknown paths are 404; known paths with another
-/// method are 405 naming the allowed one.
+/// Where a conversation's paths start; the id follows.
+pub(crate) const CONVERSATIONS_PREFIX: &str = "/api/conversations/";
+
+/// Finds the route for a method and path: first the routes of the path, then the one for the
+/// method. Unknown paths are 404; known paths with another method are 405 naming the allowed.
 pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Route, ApiError> {
-    let (route, allow) = match path {
-        "/healthz" => (Route::Healthz, "GET"),
-        "/readyz" => (Route::Readyz, "GET"),
-        "/metrics" => (Route::Metrics, "GET"),
-        "/v1/chat/completions" => (Route::ChatCompletions, "POST"),
-        "/v1/embeddings" => (Route::Embeddings, "POST"),
-        "/v1/models" => (Route::Models, "GET"),
-        "/api/requests" => (Route::Requests, "GET"),
-        "/api/usage" => (Route::Usage, "GET"),
-        "/debug/panic" if debug_routes => (Route::DebugPanic, "POST"),
-        p if p
-            .strip_prefix("/v1/models/")
-            .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
-        {
-            (Route::Model, "GET")
-        }
-        _ => {
-            return Err(ApiError::UnknownRoute {
-                method: method.to_string(),
-                path: path.to_string(),
-            })
-        }
+    let routes: &[Route] = match path {
+        "/healthz" => &[Route::Healthz],
+        "/readyz" => &[Route::Readyz],
+        "/metrics" => &[Route::Metrics],
+        "/v1/chat/completions" => &[Route::ChatCompletions],
+        "/v1/embeddings" => &[Route::Embeddings],
+        "/v1/models" => &[Route::Models],
+        "/api/requests" => &[Route::Requests],
+        "/api/usage" => &[Route::Usage],
+        "/api/conversations" => &[Route::ConversationList, Route::ConversationCreate],
+        "/debug/panic" if debug_routes => &[Route::DebugPanic],
+        p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
+        p => match path_id(p, CONVERSATIONS_PREFIX) {
+            Some((_, "")) => &[Route::ConversationGet, Route::ConversationDelete],
+            Some((_, "/messages")) => &[Route::MessageList, Route::MessageCreate],
+            _ => {
+                return Err(ApiError::UnknownRoute {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                })
+            }
+        },
     };
-    if method == allow {
-        Ok(route)
-    } else {
-        Err(ApiError::MethodNotAllowed {
-            allow,
-            template: route.template(),
-        })
+    match routes.iter().find(|r| r.method() == method) {
+        Some(route) => Ok(*route),
+        None => Err(ApiError::MethodNotAllowed {
+            allow: routes
+                .iter()
+                .map(|r| r.method())
+                .collect::<Vec<_>>()
+                .join(", "),
+            template: routes[0].template(),
+        }),
     }
+}
+
+/// The `{id}` segment of a path under `prefix`, and what follows it (empty or `/…`).
+pub(crate) fn path_id<'p>(path: &'p str, prefix: &str) -> Option<(&'p str, &'p str)> {
+    let rest = path.strip_prefix(prefix)?;
+    let (id, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    (!id.is_empty()).then_some((id, tail))
 }
 
 /// The main loop of one request on a worker: route → handler → response. The worker is its
@@ -109,6 +155,12 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::Model => models::get(state, request),
         Route::Requests => requests::list(state, request),
         Route::Usage => usage::summary(state, request),
+        Route::ConversationList => conversations::list(state, request),
+        Route::ConversationCreate => conversations::create(state, request),
+        Route::ConversationGet => conversations::get(state, request),
+        Route::ConversationDelete => conversations::delete(state, request),
+        Route::MessageList => conversations::list_messages(state, request),
+        Route::MessageCreate => conversations::add_message(state, request),
         Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
         Route::Healthz | Route::Readyz | Route::Metrics => Ok(ops::answer(state, route)),
     }
@@ -274,9 +326,9 @@ pub(crate) enum ApiError {
     Http(Rejection),
     /// No route has this path.
     UnknownRoute { method: String, path: String },
-    /// The path exists, but not with this method.
+    /// The path exists, but not with this method; `allow` lists the methods it takes.
     MethodNotAllowed {
-        allow: &'static str,
+        allow: String,
         template: &'static str,
     },
     /// The body is not JSON; the message carries the parser's position.
@@ -286,7 +338,6 @@ pub(crate) enum ApiError {
     /// No model by this name.
     ModelNotFound(String),
     /// No stored object of this kind (`conversation`, …) with this id.
-    #[allow(dead_code)] // used by the conversations API landing next
     NotFound { kind: &'static str, id: String },
     /// The database could not take or give the data (busy, closing, failed).
     Store(crate::store::StoreError),
@@ -407,11 +458,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::NotFound { .. } => "not_found",
-            ApiError::Store(e) => match e {
-                crate::store::StoreError::Busy => "store_busy",
-                crate::store::StoreError::Closed => "draining",
-                crate::store::StoreError::Failed(_) => "store_error",
-            },
+            ApiError::Store(e) => e.code(),
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::QueueTimeout { .. } => "queue_timeout",
             ApiError::Draining => "draining",
@@ -467,7 +514,7 @@ impl ApiError {
                 response.with_header("retry-after", "1".to_string())
             }
             ApiError::MethodNotAllowed { allow, .. } => {
-                response.with_header("allow", allow.to_string())
+                response.with_header("allow", allow.clone())
             }
             // The provider's own wait when it gave one; at least a second either way.
             ApiError::Provider(ProviderError::Status {
@@ -582,10 +629,38 @@ mod tests {
             Route::Model
         );
         let e = route("GET", "/v1/chat/completions", false).unwrap_err();
+        assert!(matches!(e, ApiError::MethodNotAllowed { allow, .. } if allow == "POST"));
+        assert_eq!(
+            route("GET", "/api/conversations", false).unwrap(),
+            Route::ConversationList
+        );
+        assert_eq!(
+            route("DELETE", "/api/conversations/conv_1", false).unwrap(),
+            Route::ConversationDelete
+        );
+        assert_eq!(
+            route("POST", "/api/conversations/conv_1/messages", false).unwrap(),
+            Route::MessageCreate
+        );
+        let e = route("PUT", "/api/conversations/conv_1", false).unwrap_err();
         assert!(matches!(
             e,
-            ApiError::MethodNotAllowed { allow: "POST", .. }
+            ApiError::MethodNotAllowed { allow, template: "/api/conversations/{id}" }
+                if allow == "GET, DELETE"
         ));
+        for unknown in [
+            "/api/conversations/",
+            "/api/conversations/c/other",
+            "/api/conversations/c/messages/m",
+        ] {
+            assert!(
+                matches!(
+                    route("GET", unknown, false),
+                    Err(ApiError::UnknownRoute { .. })
+                ),
+                "{unknown}"
+            );
+        }
         assert!(matches!(
             route("GET", "/nope", false),
             Err(ApiError::UnknownRoute { .. })
@@ -612,7 +687,7 @@ mod tests {
         assert_eq!(v["error"]["type"], "overloaded");
         assert!(v["error"]["message"].is_string());
         let r = ApiError::MethodNotAllowed {
-            allow: "POST",
+            allow: "POST".to_string(),
             template: "/v1/chat/completions",
         }
         .to_response();

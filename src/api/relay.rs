@@ -1,7 +1,9 @@
 //! The streaming relay: a provider's server-sent events go to the client one by one as they
 //! arrive. It fails loudly: a stream the provider stalls, cuts, resets or garbles ends with a
 //! final `data: {"error": …}` event and never a clean `[DONE]`; a client that goes away ends
-//! the relay, and with it the upstream connection.
+//! the relay, and with it the upstream connection. A relay may carry a [`Transcript`]: the
+//! text it relayed is then kept (a conversation turn is stored) before `[DONE]` goes out, so a
+//! client that saw `[DONE]` knows it is kept, and kept as incomplete when the stream failed.
 //!
 //! Two threads share the client's stream under one lock. A pump thread (scoped to the
 //! relay) reads the provider and writes each event to the client as soon as it is read, so
@@ -20,11 +22,13 @@ use serde::de::IgnoredAny;
 use serde_json::{json, Value};
 
 use super::record::Record;
+use super::ApiError;
 use crate::config::Timeouts;
 use crate::http::presence;
 use crate::http::{BodyStream, Response};
 use crate::providers::openai::{Event, Events};
 use crate::providers::{Cancel, Served, Usage};
+use crate::store::StoreError;
 
 /// Everything one relayed stream needs; it owns the provider's concurrency slot until done.
 pub(crate) struct Relay {
@@ -43,6 +47,29 @@ pub(crate) struct Relay {
     pub(crate) started: Instant,
     /// The call's request-log facts: first token, usage, how the stream ended.
     pub(crate) record: Arc<Record>,
+    /// Keeps the relayed text when the stream ends, if the caller wants it kept.
+    pub(crate) transcript: Option<Transcript>,
+}
+
+/// A stream's text as it went to the client, and what keeps it once the stream ends.
+pub(crate) struct Transcript {
+    text: String,
+    usage: Option<Usage>,
+    keep: Keep,
+}
+
+/// Keeps what a stream relayed (a conversation stores its turn); called once, when it ends.
+pub(crate) type Keep = Box<dyn FnOnce(Relayed) -> Result<(), StoreError> + Send>;
+
+/// What a stream relayed, when it ended.
+#[derive(Debug)]
+pub(crate) struct Relayed {
+    /// The content deltas, concatenated.
+    pub(crate) text: String,
+    /// Whether the stream arrived whole (its `[DONE]` came); else it was cut short.
+    pub(crate) complete: bool,
+    /// The usage the stream reported, if it did.
+    pub(crate) usage: Option<Usage>,
 }
 
 /// While the provider is silent, how often the relay looks whether the client is still there.
@@ -51,12 +78,13 @@ const CLIENT_CHECK: Duration = Duration::from_millis(250);
 /// 128 levels of nesting), writing. Only touched pages become resident.
 const PUMP_STACK_BYTES: usize = 256 * 1024;
 
-/// How a relayed stream ended, for the log and the metrics.
+/// How a stream ended, for the log and the metrics.
 #[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// `[DONE]` arrived and was passed on.
+pub(crate) enum End {
+    /// Every event was sent (a relayed stream's `[DONE]` arrived); [`end`] sends `[DONE]`.
     Done,
-    /// The stream failed upstream; the client got a final error event with this code.
+    /// The stream failed upstream, or its transcript could not be kept; the client got a
+    /// final error event with this code instead of `[DONE]`.
     Failed(&'static str),
 }
 
@@ -73,6 +101,7 @@ struct Shared<'o, 'b> {
     last_write: Instant,
     /// Whether an event from the provider has reached the client yet.
     sent_any: bool,
+    transcript: Option<Transcript>,
 }
 
 pub(crate) fn response(relay: Relay) -> Response {
@@ -97,6 +126,7 @@ impl Relay {
             upstream_duration,
             started,
             record,
+            transcript,
         } = self;
         let counter = Counter {
             tokens,
@@ -113,6 +143,7 @@ impl Relay {
             allowed: timeouts.first_byte,
             last_write: Instant::now(),
             sent_any: false,
+            transcript,
         });
         let changed = Condvar::new();
         let result = thread::scope(|scope| {
@@ -140,6 +171,10 @@ impl Relay {
         upstream_duration
             .with_label_values(&[provider])
             .observe(relayed.as_secs_f64());
+        let Shared {
+            out, transcript, ..
+        } = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let result = end(out, result, transcript);
         record.note(|f| {
             f.upstream += relayed;
             match &result {
@@ -151,7 +186,7 @@ impl Relay {
         match &result {
             Ok(End::Done) => {}
             Ok(End::Failed(code)) => {
-                log::warn!("stream from provider {provider} ended early: {code}")
+                log::warn!("stream from provider {provider} ended without [DONE]: {code}")
             }
             Err(e) => log::info!("client left a stream from provider {provider}: {e}"),
         }
@@ -181,9 +216,8 @@ fn on_event(
         return false;
     }
     let end = match event {
-        Event::Data(data) if data.trim() == "[DONE]" => {
-            Some(s.out.send(b"data: [DONE]\n\n").map(|()| End::Done))
-        }
+        // Passed on by `end`, once the transcript (if any) is kept.
+        Event::Data(data) if data.trim() == "[DONE]" => Some(Ok(End::Done)),
         Event::Data(data) => relay_data(&mut s, counter, timeouts, &data),
         // A close mid-body shows up as EOF or as a read error (a reset, a broken chunk),
         // depending on where it fell: either way the answer was cut short.
@@ -235,6 +269,9 @@ fn relay_data(
     }
     if let Err(e) = send_data(s.out, data) {
         return Some(Err(e));
+    }
+    if let Some(transcript) = &mut s.transcript {
+        transcript.add_event(data);
     }
     if !s.sent_any {
         s.sent_any = true;
@@ -331,6 +368,78 @@ fn send_data(out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
     frame.extend_from_slice(data.as_bytes());
     frame.extend_from_slice(b"\n\n");
     out.send(&frame)
+}
+
+/// Ends a stream, relayed or made here, however it ended. One whose every event was sent gets
+/// `[DONE]`, after its transcript (if any) is kept; if keeping fails it gets a final error
+/// event instead. One cut short (an upstream failure, the client gone) has its transcript
+/// kept as incomplete.
+pub(crate) fn end(
+    out: &mut BodyStream<'_>,
+    ended: io::Result<End>,
+    transcript: Option<Transcript>,
+) -> io::Result<End> {
+    match (ended, transcript) {
+        (Ok(End::Done), None) => out.send(b"data: [DONE]\n\n").map(|()| End::Done),
+        (Ok(End::Done), Some(transcript)) => match transcript.keep(true) {
+            Ok(()) => out.send(b"data: [DONE]\n\n").map(|()| End::Done),
+            Err(e) => {
+                let code = e.code();
+                send_data(out, &ApiError::from(e).body().to_string())?;
+                Ok(End::Failed(code))
+            }
+        },
+        (ended, Some(transcript)) => {
+            if let Err(e) = transcript.keep(false) {
+                log::error!("cannot keep the text of a stream that was cut short: {e}");
+            }
+            ended
+        }
+        (ended, None) => ended,
+    }
+}
+
+impl Transcript {
+    pub(crate) fn new(keep: Keep) -> Transcript {
+        Transcript {
+            text: String::new(),
+            usage: None,
+            keep,
+        }
+    }
+
+    /// Adds text a stream made here sent (the built-in mock's).
+    pub(crate) fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+    }
+
+    pub(crate) fn set_usage(&mut self, usage: Usage) {
+        self.usage = Some(usage);
+    }
+
+    /// Adds one relayed chunk's content (`choices[0].delta.content`) and its usage, if any.
+    fn add_event(&mut self, data: &str) {
+        let Ok(event) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        if let Some(text) = event
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            self.text.push_str(text);
+        }
+        if let Some(usage) = event.get("usage").and_then(Usage::from_json) {
+            self.usage = Some(usage);
+        }
+    }
+
+    fn keep(self, complete: bool) -> Result<(), StoreError> {
+        (self.keep)(Relayed {
+            text: self.text,
+            complete,
+            usage: self.usage,
+        })
+    }
 }
 
 /// Ends the client's stream with an error event in OpenAI's shape (and no `[DONE]`).

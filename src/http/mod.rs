@@ -46,6 +46,16 @@ pub(crate) struct Request {
     pub(crate) record: std::sync::Arc<crate::api::record::Record>,
 }
 
+impl Request {
+    /// The first value of a header, by its lower-case name.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// Accepts a client's request id when it is 1–128 visible ASCII characters; else makes one: a
 /// version-4 UUID from the thread's fast generator. An id must be unique, not unguessable,
 /// and asking the kernel for random bytes was a system call on every request.

@@ -52,11 +52,18 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         api::Route::Embeddings => Ok(Route::Embeddings),
         api::Route::Models => Ok(Route::Models),
         api::Route::Model => Ok(Route::Model),
+        // The gateway's own routes outside `/v1`, which never come here.
         api::Route::Healthz
         | api::Route::Readyz
         | api::Route::Metrics
         | api::Route::Requests
         | api::Route::Usage
+        | api::Route::ConversationList
+        | api::Route::ConversationCreate
+        | api::Route::ConversationGet
+        | api::Route::ConversationDelete
+        | api::Route::MessageList
+        | api::Route::MessageCreate
         | api::Route::DebugPanic => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),
@@ -204,6 +211,7 @@ pub(crate) fn control(shared: &Shared, request: &Request) -> Response {
         }
     };
     if request.method != allow {
+        let allow = allow.to_string();
         return ApiError::MethodNotAllowed { allow, template }.to_response();
     }
     match template {
@@ -229,7 +237,7 @@ mod tests {
         assert_eq!(route("GET", "/v1/models/x").unwrap(), Route::Model);
         assert!(matches!(
             route("GET", "/v1/embeddings"),
-            Err(ApiError::MethodNotAllowed { allow: "POST", .. })
+            Err(ApiError::MethodNotAllowed { allow, .. }) if allow == "POST"
         ));
         assert!(matches!(
             route("GET", "/v1/nope"),

@@ -2,6 +2,7 @@
 //! (later jobs and keys). WAL mode, so readers never wait for the writer; reads go through an
 //! r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
 
+pub(crate) mod conversations;
 pub(crate) mod migrate;
 pub(crate) mod requests;
 mod retention;
@@ -20,8 +21,6 @@ use rusqlite::{Connection, OpenFlags};
 use crate::config::StoreConfig;
 use crate::metrics::StoreMetrics;
 use retention::Retention;
-#[allow(unused_imports)] // used by the conversations store, landing next
-pub(crate) use writer::WriteFn;
 pub(crate) use writer::Writer;
 
 /// How long a connection waits for a lock before SQLITE_BUSY: only another process (a
@@ -41,11 +40,19 @@ pub(crate) enum StoreError {
     Failed(String),
 }
 
-#[allow(dead_code)] // used by the conversations store, landing next
 impl StoreError {
     /// Whether SQLite refused for a uniqueness constraint (an idempotent repeat's race).
     pub(crate) fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::Failed(m) if m.contains("UNIQUE constraint failed"))
+    }
+
+    /// The error's `code` in answers: an HTTP error body or a stream's final error event.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            StoreError::Busy => "store_busy",
+            StoreError::Closed => "draining",
+            StoreError::Failed(_) => "store_error",
+        }
     }
 }
 
@@ -229,7 +236,6 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[allow(dead_code)] // used by the conversations store, landing next
 /// A stored object's id with a prefix, `conv_…`, `msg_…`: a random (v4) UUID from the
 /// operating system's generator, since ids of stored data must not be guessable.
 pub(crate) fn new_id(prefix: &str) -> String {

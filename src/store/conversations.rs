@@ -1,0 +1,454 @@
+//! Conversations kept server-side and their messages, in the order they were stored. Reads
+//! take a pooled connection; every write goes through the writer and returns once committed,
+//! so whatever a client was told is stored is on disk. A repeated request with the same
+//! idempotency key finds what the first one stored instead of storing it twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::{Store, StoreError, Writer};
+use crate::providers::Usage;
+
+/// One conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Conversation {
+    pub(crate) id: String,
+    pub(crate) title: Option<String>,
+    /// The model its turns use unless a turn names another.
+    pub(crate) model: Option<String>,
+    /// The system prompt sent first with every turn.
+    pub(crate) system: Option<String>,
+    pub(crate) created_ms: i64,
+}
+
+/// One stored message of a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Message {
+    pub(crate) id: String,
+    pub(crate) conversation_id: String,
+    /// `user` or `assistant`.
+    pub(crate) role: String,
+    pub(crate) content: String,
+    /// The model that wrote it (assistant replies only).
+    pub(crate) model: Option<String>,
+    pub(crate) created_ms: i64,
+    /// The reply was cut short (a stream that ended early); `content` is what arrived.
+    pub(crate) incomplete: bool,
+    /// Tokens the provider reported for the turn, when it did.
+    pub(crate) usage: Option<Usage>,
+}
+
+/// One conversation turn: the user's message and the reply, stored together or not at all.
+pub(crate) struct Turn {
+    pub(crate) user: Message,
+    pub(crate) reply: Message,
+    /// The request's `Idempotency-Key`, kept on the reply so a repeat finds it.
+    pub(crate) idempotency_key: Option<String>,
+}
+
+/// A page of a list, and whether more follow it.
+#[derive(Debug)]
+pub(crate) struct Page<T> {
+    pub(crate) items: Vec<T>,
+    pub(crate) has_more: bool,
+}
+
+const CONVERSATION_COLUMNS: &str = "id, title, model, system, created_ms";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, model, created_ms, incomplete, \
+     prompt_tokens, completion_tokens";
+
+/// Stores a new conversation and returns it. With `idempotency_key`, a conversation already
+/// created with that key is returned instead, including when two requests race: the loser's
+/// insert breaks the key's uniqueness and it reads the winner's.
+pub(crate) fn create(
+    store: &Store,
+    conversation: Conversation,
+    idempotency_key: Option<String>,
+) -> Result<Conversation, StoreError> {
+    if let Some(key) = &idempotency_key {
+        if let Some(existing) = by_key(store, key)? {
+            return Ok(existing);
+        }
+    }
+    let row = conversation.clone();
+    let key = idempotency_key.clone();
+    let inserted = store.writer.write(Box::new(move |conn| {
+        conn.prepare_cached(
+            "INSERT INTO conversations (id, title, model, system, created_ms, idempotency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            row.id,
+            row.title,
+            row.model,
+            row.system,
+            row.created_ms,
+            key
+        ])
+        .map(drop)
+    }));
+    match (inserted, idempotency_key) {
+        (Ok(()), _) => Ok(conversation),
+        (Err(e), Some(key)) if e.is_unique_violation() => by_key(store, &key)?.ok_or(e),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// The conversation with this id, if there is one.
+pub(crate) fn get(store: &Store, id: &str) -> Result<Option<Conversation>, StoreError> {
+    let conn = store.read()?;
+    let found = conn
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?1"
+        ))?
+        .query_row([id], conversation_from_row)
+        .optional()?;
+    Ok(found)
+}
+
+fn by_key(store: &Store, key: &str) -> Result<Option<Conversation>, StoreError> {
+    let conn = store.read()?;
+    let found = conn
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE idempotency_key = ?1"
+        ))?
+        .query_row([key], conversation_from_row)
+        .optional()?;
+    Ok(found)
+}
+
+/// Up to `limit` conversations, newest first, starting after the one with id `before` when
+/// given. `None` when `before` names no conversation.
+pub(crate) fn list(
+    store: &Store,
+    limit: u32,
+    before: Option<&str>,
+) -> Result<Option<Page<Conversation>>, StoreError> {
+    let conn = store.read()?;
+    let below = match before {
+        None => i64::MAX,
+        Some(id) => {
+            let seq = conn
+                .prepare_cached("SELECT seq FROM conversations WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            match seq {
+                Some(seq) => seq,
+                None => return Ok(None),
+            }
+        }
+    };
+    let items = conn
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE seq < ?1 \
+             ORDER BY seq DESC LIMIT ?2"
+        ))?
+        .query_map(params![below, limit + 1], conversation_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(page(items, limit)))
+}
+
+/// Deletes a conversation and, by cascade, its messages. False when there was none.
+pub(crate) fn delete(store: &Store, id: &str) -> Result<bool, StoreError> {
+    let id = id.to_string();
+    let deleted = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&deleted);
+    store.writer.write(Box::new(move |conn| {
+        let n = conn.execute("DELETE FROM conversations WHERE id = ?1", [&id])?;
+        seen.store(n > 0, Ordering::Relaxed);
+        Ok(())
+    }))?;
+    Ok(deleted.load(Ordering::Relaxed))
+}
+
+/// The newest `max` messages of a conversation, oldest first: what a new turn sends along.
+pub(crate) fn history(
+    store: &Store,
+    conversation_id: &str,
+    max: usize,
+) -> Result<Vec<Message>, StoreError> {
+    let conn = store.read()?;
+    let mut newest = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 \
+             ORDER BY seq DESC LIMIT ?2"
+        ))?
+        .query_map(
+            params![conversation_id, i64::try_from(max).unwrap_or(i64::MAX)],
+            message_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    newest.reverse();
+    Ok(newest)
+}
+
+/// Up to `limit` messages of a conversation, oldest first, starting after the message with id
+/// `after` when given. `None` when `after` names no message of this conversation.
+pub(crate) fn messages(
+    store: &Store,
+    conversation_id: &str,
+    limit: u32,
+    after: Option<&str>,
+) -> Result<Option<Page<Message>>, StoreError> {
+    let conn = store.read()?;
+    let above = match after {
+        None => 0,
+        Some(id) => {
+            let seq = conn
+                .prepare_cached("SELECT seq FROM messages WHERE id = ?1 AND conversation_id = ?2")?
+                .query_row([id, conversation_id], |r| r.get(0))
+                .optional()?;
+            match seq {
+                Some(seq) => seq,
+                None => return Ok(None),
+            }
+        }
+    };
+    let items = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq > ?2 \
+             ORDER BY seq LIMIT ?3"
+        ))?
+        .query_map(params![conversation_id, above, limit + 1], message_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(page(items, limit)))
+}
+
+/// The reply a request with this idempotency key already got in this conversation, if any.
+pub(crate) fn reply_for_key(
+    store: &Store,
+    conversation_id: &str,
+    key: &str,
+) -> Result<Option<Message>, StoreError> {
+    let conn = store.read()?;
+    let found = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE conversation_id = ?1 AND idempotency_key = ?2"
+        ))?
+        .query_row([conversation_id, key], message_from_row)
+        .optional()?;
+    Ok(found)
+}
+
+/// Stores a turn, both messages in one acknowledged write. Takes the writer alone because a
+/// stream keeps its turn after its handler has returned. Fails with a unique violation when
+/// the reply's idempotency key is already taken in the conversation, and with a foreign key
+/// violation when the conversation is gone.
+pub(crate) fn add_turn(writer: &Writer, turn: Turn) -> Result<(), StoreError> {
+    writer.write(Box::new(move |conn| {
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO messages (id, conversation_id, role, content, model, created_ms, \
+             incomplete, prompt_tokens, completion_tokens, idempotency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for (m, key) in [
+            (&turn.user, None),
+            (&turn.reply, turn.idempotency_key.as_ref()),
+        ] {
+            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            insert.execute(params![
+                m.id,
+                m.conversation_id,
+                m.role,
+                m.content,
+                m.model,
+                m.created_ms,
+                m.incomplete,
+                m.usage.map(|u| tokens(u.prompt_tokens)),
+                m.usage.map(|u| tokens(u.completion_tokens)),
+                key,
+            ])?;
+        }
+        Ok(())
+    }))
+}
+
+/// Keeps the first `limit` items; one more was fetched to tell whether more follow.
+fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
+    let has_more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Page { items, has_more }
+}
+
+fn conversation_from_row(r: &Row<'_>) -> rusqlite::Result<Conversation> {
+    Ok(Conversation {
+        id: r.get(0)?,
+        title: r.get(1)?,
+        model: r.get(2)?,
+        system: r.get(3)?,
+        created_ms: r.get(4)?,
+    })
+}
+
+fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
+    let prompt: Option<i64> = r.get(7)?;
+    let completion: Option<i64> = r.get(8)?;
+    Ok(Message {
+        id: r.get(0)?,
+        conversation_id: r.get(1)?,
+        role: r.get(2)?,
+        content: r.get(3)?,
+        model: r.get(4)?,
+        created_ms: r.get(5)?,
+        incomplete: r.get(6)?,
+        usage: prompt.map(|p| Usage {
+            prompt_tokens: p.max(0) as u64,
+            completion_tokens: completion.unwrap_or(0).max(0) as u64,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// A store on a fresh file, removed (with its WAL) on drop.
+    struct TempStore {
+        store: Store,
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            self.store.close();
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.path.as_os_str().to_owned();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    fn open(name: &str) -> TempStore {
+        let path = std::env::temp_dir().join(format!(
+            "syncgate-conversations-{name}-{}-{}.db",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let store = Store::open(&path, &Config::default().store, 0, Metrics::new().store).unwrap();
+        TempStore { store, path }
+    }
+
+    fn conversation(id: &str) -> Conversation {
+        Conversation {
+            id: id.to_string(),
+            title: None,
+            model: Some("m".into()),
+            system: None,
+            created_ms: 1,
+        }
+    }
+
+    fn message(id: &str, conversation: &str, role: &str) -> Message {
+        Message {
+            id: id.to_string(),
+            conversation_id: conversation.to_string(),
+            role: role.to_string(),
+            content: format!("text of {id}"),
+            model: None,
+            created_ms: 2,
+            incomplete: false,
+            usage: None,
+        }
+    }
+
+    fn turn(conversation: &str, n: usize, key: Option<&str>) -> Turn {
+        Turn {
+            user: message(&format!("u{n}"), conversation, "user"),
+            reply: message(&format!("a{n}"), conversation, "assistant"),
+            idempotency_key: key.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_key_creates_one_conversation_and_repeats_return_it() {
+        let t = open("key");
+        let first = create(&t.store, conversation("c1"), Some("k".into())).unwrap();
+        let again = create(&t.store, conversation("c2"), Some("k".into())).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(get(&t.store, "c2").unwrap(), None);
+        // Racers with a new key all get the one that was stored.
+        let store = &t.store;
+        let racers: Vec<Conversation> = std::thread::scope(|s| {
+            let handles = ["r1", "r2", "r3"]
+                .map(|id| s.spawn(move || create(store, conversation(id), Some("race".into()))));
+            handles.map(|h| h.join().unwrap().unwrap()).to_vec()
+        });
+        assert!(racers.iter().all(|c| *c == racers[0]), "{racers:?}");
+        let all = list(&t.store, 100, None).unwrap().unwrap();
+        assert_eq!(all.items.len(), 2);
+    }
+
+    #[test]
+    fn lists_page_newest_first_and_messages_oldest_first() {
+        let t = open("pages");
+        for i in 0..5 {
+            create(&t.store, conversation(&format!("c{i}")), None).unwrap();
+        }
+        let first = list(&t.store, 2, None).unwrap().unwrap();
+        let ids: Vec<_> = first.items.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!((ids, first.has_more), (vec!["c4", "c3"], true));
+        let last = list(&t.store, 2, Some("c1")).unwrap().unwrap();
+        let ids: Vec<_> = last.items.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!((ids, last.has_more), (vec!["c0"], false));
+        assert!(list(&t.store, 2, Some("nope")).unwrap().is_none());
+
+        for n in 0..3 {
+            add_turn(&t.store.writer, turn("c0", n, None)).unwrap();
+        }
+        let page = messages(&t.store, "c0", 4, None).unwrap().unwrap();
+        let ids: Vec<_> = page.items.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!((ids, page.has_more), (vec!["u0", "a0", "u1", "a1"], true));
+        let rest = messages(&t.store, "c0", 4, Some("a1")).unwrap().unwrap();
+        assert_eq!(rest.items.len(), 2);
+        assert!(!rest.has_more);
+        assert!(messages(&t.store, "c1", 4, Some("a1")).unwrap().is_none());
+        let newest: Vec<_> = history(&t.store, "c0", 3)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(newest, ["a1", "u2", "a2"]);
+    }
+
+    #[test]
+    fn a_turn_is_stored_whole_or_not_at_all() {
+        let t = open("turns");
+        create(&t.store, conversation("c"), None).unwrap();
+        add_turn(&t.store.writer, turn("c", 0, Some("k"))).unwrap();
+        let repeat = add_turn(&t.store.writer, turn("c", 1, Some("k"))).unwrap_err();
+        assert!(repeat.is_unique_violation(), "{repeat}");
+        assert_eq!(
+            reply_for_key(&t.store, "c", "k").unwrap().map(|m| m.id),
+            Some("a0".to_string())
+        );
+        // The same key in another conversation is another turn.
+        create(&t.store, conversation("d"), None).unwrap();
+        add_turn(&t.store.writer, turn("d", 1, Some("k"))).unwrap();
+        let orphan = add_turn(&t.store.writer, turn("gone", 2, None)).unwrap_err();
+        assert!(!orphan.is_unique_violation(), "{orphan}");
+        let page = messages(&t.store, "c", 100, None).unwrap().unwrap();
+        assert_eq!(page.items.len(), 2, "the failed repeat left nothing behind");
+    }
+
+    #[test]
+    fn deleting_a_conversation_takes_its_messages() {
+        let t = open("delete");
+        create(&t.store, conversation("c"), None).unwrap();
+        add_turn(&t.store.writer, turn("c", 0, None)).unwrap();
+        assert!(delete(&t.store, "c").unwrap());
+        assert!(!delete(&t.store, "c").unwrap());
+        let left: i64 = t
+            .store
+            .read()
+            .unwrap()
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+    }
+}
