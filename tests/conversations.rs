@@ -311,6 +311,11 @@ fn bad_requests_answer_4xx_naming_what_is_wrong() {
             &format!("/api/conversations/{bare}/messages?after=msg_missing"),
             "after",
         ),
+        ("/api/conversations?limt=5", "limt"),
+        (
+            &format!("/api/conversations/{bare}/messages?before=msg_x"),
+            "before",
+        ),
     ] {
         let err = assert_error(&get_path(addr, path), 400, None, Some("invalid_request"));
         assert_eq!(err["param"], param, "{path}");

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::chat::{self, invalid, missing, usage_json};
 use super::relay::{self, Relayed, Transcript};
-use super::{annotate, json_object, path_id, query_limit, query_param, ApiError};
+use super::{annotate, json_object, known_params, path_id, query_limit, query_param, ApiError};
 use crate::http::{Request, Response};
 use crate::providers::{self, mock, Answer, Call, ChatRequest, Served, UpstreamClock, Usage};
 use crate::server::State;
@@ -20,6 +20,7 @@ use crate::store::{new_id, now_ms, StoreError, Writer};
 /// `GET /api/conversations`: newest first, `limit` (default 20, at most 100) per page, the
 /// page after the conversation `before` names.
 pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiError> {
+    known_params(&request.query, &["limit", "before"])?;
     let limit = query_limit(&request.query, "limit", 20, 100)?;
     let before = query_param(&request.query, "before")?;
     let page = store::list(&state.store, limit, before.as_deref())?
@@ -67,6 +68,7 @@ pub(crate) fn delete(state: &State, request: &Request) -> Result<Response, ApiEr
 /// per page, the page after the message `after` names.
 pub(crate) fn list_messages(state: &State, request: &Request) -> Result<Response, ApiError> {
     let conversation = find(state, conversation_id(request))?;
+    known_params(&request.query, &["limit", "after"])?;
     let limit = query_limit(&request.query, "limit", 100, 1000)?;
     let after = query_param(&request.query, "after")?;
     let page = store::messages(&state.store, &conversation.id, limit, after.as_deref())?
