@@ -25,9 +25,9 @@ CREATE TABLE requests (
     response_body     BLOB
 );
 -- Newest first, by time; the filters the API offers; retention scans by time.
-CREATE INDEX requests_ts ON requests (ts_ms, id);
-CREATE INDEX requests_model_ts ON requests (model, ts_ms, id);
-CREATE INDEX requests_status_ts ON requests (status, ts_ms, id);
+CREATE INDEX requests_ts ON requests (ts_ms);
+CREATE INDEX requests_model_ts ON requests (model, ts_ms);
+CREATE INDEX requests_status_ts ON requests (status, ts_ms);
 
 -- Conversations kept server-side, and their messages in order. `seq` is the order of
 -- creation (commit order), which lists page by: ids are random and clocks tie.

@@ -104,22 +104,27 @@ fn abba(b: &mut Bench, name: &str, clients: usize, min_samples: u64) -> anyhow::
         b,
         name,
         [Side::Direct, Side::Syncgate],
+        1,
         clients,
         min_samples,
     )
 }
 
+/// `rounds` times A, B, B, A, each phase `duration / (2 × rounds)` long.
 fn abba_of(
     b: &mut Bench,
     name: &str,
     [first, second]: [Side; 2],
+    rounds: u32,
     clients: usize,
     min_samples: u64,
 ) -> anyhow::Result<[Phase; 2]> {
-    let half = b.duration / 2;
+    let phase_length = b.duration / (2 * rounds);
+    let phase_samples = min_samples / (2 * u64::from(rounds));
+    let order = [first, second, second, first];
     let mut sides: [Option<Phase>; 2] = [None, None];
-    for side in [first, second, second, first] {
-        let phase = latency_zero_phase(b, name, side, clients, half, min_samples / 2)?;
+    for side in order.iter().cycle().take(4 * rounds as usize).copied() {
+        let phase = latency_zero_phase(b, name, side, clients, phase_length, phase_samples)?;
         let slot = &mut sides[usize::from(side == second)];
         *slot = Some(match slot.take() {
             Some(mut earlier) => {
@@ -317,11 +322,22 @@ pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
     Ok(Outcome::new("sweep", json!({ "points": points }), rows))
 }
 
+/// Rounds of off, on, on, off in the logging scenario: the difference is small beside this
+/// machine's drift, so it is measured in more, shorter alternations.
+pub(crate) const LOGGING_ROUNDS: u32 = 3;
+
 /// Throughput with the request log on ÷ off (64 clients, latency 0): what logging every call
 /// costs. Both sides run through syncgate; the log's side writes one row per request.
 pub(crate) fn logging(b: &mut Bench) -> anyhow::Result<Outcome> {
     const CLIENTS: usize = 64;
-    let [off, on] = abba_of(b, "logging", [Side::Unlogged, Side::Syncgate], CLIENTS, 0)?;
+    let [off, on] = abba_of(
+        b,
+        "logging",
+        [Side::Unlogged, Side::Syncgate],
+        LOGGING_ROUNDS,
+        CLIENTS,
+        0,
+    )?;
     let cpu_row = Row::info(
         "CPU per request, log on",
         format!("{}; log off: {}", on.cpu_summary(), off.cpu_summary()),

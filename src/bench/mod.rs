@@ -56,7 +56,8 @@ impl Scenario {
     /// Measured phases it runs (for the progress bar).
     fn phases(self) -> u64 {
         match self {
-            Scenario::Overhead | Scenario::Throughput | Scenario::Logging | Scenario::Writer => 4,
+            Scenario::Overhead | Scenario::Throughput | Scenario::Writer => 4,
+            Scenario::Logging => 4 * u64::from(latency_zero::LOGGING_ROUNDS),
             Scenario::Sweep => 2 * latency_zero::SWEEP_CLIENTS.len() as u64,
             Scenario::SlowAi | Scenario::Streams => 2,
             Scenario::SaturatedHealth | Scenario::Overload => 1,
