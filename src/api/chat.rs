@@ -10,7 +10,7 @@ use super::record::Record;
 use super::{annotate, relay, ApiError};
 use crate::http::{Request, Response};
 use crate::providers::{
-    self, mock, Answer, Call, ChatReply, ChatRequest, Message, UpstreamClock, Usage,
+    self, mock, Answer, Call, ChatReply, ChatRequest, Message, Served, UpstreamClock, Usage,
 };
 use crate::server::State;
 
@@ -19,21 +19,8 @@ use crate::server::State;
 pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, ApiError> {
     let chat = parse(&request.body)?;
     let record = &request.record;
-    record.model(&chat.model);
-    record.note(|f| f.streamed = chat.stream);
-    let targets = state
-        .providers
-        .route(&chat.model)
-        .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
-    let mut clock = UpstreamClock::default();
-    let call = Call {
-        path: "/chat/completions",
-        body: &chat.raw,
-        stream: chat.stream,
-    };
-    let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
+    let (answer, served, clock) = ask(state, request, &chat)?;
     let label = served.label();
-    record.served(&served, clock);
     let response = match answer {
         Answer::Mock => {
             let reply = mock::reply(&chat);
@@ -76,6 +63,31 @@ pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, Api
         }),
     };
     Ok(annotate(response, request, label, clock, &state.metrics))
+}
+
+/// Sends a chat request to its model's targets (routing, retries, fallbacks), noting on the
+/// request's record what was asked and who answered. Also the path of a conversation's turn.
+pub(crate) fn ask(
+    state: &State,
+    request: &Request,
+    chat: &ChatRequest,
+) -> Result<(Answer, Served, UpstreamClock), ApiError> {
+    let record = &request.record;
+    record.model(&chat.model);
+    record.note(|f| f.streamed = chat.stream);
+    let targets = state
+        .providers
+        .route(&chat.model)
+        .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
+    let mut clock = UpstreamClock::default();
+    let call = Call {
+        path: "/chat/completions",
+        body: &chat.raw,
+        stream: chat.stream,
+    };
+    let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
+    record.served(&served, clock);
+    Ok((answer, served, clock))
 }
 
 /// Reads and checks the body; every error names the parameter at fault.

@@ -12,7 +12,7 @@ use super::chat::{self, invalid, missing, usage_json};
 use super::relay::{self, Relayed, Transcript};
 use super::{annotate, json_object, known_params, path_id, query_limit, query_param, ApiError};
 use crate::http::{Request, Response};
-use crate::providers::{self, mock, Answer, Call, ChatRequest, Served, UpstreamClock, Usage};
+use crate::providers::{self, mock, Answer, ChatRequest, Served, Usage};
 use crate::server::State;
 use crate::store::conversations::{self as store, Conversation, Message, Page, Turn};
 use crate::store::{new_id, now_ms, StoreError, Writer};
@@ -102,22 +102,8 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
         })?;
     let chat = prompt(state, &conversation, &model, &ask)?;
     let pending = Pending::new(conversation.id, ask.content, model, key);
-    let record = &request.record;
-    record.model(&chat.model);
-    record.note(|f| f.streamed = chat.stream);
-    let targets = state
-        .providers
-        .route(&chat.model)
-        .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
-    let mut clock = UpstreamClock::default();
-    let call = Call {
-        path: "/chat/completions",
-        body: &chat.raw,
-        stream: chat.stream,
-    };
-    let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
+    let (answer, served, clock) = chat::ask(state, request, &chat)?;
     let label = served.label();
-    record.served(&served, clock);
     let response = answer_turn(state, request, pending, chat, answer, served)?;
     Ok(annotate(response, request, label, clock, &state.metrics))
 }

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rusqlite::{params, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{Store, StoreError, Writer};
 use crate::providers::Usage;
@@ -129,16 +129,10 @@ pub(crate) fn list(
     let conn = store.read()?;
     let below = match before {
         None => i64::MAX,
-        Some(id) => {
-            let seq = conn
-                .prepare_cached("SELECT seq FROM conversations WHERE id = ?1")?
-                .query_row([id], |r| r.get(0))
-                .optional()?;
-            match seq {
-                Some(seq) => seq,
-                None => return Ok(None),
-            }
-        }
+        Some(id) => match cursor(&conn, "SELECT seq FROM conversations WHERE id = ?1", &[id])? {
+            Some(seq) => seq,
+            None => return Ok(None),
+        },
     };
     let items = conn
         .prepare_cached(&format!(
@@ -148,6 +142,13 @@ pub(crate) fn list(
         .query_map(params![below, limit + 1], conversation_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Some(page(items, limit)))
+}
+
+/// The `seq` a page cursor (an id) stands for; `None` when the id names nothing.
+fn cursor(conn: &Connection, sql: &str, ids: &[&str]) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(sql)?
+        .query_row(rusqlite::params_from_iter(ids), |r| r.get(0))
+        .optional()
 }
 
 /// Deletes a conversation and, by cascade, its messages. False when there was none.
@@ -193,18 +194,13 @@ pub(crate) fn messages(
     after: Option<&str>,
 ) -> Result<Option<Page<Message>>, StoreError> {
     let conn = store.read()?;
+    let sql = "SELECT seq FROM messages WHERE id = ?1 AND conversation_id = ?2";
     let above = match after {
         None => 0,
-        Some(id) => {
-            let seq = conn
-                .prepare_cached("SELECT seq FROM messages WHERE id = ?1 AND conversation_id = ?2")?
-                .query_row([id, conversation_id], |r| r.get(0))
-                .optional()?;
-            match seq {
-                Some(seq) => seq,
-                None => return Ok(None),
-            }
-        }
+        Some(id) => match cursor(&conn, sql, &[id, conversation_id])? {
+            Some(seq) => seq,
+            None => return Ok(None),
+        },
     };
     let items = conn
         .prepare_cached(&format!(

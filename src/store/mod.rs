@@ -229,6 +229,17 @@ impl Drop for Reader {
     }
 }
 
+/// Joins the thread kept in `slot` the first time it is called; later calls do nothing.
+fn join_once(slot: &std::sync::Mutex<Option<std::thread::JoinHandle<()>>>) {
+    let thread = slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(thread) = thread {
+        let _ = thread.join();
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -182,14 +182,7 @@ impl Writer {
             done: Done::new(),
         };
         let _ = self.ops.send_timeout(wake, WRITE_QUEUE_WAIT);
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(thread) = thread {
-            let _ = thread.join();
-        }
+        super::join_once(&self.thread);
     }
 }
 
