@@ -29,6 +29,7 @@ pub(crate) struct Overrides {
     pub(crate) shutdown_grace_ms: Option<u64>,
     pub(crate) mock_latency_ms: Option<u64>,
     pub(crate) debug_routes: bool,
+    pub(crate) allow_open: bool,
 }
 
 /// The TOML file as written. Every table denies unknown keys, so a typo stops start-up.
@@ -178,6 +179,9 @@ pub(crate) struct Config {
     pub(crate) mock_latency: Duration,
     /// Serve `POST /debug/panic` (tests only; hidden flag). Default off.
     pub(crate) debug_routes: bool,
+    /// Serve requests without keys on a non-loopback address while no API key exists
+    /// (`--allow-open`). Default off: such a server refuses to start.
+    pub(crate) allow_open: bool,
     /// Gap after which a waiting stream gets an SSE comment (`: keep-alive`). Default 10 s.
     pub(crate) heartbeat: Duration,
     pub(crate) store: StoreConfig,
@@ -346,6 +350,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_millis(30_000),
             mock_latency: Duration::ZERO,
             debug_routes: false,
+            allow_open: false,
             heartbeat: Duration::from_millis(10_000),
             store: StoreConfig {
                 read_pool: 8,
@@ -591,6 +596,7 @@ impl Config {
             shutdown_grace,
             mock_latency,
             debug_routes: over.debug_routes,
+            allow_open: over.allow_open,
             heartbeat,
             store,
             log,

@@ -3,9 +3,11 @@
 //! wait for a signal → shutdown. Errors are reported once, here at the edge.
 
 mod api;
+mod auth;
 mod bench;
 mod config;
 mod http;
+mod limits;
 mod malloc;
 mod metrics;
 mod mock_upstream;
@@ -51,6 +53,53 @@ enum Command {
     /// Print calls, errors and tokens from the request log, by model or by UTC day (the
     /// totals of GET /api/usage; reads the database without changing it).
     Usage(UsageArgs),
+    /// Make, list and revoke API keys in the database (a running server notices within a
+    /// second). A new key is printed once and never stored: only its hash is.
+    Keys(KeysArgs),
+}
+
+#[derive(Args)]
+struct KeysArgs {
+    /// SQLite database file.
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCGATE_DB",
+        value_name = "PATH",
+        default_value = "./syncgate.db"
+    )]
+    db: PathBuf,
+    #[command(subcommand)]
+    action: KeysAction,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Make a key and print it (the only time it is shown).
+    Create {
+        /// What the key is for (shown in lists and usage).
+        #[arg(long)]
+        name: String,
+        /// Models the key may call, comma-separated [default: every model].
+        #[arg(long, value_delimiter = ',', value_name = "A,B,…")]
+        models: Vec<String>,
+        /// Requests per minute at most (a sliding minute).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        rpm: Option<u32>,
+        /// Tokens per minute at most (estimated at admission, then as the provider reports).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        tpm: Option<u64>,
+        /// Requests in flight at once at most.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_in_flight: Option<u32>,
+        /// When the key stops working: unix seconds or RFC 3339.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        expires_at: Option<i64>,
+    },
+    /// List every key (never a secret).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: i64 },
 }
 
 #[derive(Args)]
@@ -69,8 +118,8 @@ struct DbArgs {
 struct UsageArgs {
     #[command(flatten)]
     db: DbArgs,
-    /// Totals per `model` or per `day` (UTC).
-    #[arg(long, value_name = "model|day", default_value = "model")]
+    /// Totals per `model`, per `day` (UTC) or per API `key`.
+    #[arg(long, value_name = "model|day|key", default_value = "model")]
     group_by: store::usage::GroupBy,
     /// Only calls logged at or after this time: unix seconds or RFC 3339 (2026-11-23T10:00:00Z).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
@@ -133,6 +182,10 @@ struct ServeArgs {
     /// Serve POST /debug/panic (for tests of panic handling).
     #[arg(long, hide = true)]
     enable_debug_routes: bool,
+    /// Serve without API keys on a non-loopback address while none exists (otherwise such a
+    /// server refuses to start). The admin key is read from SYNCGATE_ADMIN_KEY only.
+    #[arg(long)]
+    allow_open: bool,
 }
 
 impl ServeArgs {
@@ -152,6 +205,7 @@ impl ServeArgs {
             shutdown_grace_ms: self.shutdown_grace_ms,
             mock_latency_ms: self.mock_latency_ms,
             debug_routes: self.enable_debug_routes,
+            allow_open: self.allow_open,
         }
     }
 }
@@ -219,6 +273,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::MockUpstream(args) => mock_upstream(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Migrate(args) => migrate(&args),
+        Command::Keys(args) => keys(&args),
         Command::Usage(args) => usage(&args),
     }
 }
@@ -230,7 +285,11 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     // readiness line is already a graceful shutdown.
     let on_signal = catch_signals()?;
 
-    let server = server::Server::start(config)?;
+    // The admin key comes from the environment only: a flag would show in `ps`.
+    let admin_key = std::env::var("SYNCGATE_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    let server = server::Server::start(config, admin_key.as_deref())?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{}", server.local_addr())
         .and_then(|()| stdout.flush())
@@ -246,6 +305,65 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `syncgate migrate`: applies what migrations the file lacks and says what it did.
+/// `syncgate keys`: the same changes as `/admin/keys`, on the file directly.
+fn keys(args: &KeysArgs) -> anyhow::Result<ExitCode> {
+    use store::keys;
+    let (mut conn, _) = store::open_migrated(&args.db)?;
+    // A change and the generation bump that announces it commit together.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    match &args.action {
+        KeysAction::Create {
+            name,
+            models,
+            rpm,
+            tpm,
+            max_in_flight,
+            expires_at,
+        } => {
+            anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+            let new = keys::NewKey {
+                name: name.clone(),
+                models: (!models.is_empty()).then(|| models.clone()),
+                rpm: *rpm,
+                tpm: *tpm,
+                max_in_flight: *max_in_flight,
+                expires_ms: *expires_at,
+            };
+            let made = keys::make(new, store::now_ms())
+                .map_err(|e| anyhow::anyhow!("cannot draw random bytes: {e}"))?;
+            let id = keys::insert(&tx, &made.stored)?;
+            tx.commit()?;
+            println!("{}", made.secret);
+            eprintln!("API key {id} ({name}) created; the line above is the key, shown this once");
+        }
+        KeysAction::List => {
+            println!("id  prefix        status   name");
+            let now = store::now_ms();
+            for k in keys::all(&tx)? {
+                let status = if k.revoked_ms.is_some() {
+                    "revoked"
+                } else if k.expires_ms.is_some_and(|at| at <= now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!("{:<3} {:<13} {:<8} {}", k.id, k.prefix, status, k.name);
+            }
+        }
+        KeysAction::Revoke { id } => {
+            if keys::revoke(&tx, *id, store::now_ms())? {
+                tx.commit()?;
+                println!("API key {id} revoked");
+            } else if keys::get(&tx, *id)?.is_some() {
+                println!("API key {id} was already revoked");
+            } else {
+                anyhow::bail!("no API key with id {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn migrate(args: &DbArgs) -> anyhow::Result<ExitCode> {
     let (_, migrated) = store::open_migrated(&args.db)?;
     if migrated.from == migrated.to {

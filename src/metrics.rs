@@ -79,6 +79,10 @@ pub(crate) struct Metrics {
     pub(crate) upstream_in_flight: IntGaugeVec,
     /// `syncgate_tokens_total{provider,model,kind}`: prompt and completion tokens reported.
     pub(crate) tokens: IntCounterVec,
+    /// `syncgate_auth_failures_total{reason}`: requests turned away for their key.
+    pub(crate) auth_failures: IntCounterVec,
+    /// `syncgate_rate_limited_total{limit}`: requests refused by a key's limit.
+    pub(crate) rate_limited: IntCounterVec,
     pub(crate) store: StoreMetrics,
 }
 
@@ -265,10 +269,32 @@ impl Metrics {
                 "Failed accepts, survived",
             )
             .expect("valid metric"),
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "syncgate_auth_failures_total",
+                    "Requests turned away for their key (missing, unknown, revoked, expired, model not allowed, not admin)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "syncgate_rate_limited_total",
+                    "Requests refused by a key's limit (requests, tokens, in_flight)",
+                ),
+                &["limit"],
+            )
+            .expect("valid metric"),
             store: StoreMetrics::new(),
             registry,
         };
         metrics.register_all();
+        for reason in crate::auth::DENIAL_REASONS {
+            metrics.auth_failures.with_label_values(&[reason]);
+        }
+        for limit in ["requests", "tokens", "in_flight"] {
+            metrics.rate_limited.with_label_values(&[limit]);
+        }
         metrics
     }
 
@@ -293,6 +319,8 @@ impl Metrics {
             Box::new(self.upstream_retries.clone()),
             Box::new(self.upstream_in_flight.clone()),
             Box::new(self.tokens.clone()),
+            Box::new(self.auth_failures.clone()),
+            Box::new(self.rate_limited.clone()),
             Box::new(self.store.batch_rows.clone()),
             Box::new(self.store.commit_seconds.clone()),
             Box::new(self.store.queue_depth.clone()),

@@ -1,6 +1,7 @@
 //! The routes syncgate answers, the one error type handlers return, and [`handle`], the main
 //! loop of a request once a worker has it.
 
+mod admin;
 pub(crate) mod chat;
 mod conversations;
 mod embeddings;
@@ -15,6 +16,7 @@ use std::fmt;
 
 use serde_json::json;
 
+use crate::auth::Denied;
 use crate::http::{Rejection, Request, Response};
 use crate::providers::ProviderError;
 use crate::server::State;
@@ -41,6 +43,12 @@ pub(crate) enum Route {
     ConversationDelete,
     MessageList,
     MessageCreate,
+    /// `GET /admin/keys`: every key, never a secret.
+    AdminKeyList,
+    /// `POST /admin/keys`: a new key, its secret shown once.
+    AdminKeyCreate,
+    /// `DELETE /admin/keys/{id}`: revoked at once.
+    AdminKeyRevoke,
     /// `POST /debug/panic`: panics on purpose, served only with `--enable-debug-routes`.
     DebugPanic,
 }
@@ -61,6 +69,8 @@ impl Route {
             Route::ConversationList | Route::ConversationCreate => "/api/conversations",
             Route::ConversationGet | Route::ConversationDelete => "/api/conversations/{id}",
             Route::MessageList | Route::MessageCreate => "/api/conversations/{id}/messages",
+            Route::AdminKeyList | Route::AdminKeyCreate => "/admin/keys",
+            Route::AdminKeyRevoke => "/admin/keys/{id}",
             Route::DebugPanic => "/debug/panic",
         }
     }
@@ -77,14 +87,24 @@ impl Route {
             | Route::Usage
             | Route::ConversationList
             | Route::ConversationGet
-            | Route::MessageList => "GET",
+            | Route::MessageList
+            | Route::AdminKeyList => "GET",
             Route::ChatCompletions
             | Route::Embeddings
             | Route::ConversationCreate
             | Route::MessageCreate
+            | Route::AdminKeyCreate
             | Route::DebugPanic => "POST",
-            Route::ConversationDelete => "DELETE",
+            Route::ConversationDelete | Route::AdminKeyRevoke => "DELETE",
         }
+    }
+
+    /// Under `/admin`: the admin key's, never a user key's.
+    pub(crate) fn is_admin(self) -> bool {
+        matches!(
+            self,
+            Route::AdminKeyList | Route::AdminKeyCreate | Route::AdminKeyRevoke
+        )
     }
 
     /// Answered on the connection thread, never queued: these must work when workers cannot.
@@ -95,6 +115,9 @@ impl Route {
 
 /// The metrics label for requests that matched no route.
 pub(crate) const UNMATCHED: &str = "unmatched";
+
+/// Where a key's path starts; the id follows.
+pub(crate) const ADMIN_KEYS_PREFIX: &str = "/admin/keys/";
 
 /// Where a conversation's paths start; the id follows.
 pub(crate) const CONVERSATIONS_PREFIX: &str = "/api/conversations/";
@@ -112,8 +135,10 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/api/requests" => &[Route::Requests],
         "/api/usage" => &[Route::Usage],
         "/api/conversations" => &[Route::ConversationList, Route::ConversationCreate],
+        "/admin/keys" => &[Route::AdminKeyList, Route::AdminKeyCreate],
         "/debug/panic" if debug_routes => &[Route::DebugPanic],
         p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
+        p if matches!(path_id(p, ADMIN_KEYS_PREFIX), Some((_, ""))) => &[Route::AdminKeyRevoke],
         p => match path_id(p, CONVERSATIONS_PREFIX) {
             Some((_, "")) => &[Route::ConversationGet, Route::ConversationDelete],
             Some((_, "/messages")) => &[Route::MessageList, Route::MessageCreate],
@@ -161,6 +186,9 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::ConversationDelete => conversations::delete(state, request),
         Route::MessageList => conversations::list_messages(state, request),
         Route::MessageCreate => conversations::add_message(state, request),
+        Route::AdminKeyList => admin::list_keys(state),
+        Route::AdminKeyCreate => admin::create_key(state, request),
+        Route::AdminKeyRevoke => admin::revoke_key(state, request),
         Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
         Route::Healthz | Route::Readyz | Route::Metrics => Ok(ops::answer(state, route)),
     }
@@ -341,6 +369,8 @@ pub(crate) enum ApiError {
     NotFound { kind: &'static str, id: String },
     /// The database could not take or give the data (busy, closing, failed).
     Store(crate::store::StoreError),
+    /// Turned away at admission: no key, a bad key, a model the key may not use, a limit.
+    Denied(crate::auth::Denied),
     /// Calling the model's providers failed (after retries and fallbacks).
     Provider(ProviderError),
     /// Every queue slot is taken; the client should retry after this many seconds.
@@ -373,6 +403,15 @@ impl ApiError {
             ApiError::Store(e) => match e {
                 crate::store::StoreError::Busy | crate::store::StoreError::Closed => 503,
                 crate::store::StoreError::Failed(_) => 500,
+            },
+            ApiError::Denied(d) => match d {
+                Denied::Missing
+                | Denied::Unknown
+                | Denied::Revoked
+                | Denied::Expired
+                | Denied::NotAdmin => 401,
+                Denied::ModelNotAllowed { .. } | Denied::AdminDisabled => 403,
+                Denied::Limited(_) => 429,
             },
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => 400,
@@ -411,6 +450,8 @@ impl ApiError {
             }
         }
         match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
             429 => "rate_limit_error",
             502 | 504 => "upstream_error",
             500 => "server_error",
@@ -458,6 +499,16 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::NotFound { .. } => "not_found",
+            ApiError::Denied(d) => match d {
+                Denied::Missing => "missing_api_key",
+                Denied::Unknown => "invalid_api_key",
+                Denied::Revoked => "api_key_revoked",
+                Denied::Expired => "api_key_expired",
+                Denied::ModelNotAllowed { .. } => "model_not_allowed",
+                Denied::NotAdmin => "admin_key_required",
+                Denied::AdminDisabled => "admin_disabled",
+                Denied::Limited(_) => "rate_limit_exceeded",
+            },
             ApiError::Store(e) => e.code(),
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::QueueTimeout { .. } => "queue_timeout",
@@ -513,6 +564,15 @@ impl ApiError {
             | ApiError::Store(crate::store::StoreError::Busy | crate::store::StoreError::Closed) => {
                 response.with_header("retry-after", "1".to_string())
             }
+            ApiError::Denied(crate::auth::Denied::Limited(refusal)) => {
+                let mut response =
+                    response.with_header("retry-after", refusal.retry_after_secs().to_string());
+                for (name, value) in refusal.headers() {
+                    response = response.with_header(name, value);
+                }
+                response
+            }
+            ApiError::Denied(_) => response.with_header("www-authenticate", "Bearer".to_string()),
             ApiError::MethodNotAllowed { allow, .. } => {
                 response.with_header("allow", allow.clone())
             }
@@ -564,6 +624,28 @@ impl fmt::Display for ApiError {
             ApiError::InvalidRequest { message, .. } => f.write_str(message),
             ApiError::ModelNotFound(model) => write!(f, "the model {model:?} does not exist"),
             ApiError::NotFound { kind, id } => write!(f, "no {kind} with id {id:?}"),
+            // Never the presented key: only what is wrong with it.
+            ApiError::Denied(d) => match d {
+                Denied::Missing => f.write_str(
+                    "no API key: send it as `Authorization: Bearer <key>`",
+                ),
+                Denied::Unknown => f.write_str("the API key is not valid"),
+                Denied::Revoked => f.write_str("the API key was revoked"),
+                Denied::Expired => f.write_str("the API key has expired"),
+                Denied::ModelNotAllowed { model } => {
+                    write!(f, "this API key may not call the model {model:?}")
+                }
+                Denied::NotAdmin => f.write_str("this endpoint needs the admin key"),
+                Denied::AdminDisabled => f.write_str(
+                    "the admin API is disabled: start syncgate with SYNCGATE_ADMIN_KEY set",
+                ),
+                Denied::Limited(refusal) => write!(
+                    f,
+                    "rate limit reached for this key ({}); retry after {} s",
+                    refusal.limit,
+                    refusal.retry_after_secs()
+                ),
+            },
             // The detail (SQLite's words) goes to the server log, not to the client.
             ApiError::Store(crate::store::StoreError::Failed(_)) => {
                 f.write_str("the database failed to store or read the data")

@@ -113,6 +113,7 @@ fn row_json(logged: &Logged) -> Value {
         "completion_tokens": r.completion_tokens,
         "streamed": r.streamed,
         "client_left": r.client_left,
+        "key_id": r.key_id,
     });
     if let Value::Object(object) = &mut json {
         add_body(object, "request_body", r.request_body.as_deref());

@@ -14,7 +14,7 @@ pub(crate) fn summary(state: &State, request: &Request) -> Result<Response, ApiE
     let group_by = match query_param(query, "group_by")? {
         None => GroupBy::default(),
         Some(text) => text.parse().map_err(|_| ApiError::InvalidRequest {
-            message: format!("'group_by' must be model or day; got {text:?}"),
+            message: format!("'group_by' must be model, day or key; got {text:?}"),
             param: "group_by".to_string(),
         })?,
     };

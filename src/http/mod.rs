@@ -44,6 +44,8 @@ pub(crate) struct Request {
     pub(crate) request_id: String,
     /// What serving it taught us, for its request-log row.
     pub(crate) record: std::sync::Arc<crate::api::record::Record>,
+    /// Who is calling, once admission has decided (its key's permit is freed with it).
+    pub(crate) caller: Option<crate::auth::Caller>,
 }
 
 impl Request {

@@ -166,6 +166,7 @@ impl RequestReader {
             received,
             request_id,
             record: Default::default(),
+            caller: None,
         }))
     }
 

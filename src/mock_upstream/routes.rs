@@ -64,6 +64,9 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::ConversationDelete
         | api::Route::MessageList
         | api::Route::MessageCreate
+        | api::Route::AdminKeyList
+        | api::Route::AdminKeyCreate
+        | api::Route::AdminKeyRevoke
         | api::Route::DebugPanic => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),

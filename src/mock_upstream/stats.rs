@@ -153,6 +153,7 @@ mod tests {
             received: Instant::now(),
             request_id: "id".into(),
             record: Default::default(),
+            caller: None,
         }
     }
 

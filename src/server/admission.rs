@@ -13,7 +13,9 @@ use crossbeam_channel::TrySendError;
 use super::handoff::{Handback, Returner};
 use super::State;
 use crate::api::{self, ApiError, Route};
+use crate::auth::{Caller, Denied};
 use crate::http::{write_response, Body, Rejection, Request, Response, Version, WriteMeta};
+use crate::limits::Limit;
 use crate::store::requests::RequestRow;
 
 /// A request handed to the worker pool, with the connection it came on. The worker writes the
@@ -31,7 +33,7 @@ pub(crate) struct Job {
 /// returns the connection.
 pub(crate) fn admit(
     state: &State,
-    request: Request,
+    mut request: Request,
     stream: TcpStream,
     handback: &Handback,
 ) -> Option<TcpStream> {
@@ -48,6 +50,31 @@ pub(crate) fn admit(
     if route.is_fast_lane() {
         let answer = api::ops::answer(state, route);
         return respond(state, &request, route.template(), Ok(answer), stream, None);
+    }
+    // Who is calling is decided here, before the request takes a queue slot or reaches a
+    // provider; a key's limits are charged here too.
+    match authorize(state, route, &request) {
+        Ok(caller) => request.caller = Some(caller),
+        Err(denied) => {
+            match &denied {
+                Denied::Limited(refusal) => state
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&[limit_label(refusal.limit)])
+                    .inc(),
+                other => {
+                    if let Some(reason) = other.reason() {
+                        state
+                            .metrics
+                            .auth_failures
+                            .with_label_values(&[reason])
+                            .inc();
+                    }
+                }
+            }
+            let error = ApiError::Denied(denied);
+            return respond(state, &request, route.template(), Err(error), stream, None);
+        }
     }
     // Admission is by count: `workers` requests in service plus `queue` waiting. Counting
     // (rather than asking whether the channel has room) makes the capacity exact even while
@@ -101,6 +128,26 @@ pub(crate) fn admit(
     }
 }
 
+/// The caller of a queued route: the admin key for `/admin`, else a key (or none, in open mode).
+fn authorize(state: &State, route: Route, request: &Request) -> Result<Caller, Denied> {
+    if route.is_admin() {
+        state.auth.admit_admin(request)
+    } else if route == Route::DebugPanic {
+        Ok(Caller::Open)
+    } else {
+        state.auth.admit(request, crate::store::now_ms())
+    }
+}
+
+/// The `limit` label of `syncgate_rate_limited_total`.
+fn limit_label(limit: Limit) -> &'static str {
+    match limit {
+        Limit::Requests => "requests",
+        Limit::Tokens => "tokens",
+        Limit::InFlight => "in_flight",
+    }
+}
+
 /// Answers a request the front end refused while reading it. The caller closes afterwards.
 pub(crate) fn refuse(
     state: &State,
@@ -144,6 +191,13 @@ pub(crate) fn respond(
         }
         e.to_response()
     });
+    let mut response = response;
+    // Every answer to a keyed request says where the key stands (OpenAI's headers).
+    if let Some(Caller::Key { permit, .. }) = &request.caller {
+        for (name, value) in permit.headers() {
+            response = response.with_header(name, value);
+        }
+    }
     let status = response.status;
     // Which provider served it and in how many attempts, as the handler marked the answer
     // (formatted only when the access log is on).
@@ -167,11 +221,20 @@ pub(crate) fn respond(
         Body::Bytes(bytes) if logged && log.bodies => Some(capped(bytes, log.body_max_bytes)),
         _ => None,
     };
+    // A key's in-flight slot is held while its answer is made: until now for a whole body,
+    // until the last event for a stream.
+    let streamed = matches!(response.body, Body::Stream(_));
+    if !streamed {
+        settle(request);
+    }
     let (bytes, keep_alive, note) = match write_response(&mut stream, response, &meta) {
         Ok(w) => (w.bytes, w.keep_alive, ""),
         Err(_) => (0, false, " client-gone"),
     };
     let elapsed = request.received.elapsed();
+    if streamed {
+        settle(request);
+    }
     if logged {
         let row = log_row(
             request, route, status, elapsed, queue_wait, note, error_code,
@@ -207,6 +270,17 @@ pub(crate) fn respond(
         crate::http::loggable_headers(&request.headers)
     );
     keep_alive.then_some(stream)
+}
+
+/// Settles a keyed request with its key's limits: the admission estimate gives way to the
+/// tokens the provider reported, and the in-flight slot is given back.
+fn settle(request: &Request) {
+    if let Some(Caller::Key { permit, .. }) = &request.caller {
+        if let Some(usage) = request.record.facts().usage {
+            permit.reconcile(usage.prompt_tokens + usage.completion_tokens);
+        }
+        permit.release();
+    }
 }
 
 /// The calls the request log keeps: the API, not the fast lane or stray paths.
@@ -254,6 +328,7 @@ fn log_row(
         completion_tokens: facts.usage.map(|u| u.completion_tokens),
         streamed: facts.streamed,
         client_left: facts.client_left || !note.is_empty(),
+        key_id: request.caller.as_ref().and_then(Caller::key_id),
         request_body: None,
         response_body: None,
     }

@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use crossbeam_channel::Sender;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::http::{self, Acceptor};
 use crate::metrics::Metrics;
@@ -29,8 +30,10 @@ pub(crate) struct State {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) providers: Providers,
-    /// The database: request log, conversations.
+    /// The database: request log, conversations, keys.
     pub(crate) store: Store,
+    /// Who may call: the keyring, the admin key, the per-key limits.
+    pub(crate) auth: Auth,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -73,12 +76,13 @@ pub(crate) struct Server {
     state: Arc<State>,
     acceptor: Acceptor,
     pool: Pool,
+    key_watch: KeyWatch,
     addr: SocketAddr,
 }
 
 impl Server {
     /// Checks the process can honour the limits, binds, and starts workers and the acceptor.
-    pub(crate) fn start(config: Config) -> anyhow::Result<Server> {
+    pub(crate) fn start(config: Config, admin_key: Option<&str>) -> anyhow::Result<Server> {
         let capacity = &config.capacity;
         let needed = http::fds_needed(capacity.max_connections, capacity.workers);
         let open_files = http::raise_open_files_limit(needed).map_err(|why| {
@@ -116,6 +120,7 @@ impl Server {
             config.db.display(),
             config.store.read_pool
         );
+        let auth = authorization(&config, &store, admin_key)?;
         let providers = Providers::from_config(&config);
         for name in providers.names() {
             metrics.register_provider(name);
@@ -132,6 +137,7 @@ impl Server {
             metrics,
             providers,
             store,
+            auth,
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
@@ -139,12 +145,15 @@ impl Server {
             service_time: ServiceTime::new(),
         });
         let pool = Pool::spawn(&state, jobs).context("cannot start the worker threads")?;
+        let key_watch =
+            KeyWatch::spawn(Arc::clone(&state)).context("cannot start the key watcher")?;
         let acceptor = Acceptor::spawn(listener, Arc::clone(&state))
             .context("cannot start the acceptor thread")?;
         Ok(Server {
             state,
             acceptor,
             pool,
+            key_watch,
             addr,
         })
     }
@@ -156,7 +165,7 @@ impl Server {
     /// Graceful shutdown: refuse new work (503 `draining`), stop accepting, let queued and
     /// in-flight requests finish within the grace period, then stop and join the workers.
     /// Returns false if work was still running when the grace period ended.
-    pub(crate) fn shutdown(self) -> bool {
+    pub(crate) fn shutdown(mut self) -> bool {
         let state = &self.state;
         let deadline = Instant::now() + state.config.shutdown_grace;
         state.draining.store(true, Ordering::SeqCst);
@@ -174,8 +183,89 @@ impl Server {
             );
             false
         };
+        self.key_watch.stop();
         // The request log rows still queued are committed before the process exits.
-        state.store.close();
+        self.state.store.close();
         drained
+    }
+}
+
+/// The keyring at start, and the policy for requests without a key: with no key in the file, a
+/// loopback listener serves everyone (development mode, said once); any other address refuses
+/// to start unless `--allow-open`.
+fn authorization(config: &Config, store: &Store, admin_key: Option<&str>) -> anyhow::Result<Auth> {
+    let loopback = config.listen.ip().is_loopback();
+    let auth = Auth::new(admin_key, loopback || config.allow_open);
+    auth.refresh(store)
+        .map_err(|e| anyhow::anyhow!("cannot read the API keys: {e}"))?;
+    let keys = auth.active_keys();
+    if keys > 0 {
+        log::info!("{keys} API keys: every /v1 and /api request needs one");
+    } else if loopback {
+        log::warn!(
+            "development mode: no API keys exist and {} is a loopback address, so requests \
+             need no key; `syncgate keys create` makes one and ends this mode",
+            config.listen
+        );
+    } else if config.allow_open {
+        log::warn!(
+            "--allow-open: no API keys exist, so anyone who reaches {} may call it",
+            config.listen
+        );
+    } else {
+        anyhow::bail!(
+            "refusing to serve {} with no API keys: anyone who reaches it could call your \
+             providers. Create a key first (`syncgate keys create --db {} --name NAME`), \
+             listen on a loopback address, or pass --allow-open",
+            config.listen,
+            config.db.display()
+        );
+    }
+    if admin_key.is_none() {
+        log::info!("admin API off (SYNCGATE_ADMIN_KEY is not set)");
+    }
+    Ok(auth)
+}
+
+/// The thread that notices key changes made by other processes (`syncgate keys`): it looks at
+/// the keys' generation in the file once a second.
+struct KeyWatch {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the keyring looks for changes made by another process.
+const KEY_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl KeyWatch {
+    fn spawn(state: Arc<State>) -> std::io::Result<KeyWatch> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("sg-keys".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(KEY_WATCH_EVERY)
+                {
+                    match state.auth.refresh(&state.store) {
+                        Ok(true) => log::info!(
+                            "API keys changed in the database: {} active",
+                            state.auth.active_keys()
+                        ),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("cannot look for API key changes: {e}"),
+                    }
+                }
+            })?;
+        Ok(KeyWatch {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

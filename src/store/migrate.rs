@@ -6,11 +6,18 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// Every migration, numbered from 1 without gaps; the number is the file's `NNNN` prefix.
-pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "0001_initial",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "0001_initial",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "0002_api_keys",
+        include_str!("../../migrations/0002_api_keys.sql"),
+    ),
+];
 
 /// The schema version this build writes.
 pub(crate) fn latest() -> u32 {

@@ -39,6 +39,8 @@ pub(crate) struct RequestRow {
     pub(crate) streamed: bool,
     /// The client went away before the answer was complete.
     pub(crate) client_left: bool,
+    /// The API key that made the call (`None` in open mode).
+    pub(crate) key_id: Option<i64>,
     pub(crate) request_body: Option<Vec<u8>>,
     pub(crate) response_body: Option<Vec<u8>>,
 }
@@ -52,9 +54,9 @@ pub(crate) fn insert(conn: &Connection, rows: &[RequestRow]) -> rusqlite::Result
         "INSERT INTO requests (request_id, ts_ms, method, route, model, provider, \
          upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
          overhead_ms, ttft_ms, prompt_tokens, completion_tokens, streamed, client_left, \
-         request_body, response_body) \
+         request_body, response_body, key_id) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-         ?18, ?19, ?20, ?21)",
+         ?18, ?19, ?20, ?21, ?22)",
     )?;
     for r in rows {
         insert.execute(params![
@@ -79,6 +81,7 @@ pub(crate) fn insert(conn: &Connection, rows: &[RequestRow]) -> rusqlite::Result
             r.client_left,
             r.request_body,
             r.response_body,
+            r.key_id,
         ])?;
     }
     Ok(())
@@ -224,6 +227,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Logged> {
             completion_tokens: tokens("completion_tokens")?,
             streamed: r.get("streamed")?,
             client_left: r.get("client_left")?,
+            key_id: r.get("key_id")?,
             request_body: r.get("request_body")?,
             response_body: r.get("response_body")?,
         },

@@ -15,6 +15,8 @@ pub(crate) enum GroupBy {
     #[default]
     Model,
     Day,
+    /// The API key that made the calls: `ID:name`, or `(no key)` in open mode.
+    Key,
 }
 
 impl GroupBy {
@@ -23,6 +25,7 @@ impl GroupBy {
         match self {
             GroupBy::Model => "model",
             GroupBy::Day => "day",
+            GroupBy::Key => "key",
         }
     }
 }
@@ -34,7 +37,10 @@ impl std::str::FromStr for GroupBy {
         match text {
             "model" => Ok(GroupBy::Model),
             "day" => Ok(GroupBy::Day),
-            _ => Err(format!("{text:?} is not a grouping; expected model or day")),
+            "key" => Ok(GroupBy::Key),
+            _ => Err(format!(
+                "{text:?} is not a grouping; expected model, day or key"
+            )),
         }
     }
 }
@@ -68,6 +74,11 @@ pub(crate) fn summarise(
     let (key, order) = match group_by {
         GroupBy::Model => ("model", "calls DESC, key"),
         GroupBy::Day => ("ts_ms / 86400000", "key"),
+        GroupBy::Key => (
+            "CASE WHEN key_id IS NULL THEN '(no key)' ELSE key_id || ':' || \
+             coalesce((SELECT name FROM api_keys WHERE id = key_id), '?') END",
+            "calls DESC, key",
+        ),
     };
     let sql = format!(
         "SELECT {key} AS key, count(*) AS calls, sum(status >= 400), \
@@ -81,7 +92,7 @@ pub(crate) fn summarise(
     let totals = statement
         .query_map([since, until], |r| {
             let key = match group_by {
-                GroupBy::Model => r.get::<_, String>(0)?,
+                GroupBy::Model | GroupBy::Key => r.get::<_, String>(0)?,
                 GroupBy::Day => time::format_day(r.get::<_, i64>(0)? * time::MS_PER_DAY),
             };
             Ok(Totals {
