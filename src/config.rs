@@ -55,6 +55,8 @@ struct RawConfig {
     #[serde(default)]
     conversations: RawConversations,
     #[serde(default)]
+    jobs: RawJobs,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -118,6 +120,15 @@ struct RawLog {
     bodies: Option<bool>,
     body_max_bytes: Option<usize>,
     retention_days: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    workers: Option<usize>,
+    lease_ms: Option<u64>,
+    max_queued: Option<usize>,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +197,7 @@ pub(crate) struct Config {
     pub(crate) heartbeat: Duration,
     pub(crate) store: StoreConfig,
     pub(crate) log: LogConfig,
+    pub(crate) jobs: JobsConfig,
     /// Stored messages sent to the model with a new conversation turn, at most (the newest;
     /// the conversation's system prompt is always sent). Default 50.
     pub(crate) max_history_messages: usize,
@@ -300,6 +312,20 @@ pub(crate) enum Durability {
     Normal,
 }
 
+/// The durable job runner: its own threads, never the request workers.
+#[derive(Debug, Clone)]
+pub(crate) struct JobsConfig {
+    /// Job runner threads: jobs run at once at most. Default 16.
+    pub(crate) workers: usize,
+    /// A running job's lease: renewed while it runs; past it, another runner may take it.
+    /// Default 30 s.
+    pub(crate) lease: Duration,
+    /// Queued and running jobs at most; a submission past it gets 503. Default 10,000.
+    pub(crate) max_queued: usize,
+    /// Runs of one job at most (crashes and lost leases count); then it fails. Default 3.
+    pub(crate) max_attempts: u32,
+}
+
 /// The request log.
 #[derive(Debug, Clone)]
 pub(crate) struct LogConfig {
@@ -368,6 +394,12 @@ impl Default for Config {
                 retention_days: 30,
             },
             max_history_messages: 50,
+            jobs: JobsConfig {
+                workers: 16,
+                lease: Duration::from_millis(30_000),
+                max_queued: 10_000,
+                max_attempts: 3,
+            },
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -565,6 +597,32 @@ impl Config {
             body_max_bytes: raw.log.body_max_bytes.unwrap_or(d.log.body_max_bytes),
             retention_days: raw.log.retention_days.unwrap_or(d.log.retention_days),
         };
+        let j = raw.jobs;
+        let jobs = JobsConfig {
+            workers: at_least(
+                "jobs.workers",
+                (j.workers.unwrap_or(d.jobs.workers) as u64, false),
+                1,
+            )? as usize,
+            lease: millis(
+                "jobs.lease_ms",
+                (j.lease_ms.unwrap_or(d.jobs.lease.as_millis() as u64), false),
+                100,
+            )?,
+            max_queued: at_least(
+                "jobs.max_queued",
+                (j.max_queued.unwrap_or(d.jobs.max_queued) as u64, false),
+                1,
+            )? as usize,
+            max_attempts: at_least(
+                "jobs.max_attempts",
+                (
+                    u64::from(j.max_attempts.unwrap_or(d.jobs.max_attempts)),
+                    false,
+                ),
+                1,
+            )? as u32,
+        };
         let max_history_messages = at_least(
             "conversations.max_history_messages",
             (
@@ -600,6 +658,7 @@ impl Config {
             heartbeat,
             store,
             log,
+            jobs,
             max_history_messages,
             providers,
             models,

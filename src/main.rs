@@ -7,6 +7,7 @@ mod auth;
 mod bench;
 mod config;
 mod http;
+mod jobs;
 mod limits;
 mod malloc;
 mod metrics;

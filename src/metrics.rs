@@ -84,6 +84,17 @@ pub(crate) struct Metrics {
     /// `syncgate_rate_limited_total{limit}`: requests refused by a key's limit.
     pub(crate) rate_limited: IntCounterVec,
     pub(crate) store: StoreMetrics,
+    pub(crate) jobs: JobMetrics,
+}
+
+/// The job runner's metrics.
+pub(crate) struct JobMetrics {
+    /// `syncgate_jobs{state}`: jobs in the database by state (refreshed every second or so).
+    pub(crate) by_state: IntGaugeVec,
+    /// `syncgate_job_wait_seconds`: submission to the first start of a job.
+    pub(crate) wait_seconds: Histogram,
+    /// `syncgate_job_run_seconds`: one attempt, start to end.
+    pub(crate) run_seconds: Histogram,
 }
 
 /// The database's metrics; cheap to clone (each is a shared handle) for the writer thread.
@@ -286,6 +297,29 @@ impl Metrics {
             )
             .expect("valid metric"),
             store: StoreMetrics::new(),
+            jobs: JobMetrics {
+                by_state: IntGaugeVec::new(
+                    Opts::new("syncgate_jobs", "Durable jobs in the database, by state"),
+                    &["state"],
+                )
+                .expect("valid metric"),
+                wait_seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "syncgate_job_wait_seconds",
+                        "Time from a job's submission to its first start",
+                    )
+                    .buckets(REQUEST_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+                run_seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "syncgate_job_run_seconds",
+                        "Time one attempt of a job ran",
+                    )
+                    .buckets(REQUEST_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            },
             registry,
         };
         metrics.register_all();
@@ -294,6 +328,9 @@ impl Metrics {
         }
         for limit in ["requests", "tokens", "in_flight"] {
             metrics.rate_limited.with_label_values(&[limit]);
+        }
+        for state in crate::jobs::state_names() {
+            metrics.jobs.by_state.with_label_values(&[state]);
         }
         metrics
     }
@@ -321,6 +358,9 @@ impl Metrics {
             Box::new(self.tokens.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.rate_limited.clone()),
+            Box::new(self.jobs.by_state.clone()),
+            Box::new(self.jobs.wait_seconds.clone()),
+            Box::new(self.jobs.run_seconds.clone()),
             Box::new(self.store.batch_rows.clone()),
             Box::new(self.store.commit_seconds.clone()),
             Box::new(self.store.queue_depth.clone()),

@@ -5,6 +5,7 @@ mod admin;
 pub(crate) mod chat;
 mod conversations;
 mod embeddings;
+mod jobs;
 mod models;
 pub(crate) mod ops;
 pub(crate) mod record;
@@ -43,6 +44,14 @@ pub(crate) enum Route {
     ConversationDelete,
     MessageList,
     MessageCreate,
+    /// `GET /api/jobs`: jobs, newest first.
+    JobList,
+    /// `POST /api/jobs`: a job to run in the background.
+    JobSubmit,
+    /// `GET /api/jobs/{id}`.
+    JobGet,
+    /// `DELETE /api/jobs/{id}`: cancel.
+    JobCancel,
     /// `GET /admin/keys`: every key, never a secret.
     AdminKeyList,
     /// `POST /admin/keys`: a new key, its secret shown once.
@@ -69,6 +78,8 @@ impl Route {
             Route::ConversationList | Route::ConversationCreate => "/api/conversations",
             Route::ConversationGet | Route::ConversationDelete => "/api/conversations/{id}",
             Route::MessageList | Route::MessageCreate => "/api/conversations/{id}/messages",
+            Route::JobList | Route::JobSubmit => "/api/jobs",
+            Route::JobGet | Route::JobCancel => "/api/jobs/{id}",
             Route::AdminKeyList | Route::AdminKeyCreate => "/admin/keys",
             Route::AdminKeyRevoke => "/admin/keys/{id}",
             Route::DebugPanic => "/debug/panic",
@@ -88,14 +99,17 @@ impl Route {
             | Route::ConversationList
             | Route::ConversationGet
             | Route::MessageList
+            | Route::JobList
+            | Route::JobGet
             | Route::AdminKeyList => "GET",
             Route::ChatCompletions
             | Route::Embeddings
             | Route::ConversationCreate
             | Route::MessageCreate
             | Route::AdminKeyCreate
+            | Route::JobSubmit
             | Route::DebugPanic => "POST",
-            Route::ConversationDelete | Route::AdminKeyRevoke => "DELETE",
+            Route::ConversationDelete | Route::AdminKeyRevoke | Route::JobCancel => "DELETE",
         }
     }
 
@@ -136,9 +150,13 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/api/usage" => &[Route::Usage],
         "/api/conversations" => &[Route::ConversationList, Route::ConversationCreate],
         "/admin/keys" => &[Route::AdminKeyList, Route::AdminKeyCreate],
+        "/api/jobs" => &[Route::JobList, Route::JobSubmit],
         "/debug/panic" if debug_routes => &[Route::DebugPanic],
         p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
         p if matches!(path_id(p, ADMIN_KEYS_PREFIX), Some((_, ""))) => &[Route::AdminKeyRevoke],
+        p if matches!(path_id(p, jobs::JOBS_PREFIX), Some((_, ""))) => {
+            &[Route::JobGet, Route::JobCancel]
+        }
         p => match path_id(p, CONVERSATIONS_PREFIX) {
             Some((_, "")) => &[Route::ConversationGet, Route::ConversationDelete],
             Some((_, "/messages")) => &[Route::MessageList, Route::MessageCreate],
@@ -186,6 +204,10 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::ConversationDelete => conversations::delete(state, request),
         Route::MessageList => conversations::list_messages(state, request),
         Route::MessageCreate => conversations::add_message(state, request),
+        Route::JobList => jobs::list(state, request),
+        Route::JobSubmit => jobs::submit(state, request),
+        Route::JobGet => jobs::get(state, request),
+        Route::JobCancel => jobs::cancel(state, request),
         Route::AdminKeyList => admin::list_keys(state),
         Route::AdminKeyCreate => admin::create_key(state, request),
         Route::AdminKeyRevoke => admin::revoke_key(state, request),
@@ -371,6 +393,10 @@ pub(crate) enum ApiError {
     Store(crate::store::StoreError),
     /// Turned away at admission: no key, a bad key, a model the key may not use, a limit.
     Denied(crate::auth::Denied),
+    /// `[jobs] max_queued` jobs are queued or running already.
+    JobsFull { max_queued: usize },
+    /// The job has ended (in this state) and cannot be cancelled.
+    JobFinished { id: String, status: &'static str },
     /// Calling the model's providers failed (after retries and fallbacks).
     Provider(ProviderError),
     /// Every queue slot is taken; the client should retry after this many seconds.
@@ -404,6 +430,8 @@ impl ApiError {
                 crate::store::StoreError::Busy | crate::store::StoreError::Closed => 503,
                 crate::store::StoreError::Failed(_) => 500,
             },
+            ApiError::JobsFull { .. } => 503,
+            ApiError::JobFinished { .. } => 409,
             ApiError::Denied(d) => match d {
                 Denied::Missing
                 | Denied::Unknown
@@ -499,6 +527,8 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::NotFound { .. } => "not_found",
+            ApiError::JobsFull { .. } => "jobs_full",
+            ApiError::JobFinished { .. } => "job_finished",
             ApiError::Denied(d) => match d {
                 Denied::Missing => "missing_api_key",
                 Denied::Unknown => "invalid_api_key",
@@ -539,7 +569,7 @@ impl ApiError {
     }
 
     /// The body in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
-    fn body(&self) -> serde_json::Value {
+    pub(crate) fn body(&self) -> serde_json::Value {
         let param = match self {
             ApiError::InvalidRequest { param, .. } => json!(param),
             _ => serde_json::Value::Null,
@@ -560,6 +590,7 @@ impl ApiError {
                 response.with_header("retry-after", retry_after_s.to_string())
             }
             ApiError::Draining
+            | ApiError::JobsFull { .. }
             | ApiError::TooManyConnections
             | ApiError::Store(crate::store::StoreError::Busy | crate::store::StoreError::Closed) => {
                 response.with_header("retry-after", "1".to_string())
@@ -624,6 +655,13 @@ impl fmt::Display for ApiError {
             ApiError::InvalidRequest { message, .. } => f.write_str(message),
             ApiError::ModelNotFound(model) => write!(f, "the model {model:?} does not exist"),
             ApiError::NotFound { kind, id } => write!(f, "no {kind} with id {id:?}"),
+            ApiError::JobsFull { max_queued } => write!(
+                f,
+                "{max_queued} jobs are queued or running, the most this server holds; retry later"
+            ),
+            ApiError::JobFinished { id, status } => {
+                write!(f, "job {id:?} has already ended ({status}); nothing to cancel")
+            }
             // Never the presented key: only what is wrong with it.
             ApiError::Denied(d) => match d {
                 Denied::Missing => f.write_str(

@@ -64,6 +64,10 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::ConversationDelete
         | api::Route::MessageList
         | api::Route::MessageCreate
+        | api::Route::JobList
+        | api::Route::JobSubmit
+        | api::Route::JobGet
+        | api::Route::JobCancel
         | api::Route::AdminKeyList
         | api::Route::AdminKeyCreate
         | api::Route::AdminKeyRevoke

@@ -17,6 +17,7 @@ use crossbeam_channel::Sender;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::http::{self, Acceptor};
+use crate::jobs::{JobBell, Runner};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::store::Store;
@@ -34,6 +35,8 @@ pub(crate) struct State {
     pub(crate) store: Store,
     /// Who may call: the keyring, the admin key, the per-key limits.
     pub(crate) auth: Auth,
+    /// Wakes the job runners when a job is submitted.
+    pub(crate) jobs: JobBell,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -77,6 +80,7 @@ pub(crate) struct Server {
     acceptor: Acceptor,
     pool: Pool,
     key_watch: KeyWatch,
+    job_runner: Runner,
     addr: SocketAddr,
 }
 
@@ -138,6 +142,7 @@ impl Server {
             providers,
             store,
             auth,
+            jobs: JobBell::new(),
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
@@ -147,6 +152,7 @@ impl Server {
         let pool = Pool::spawn(&state, jobs).context("cannot start the worker threads")?;
         let key_watch =
             KeyWatch::spawn(Arc::clone(&state)).context("cannot start the key watcher")?;
+        let job_runner = Runner::spawn(&state).context("cannot start the job runner")?;
         let acceptor = Acceptor::spawn(listener, Arc::clone(&state))
             .context("cannot start the acceptor thread")?;
         Ok(Server {
@@ -154,6 +160,7 @@ impl Server {
             acceptor,
             pool,
             key_watch,
+            job_runner,
             addr,
         })
     }
@@ -184,6 +191,8 @@ impl Server {
             false
         };
         self.key_watch.stop();
+        // Jobs still running at the deadline keep their leases and run again after restart.
+        self.job_runner.stop(deadline);
         // The request log rows still queued are committed before the process exits.
         self.state.store.close();
         drained

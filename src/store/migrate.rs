@@ -17,6 +17,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
         "0002_api_keys",
         include_str!("../../migrations/0002_api_keys.sql"),
     ),
+    (
+        3,
+        "0003_jobs",
+        include_str!("../../migrations/0003_jobs.sql"),
+    ),
 ];
 
 /// The schema version this build writes.

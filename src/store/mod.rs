@@ -3,6 +3,7 @@
 //! r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
 
 pub(crate) mod conversations;
+pub(crate) mod jobs;
 pub(crate) mod keys;
 pub(crate) mod migrate;
 pub(crate) mod requests;

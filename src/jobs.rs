@@ -1,0 +1,326 @@
+//! The durable job runner: `[jobs] workers` threads of its own (never the request workers)
+//! that take jobs from the database with a lease, run each as a chat completion through the
+//! same routing, retries and fallbacks as `/v1`, and record how it ended.
+//!
+//! At least once: a job is claimed by an acknowledged write that sets its lease, and a lease
+//! thread renews the leases of the jobs this process runs. If the process dies, or a run
+//! stalls past its lease, the job's lease runs out and the next claim takes it again with one
+//! more attempt; after `max_attempts` runs it fails. An idle runner looks for work with a read
+//! (no write, no fsync) and sleeps until a submission wakes it or a lease may have run out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::api::chat::{self, completion_json};
+use crate::api::ApiError;
+use crate::providers::{self, mock, Answer, Call, ProviderError, UpstreamClock};
+use crate::server::State;
+use crate::store::jobs::{self as store, Claimed, RunEnd, Status};
+use crate::store::{now_ms, StoreError};
+
+/// Stack of a runner thread: a provider call and JSON, as a request worker's.
+const RUNNER_STACK_BYTES: usize = 512 * 1024;
+/// The longest an idle runner sleeps before looking for work again (a lease of a dead process
+/// may have run out meanwhile; submissions in this process wake it at once).
+const IDLE_LOOK: Duration = Duration::from_secs(1);
+
+/// How the API reaches the runners: it rings when a job was submitted. Lives in the
+/// server's state; the runner threads share it.
+pub(crate) struct JobBell {
+    shared: Arc<Shared>,
+}
+
+impl JobBell {
+    pub(crate) fn new() -> JobBell {
+        JobBell {
+            shared: Arc::new(Shared {
+                work: Mutex::new(true),
+                arrived: Condvar::new(),
+                stopping: AtomicBool::new(false),
+                stop_lock: Mutex::new(()),
+                stopped: Condvar::new(),
+                held: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A job was submitted: wakes one idle runner.
+    pub(crate) fn notify(&self) {
+        *lock(&self.shared.work) = true;
+        self.shared.arrived.notify_one();
+    }
+}
+
+/// The running job threads.
+pub(crate) struct Runner {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What the runner threads share.
+struct Shared {
+    /// Set on every submission; runners sleep on it when there is nothing to claim.
+    work: Mutex<bool>,
+    arrived: Condvar,
+    stopping: AtomicBool,
+    /// The lease thread sleeps here between rounds; shutdown wakes it.
+    stop_lock: Mutex<()>,
+    stopped: Condvar,
+    /// Jobs this process is running, and their attempt: the leases to renew.
+    held: Mutex<HashMap<String, u32>>,
+}
+
+impl Runner {
+    /// Starts `[jobs] workers` runner threads and the lease thread. They hold the server's
+    /// state weakly, so they never keep it alive past shutdown.
+    pub(crate) fn spawn(state: &Arc<State>) -> std::io::Result<Runner> {
+        let shared = Arc::clone(&state.jobs.shared);
+        let mut threads = Vec::new();
+        for i in 0..state.config.jobs.workers {
+            let (state, shared) = (Arc::downgrade(state), Arc::clone(&shared));
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("sg-job-{i}"))
+                    .stack_size(RUNNER_STACK_BYTES)
+                    .spawn(move || run_jobs(&state, &shared))?,
+            );
+        }
+        let (state, lease_shared) = (Arc::downgrade(state), Arc::clone(&shared));
+        threads.push(
+            thread::Builder::new()
+                .name("sg-job-lease".into())
+                .spawn(move || keep_leases(&state, &lease_shared))?,
+        );
+        Ok(Runner { shared, threads })
+    }
+
+    /// Stops taking jobs and waits until `deadline` for running ones to end. A job still
+    /// running then keeps its lease in the file and runs again after it runs out.
+    pub(crate) fn stop(self, deadline: Instant) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.arrived.notify_all();
+        {
+            let _guard = lock(&self.shared.stop_lock);
+            self.shared.stopped.notify_all();
+        }
+        for thread in self.threads {
+            while !thread.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// A runner thread's life: claim, run, record; sleep when there is nothing to claim.
+fn run_jobs(state: &Weak<State>, shared: &Shared) {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let Some(state) = state.upgrade() else { return };
+        match claim(&state) {
+            Ok(Some(job)) => {
+                lock(&shared.held).insert(job.id.clone(), job.attempt);
+                run_one(&state, &job);
+                lock(&shared.held).remove(&job.id);
+            }
+            Ok(None) => {
+                drop(state);
+                wait_for_work(shared);
+            }
+            Err(e) => {
+                log::warn!("job runner cannot claim a job: {e}");
+                drop(state);
+                wait_for_work(shared);
+            }
+        }
+    }
+}
+
+fn wait_for_work(shared: &Shared) {
+    let mut work = lock(&shared.work);
+    if !*work && !shared.stopping.load(Ordering::SeqCst) {
+        work = shared
+            .arrived
+            .wait_timeout(work, IDLE_LOOK)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    *work = false;
+}
+
+/// Takes a job if there is one: a read first, so idle runners never write.
+fn claim(state: &State) -> Result<Option<Claimed>, StoreError> {
+    let now = now_ms();
+    let reader = state.store.read()?;
+    let claimable = store::claimable(&reader, now)?;
+    drop(reader);
+    if !claimable {
+        return Ok(None);
+    }
+    let lease_until = now + state.config.jobs.lease.as_millis() as i64;
+    let claimed = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&claimed);
+    state.store.writer.write(Box::new(move |conn| {
+        *lock(&slot) = store::claim(conn, now, lease_until)?;
+        Ok(())
+    }))?;
+    let job = lock(&claimed).take();
+    if let Some(job) = &job {
+        if job.attempt == 1 {
+            let waited = (now - job.created_ms).max(0) as f64 / 1000.0;
+            state.metrics.jobs.wait_seconds.observe(waited);
+        }
+    }
+    Ok(job)
+}
+
+/// Runs one attempt of a job and records how it ended.
+fn run_one(state: &State, job: &Claimed) {
+    let started = Instant::now();
+    let end = execute(state, job);
+    state
+        .metrics
+        .jobs
+        .run_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let (id, attempt) = (job.id.clone(), job.attempt);
+    let outcome = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&outcome);
+    let now = now_ms();
+    let recorded = state.store.writer.write(Box::new(move |conn| {
+        *lock(&slot) = store::finish(conn, &id, attempt, &end, now)?;
+        Ok(())
+    }));
+    let status = lock(&outcome).take();
+    match (recorded, status) {
+        (Ok(()), Some(status)) => log::info!(
+            "job {} attempt {} ended {}",
+            job.id,
+            job.attempt,
+            status.name()
+        ),
+        // Another runner took the job when this one's lease ran out: its outcome counts.
+        (Ok(()), None) => log::warn!(
+            "job {} attempt {} ended after losing its lease; not recorded",
+            job.id,
+            job.attempt
+        ),
+        // The lease runs out and the job runs again.
+        (Err(e), _) => log::error!("cannot record the end of job {}: {e}", job.id),
+    }
+}
+
+/// The job's chat completion: the same routing, retries and fallbacks as `/v1`.
+fn execute(state: &State, job: &Claimed) -> RunEnd {
+    let body = serde_json::to_vec(&job.request).unwrap_or_default();
+    let chat = match chat::parse(&body) {
+        Ok(chat) => chat,
+        Err(e) => return RunEnd::Failed(error_json(&e)),
+    };
+    let Some(targets) = state.providers.route(&chat.model) else {
+        return RunEnd::Failed(error_json(&ApiError::ModelNotFound(chat.model)));
+    };
+    let call = Call {
+        path: "/chat/completions",
+        body: &chat.raw,
+        stream: false,
+    };
+    let mut clock = UpstreamClock::default();
+    match providers::call(targets, &call, &state.metrics, &mut clock) {
+        Ok((Answer::Mock, _)) => {
+            let reply = mock::reply(&chat);
+            let id = format!("chatcmpl-{}", job.id);
+            RunEnd::Succeeded(completion_json(&id, &chat.model, &reply))
+        }
+        Ok((Answer::Json { value, .. }, _)) => RunEnd::Succeeded(value),
+        Ok((Answer::Stream { .. }, _)) => RunEnd::Failed(error_json(&ApiError::Internal)),
+        Err(e) => {
+            let retry = is_transient(&e);
+            let error = error_json(&ApiError::Provider(e));
+            if retry {
+                RunEnd::Retry(error)
+            } else {
+                RunEnd::Failed(error)
+            }
+        }
+    }
+}
+
+/// Whether another attempt may succeed: the provider was down, slow, busy or failing, not
+/// refusing the request itself.
+fn is_transient(e: &ProviderError) -> bool {
+    match e {
+        ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
+        ProviderError::Unavailable { .. } => false,
+        _ => true,
+    }
+}
+
+fn error_json(e: &ApiError) -> Value {
+    e.body()["error"].clone()
+}
+
+/// The lease thread: renews the leases of the jobs this process runs, and refreshes the jobs
+/// gauges, every third of a lease (at most every second).
+fn keep_leases(state: &Weak<State>, shared: &Shared) {
+    loop {
+        let Some(state) = state.upgrade() else { return };
+        let every = (state.config.jobs.lease / 3).min(Duration::from_secs(1));
+        let held: Vec<(String, u32)> = lock(&shared.held)
+            .iter()
+            .map(|(id, attempt)| (id.clone(), *attempt))
+            .collect();
+        if !held.is_empty() {
+            let until = now_ms() + state.config.jobs.lease.as_millis() as i64;
+            let renewed = state
+                .store
+                .writer
+                .write(Box::new(move |conn| store::renew(conn, &held, until)));
+            if let Err(e) = renewed {
+                log::warn!("cannot renew job leases: {e}");
+            }
+        }
+        if let Err(e) = refresh_gauges(&state) {
+            log::warn!("cannot count jobs: {e}");
+        }
+        drop(state);
+        let guard = lock(&shared.stop_lock);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = shared.stopped.wait_timeout(guard, every);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+    }
+}
+
+fn refresh_gauges(state: &State) -> Result<(), StoreError> {
+    let reader = state.store.read()?;
+    let counts = store::counts(&reader)?;
+    drop(reader);
+    for (status, n) in counts {
+        state
+            .metrics
+            .jobs
+            .by_state
+            .with_label_values(&[status.name()])
+            .set(n);
+    }
+    Ok(())
+}
+
+/// The job states, for the metrics' labels.
+pub(crate) fn state_names() -> impl Iterator<Item = &'static str> {
+    store::STATUSES.iter().map(|s: &Status| s.name())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
