@@ -1,0 +1,314 @@
+//! Durable jobs end to end: the real binary in front of `syncgate mock-upstream`. A job is
+//! accepted only once stored, runs on the job runner's own threads, survives kill -9 (every
+//! accepted job ends succeeded, none stuck running past its lease, and a client repeating its
+//! submission with the same key sees one job), can be cancelled, and is retried up to its
+//! attempts when the provider fails.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn gateway_toml(upstream: SocketAddr, jobs: &str) -> String {
+    format!(
+        r#"[[providers]]
+name = "up"
+type = "openai"
+base_url = "http://{upstream}/v1"
+
+[[models]]
+name = "m"
+targets = ["up/upstream-model"]
+
+[jobs]
+{jobs}
+"#
+    )
+}
+
+fn job_body(text: &str) -> String {
+    json!({
+        "request": {"model": "m", "messages": [{"role": "user", "content": text}]},
+        "metadata": {"text": text},
+    })
+    .to_string()
+}
+
+fn submit(addr: SocketAddr, text: &str, key: Option<&str>) -> Resp {
+    let mut headers = vec![("Connection", "close")];
+    if let Some(k) = key {
+        headers.push(("Idempotency-Key", k));
+    }
+    send(addr, &post_req("/api/jobs", &job_body(text), &headers))
+}
+
+fn job(addr: SocketAddr, id: &str) -> Value {
+    let r = get(addr, &format!("/api/jobs/{id}"));
+    assert_ok(&r, "a job");
+    r.json()
+}
+
+fn cancel(addr: SocketAddr, id: &str) -> Resp {
+    send(
+        addr,
+        &format!("DELETE /api/jobs/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .into_bytes(),
+    )
+}
+
+/// Polls a job until `done` says so or `within` passes; returns its last state.
+fn wait_for(addr: SocketAddr, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let j = job(addr, id);
+        if done(&j) || Instant::now() >= deadline {
+            return j;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn upstream_calls(up: &Server) -> u64 {
+    get(up.addr, "/stats").json()["requests"]
+        .as_u64()
+        .expect("a count")
+}
+
+#[test]
+fn a_job_is_accepted_once_stored_runs_and_a_repeat_returns_the_same_job() {
+    let up = Server::start_mock_upstream(&[]);
+    let gw = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
+    let r = submit(gw.addr, "hello job", Some("k-1"));
+    assert_eq!(r.status, 202, "{}", r.describe());
+    let accepted = r.json();
+    let id = accepted["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/api/jobs/{id}").as_str())
+    );
+    assert!(["queued", "running", "succeeded"].contains(&accepted["status"].as_str().unwrap()));
+
+    let done = wait_for(gw.addr, &id, Duration::from_secs(10), |j| {
+        j["status"] == "succeeded"
+    });
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["metadata"]["text"], "hello job");
+    let content = done["result"]["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(content.contains("hello job"), "{content}");
+    assert!(done["wait_ms"].as_i64().is_some() && done["run_ms"].as_i64().is_some());
+
+    // The same key: the same job, and no second call upstream.
+    let calls = upstream_calls(&up);
+    let again = submit(gw.addr, "hello job", Some("k-1"));
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["id"], id.as_str());
+    assert_eq!(again.json()["status"], "succeeded");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(upstream_calls(&up), calls);
+
+    let listed = get(gw.addr, "/api/jobs?status=succeeded").json();
+    assert_eq!(listed["data"][0]["id"], id.as_str());
+    let metrics = scrape(gw.addr);
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            metric_value(&scrape(gw.addr), "syncgate_jobs", &[("state", "succeeded")]) == Some(1.0)
+        }),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bad_submissions_answer_4xx_naming_what_is_wrong() {
+    let up = Server::start_mock_upstream(&[]);
+    let gw = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
+    for (body, status, param) in [
+        (json!({}), 400, Some("request")),
+        (json!({"request": "x"}), 400, Some("request")),
+        (
+            json!({"request": {"model": "m"}}),
+            400,
+            Some("request.messages"),
+        ),
+        (
+            json!({"request": {"model": "m", "stream": true,
+                   "messages": [{"role": "user", "content": "x"}]}}),
+            400,
+            Some("request.stream"),
+        ),
+        (
+            json!({"request": {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                   "metadata": 5}),
+            400,
+            Some("metadata"),
+        ),
+        (
+            json!({"request": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}}),
+            404,
+            None,
+        ),
+    ] {
+        let r = post_json(gw.addr, "/api/jobs", &body.to_string());
+        let err = assert_error(&r, status, None, None);
+        if let Some(param) = param {
+            assert_eq!(err["param"], param, "{body}");
+        }
+    }
+    assert_error(
+        &get(gw.addr, "/api/jobs/job_missing"),
+        404,
+        None,
+        Some("not_found"),
+    );
+    assert_error(
+        &cancel(gw.addr, "job_missing"),
+        404,
+        None,
+        Some("not_found"),
+    );
+    assert_error(&get(gw.addr, "/api/jobs?status=done"), 400, None, None);
+}
+
+#[test]
+fn queued_and_running_jobs_can_be_cancelled_and_capacity_is_explicit() {
+    let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
+    let gw = Server::start_with_config(
+        &gateway_toml(up.addr, "workers = 1\nmax_queued = 2\nlease_ms = 5000"),
+        &[],
+    );
+    let first = submit(gw.addr, "first", None).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let running = wait_for(gw.addr, &first, Duration::from_secs(5), |j| {
+        j["status"] == "running"
+    });
+    assert_eq!(running["status"], "running");
+    let second = submit(gw.addr, "second", None).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Two active jobs: the table is full.
+    let full = submit(gw.addr, "third", None);
+    assert_error(&full, 503, None, Some("jobs_full"));
+    assert!(full.header("retry-after").is_some());
+
+    let r = cancel(gw.addr, &second);
+    assert_ok(&r, "cancelling a queued job");
+    assert_eq!(r.json()["status"], "cancelled");
+    let r = cancel(gw.addr, &first);
+    assert_ok(&r, "cancelling a running job");
+    assert_eq!(r.json()["cancel_requested"], true);
+    let ended = wait_for(gw.addr, &first, Duration::from_secs(10), |j| {
+        j["status"] != "running"
+    });
+    assert_eq!(ended["status"], "cancelled", "{ended:#}");
+    assert!(ended["result"].is_null());
+    assert_error(&cancel(gw.addr, &first), 409, None, Some("job_finished"));
+    // The cancelled queued job never ran.
+    assert_eq!(job(gw.addr, &second)["attempts"], 0);
+}
+
+#[test]
+fn a_failing_provider_is_retried_up_to_max_attempts_then_the_job_fails() {
+    let up = Server::start_mock_upstream(&["--fault", "status=500"]);
+    let gw = Server::start_with_config(&gateway_toml(up.addr, "max_attempts = 2"), &[]);
+    let id = submit(gw.addr, "doomed", None).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ended = wait_for(gw.addr, &id, Duration::from_secs(20), |j| {
+        j["status"] == "failed"
+    });
+    assert_eq!(ended["status"], "failed", "{ended:#}");
+    assert_eq!(ended["attempts"], 2);
+    assert_eq!(ended["error"]["code"], "upstream_error", "{ended:#}");
+}
+
+#[test]
+fn a_saturated_job_pool_leaves_v1_latency_alone() {
+    let up = Server::start_mock_upstream(&["--latency-ms", "2000"]);
+    let gw = Server::start_with_config(&gateway_toml(up.addr, "workers = 2"), &[]);
+    for i in 0..10 {
+        assert_eq!(submit(gw.addr, &format!("slow {i}"), None).status, 202);
+    }
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            get(gw.addr, "/api/jobs?status=running").json()["data"]
+                .as_array()
+                .is_some_and(|d| d.len() == 2)
+        }),
+        "the job runners never filled"
+    );
+    // Every job runner is busy for seconds; a /v1 call on the built-in mock is not delayed.
+    let started = Instant::now();
+    assert_ok(
+        &chat(gw.addr, "are you there"),
+        "a /v1 call beside busy jobs",
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+}
+
+#[test]
+fn every_accepted_job_survives_kill_9_and_runs_to_success_once_from_the_clients_view() {
+    let up = Server::start_mock_upstream(&["--latency-ms", "300"]);
+    let db = TempDb::new();
+    let db_path = db.path_str();
+    let config = gateway_toml(up.addr, "workers = 4\nlease_ms = 800");
+    let start = || Server::start_full(&["--db", &db_path], &[], Some(TempConfig::new(&config)));
+    let gw = start();
+    let mut accepted = Vec::new();
+    for i in 0..12 {
+        let key = format!("kill-{i}");
+        let r = submit(gw.addr, &format!("job {i}"), Some(&key));
+        assert_eq!(r.status, 202, "{}", r.describe());
+        accepted.push((key, r.json()["id"].as_str().unwrap().to_string()));
+    }
+    // Some are running (4 runners) and the rest queued when the process dies.
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            get(gw.addr, "/api/jobs?status=running").json()["data"]
+                .as_array()
+                .is_some_and(|d| !d.is_empty())
+        }),
+        "no job started"
+    );
+    gw.signal(libc::SIGKILL);
+    drop(gw);
+
+    let gw = start();
+    // The client did not see its answers: it repeats each submission with its key.
+    for (key, id) in &accepted {
+        let n = key.trim_start_matches("kill-");
+        let r = submit(gw.addr, &format!("job {n}"), Some(key));
+        assert_eq!(r.status, 202);
+        assert_eq!(r.json()["id"], id.as_str(), "a repeat made a second job");
+    }
+    let mut rerun = 0;
+    for (_, id) in &accepted {
+        let ended = wait_for(gw.addr, id, Duration::from_secs(20), |j| {
+            j["status"] != "queued" && j["status"] != "running"
+        });
+        assert_eq!(ended["status"], "succeeded", "{ended:#}");
+        if ended["attempts"].as_u64() > Some(1) {
+            rerun += 1;
+        }
+    }
+    let all = get(gw.addr, "/api/jobs?limit=100").json();
+    assert_eq!(all["data"].as_array().unwrap().len(), accepted.len());
+    assert!(
+        rerun >= 1,
+        "no job was running at the kill, so none had to run again"
+    );
+    eprintln!(
+        "kill -9: {} jobs accepted, all succeeded after restart, {rerun} ran again after losing their lease",
+        accepted.len()
+    );
+}
