@@ -1,6 +1,6 @@
-//! Everything syncgate remembers, in one SQLite file: the request log and conversations
-//! (later jobs and keys). WAL mode, so readers never wait for the writer; reads go through an
-//! r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
+//! Everything syncgate remembers, in one SQLite file: the request log, conversations, API
+//! keys and background jobs. WAL mode, so readers never wait for the writer; reads go through
+//! an r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
 
 pub(crate) mod conversations;
 pub(crate) mod jobs;
