@@ -15,13 +15,14 @@ use anyhow::Context;
 use crossbeam_channel::Sender;
 
 use crate::auth::Auth;
+use crate::batch;
 use crate::config::Config;
 use crate::http::{self, Acceptor};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::store::Store;
 use admission::{Job, ServiceTime};
-use handoff::Doorbell;
+pub(crate) use handoff::Doorbell;
 pub(crate) use handoff::Handback;
 use pool::Pool;
 
@@ -34,6 +35,8 @@ pub(crate) struct State {
     pub(crate) store: Store,
     /// Who may call: the keyring, the admin key, the per-key limits.
     pub(crate) auth: Auth,
+    /// Where the calls of `POST /api/batch` run.
+    pub(crate) batch: batch::Pool,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -76,6 +79,7 @@ pub(crate) struct Server {
     state: Arc<State>,
     acceptor: Acceptor,
     pool: Pool,
+    batch_threads: batch::Threads,
     key_watch: KeyWatch,
     addr: SocketAddr,
 }
@@ -84,12 +88,15 @@ impl Server {
     /// Checks the process can honour the limits, binds, and starts workers and the acceptor.
     pub(crate) fn start(config: Config, admin_key: Option<&str>) -> anyhow::Result<Server> {
         let capacity = &config.capacity;
-        let needed = http::fds_needed(capacity.max_connections, capacity.workers);
+        // Batch threads hold upstream connections as workers do.
+        let threads = capacity.workers + config.batch.threads;
+        let needed = http::fds_needed(capacity.max_connections, threads);
         let open_files = http::raise_open_files_limit(needed).map_err(|why| {
             anyhow::anyhow!(
-                "cannot honour max_connections = {} with {} workers: {why}",
+                "cannot honour max_connections = {} with {} workers and {} batch threads: {why}",
                 capacity.max_connections,
-                capacity.workers
+                capacity.workers,
+                config.batch.threads
             )
         })?;
         let listener = TcpListener::bind(config.listen)
@@ -132,18 +139,30 @@ impl Server {
             capacity.max_queue_wait.as_millis(),
             capacity.max_connections,
         );
+        let b = &config.batch;
+        log::info!(
+            "batch pool: {} threads, {} queue slots; a batch has at most {} calls, {} at once",
+            b.threads,
+            b.queue,
+            b.max_items,
+            b.parallelism
+        );
+        let (batch, batch_tasks) = batch::Pool::new(b);
         let state = Arc::new(State {
             config,
             metrics,
             providers,
             store,
             auth,
+            batch,
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
             service_time: ServiceTime::new(),
         });
+        let batch_threads =
+            batch::spawn(&state, batch_tasks).context("cannot start the batch threads")?;
         let pool = Pool::spawn(&state, jobs).context("cannot start the worker threads")?;
         let key_watch =
             KeyWatch::spawn(Arc::clone(&state)).context("cannot start the key watcher")?;
@@ -153,6 +172,7 @@ impl Server {
             state,
             acceptor,
             pool,
+            batch_threads,
             key_watch,
             addr,
         })
@@ -163,7 +183,8 @@ impl Server {
     }
 
     /// Graceful shutdown: refuse new work (503 `draining`), stop accepting, let queued and
-    /// in-flight requests finish within the grace period, then stop and join the workers.
+    /// in-flight requests finish within the grace period, then stop and join the workers and,
+    /// once no batch is left to send them calls, the batch threads.
     /// Returns false if work was still running when the grace period ended.
     pub(crate) fn shutdown(mut self) -> bool {
         let state = &self.state;
@@ -174,7 +195,8 @@ impl Server {
         log::info!("draining: {in_flight} requests queued or in flight");
         let drained = if pool::wait_idle(state, deadline) {
             self.pool.join();
-            log::info!("drained: every request answered, workers stopped");
+            self.batch_threads.join();
+            log::info!("drained: every request answered, workers and batch threads stopped");
             true
         } else {
             log::warn!(
