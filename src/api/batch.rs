@@ -23,37 +23,25 @@ use crate::server::State;
 pub(crate) fn run(state: &State, request: &Request) -> Result<Response, ApiError> {
     let items = parse(&request.body, state.config.batch.max_items)?;
     state.metrics.batch_items.observe(items.len() as f64);
+    // An item refused here has its answer already; the others wait for their calls.
     let mut results: Vec<Option<Result<Value, ApiError>>> = Vec::with_capacity(items.len());
-    let mut called = Vec::new();
-    let mut calls = Vec::new();
+    let (mut called, mut calls) = (Vec::new(), Vec::new());
     for (index, item) in items.into_iter().enumerate() {
         match check(state, request, item) {
             Ok(chat) => {
-                let id = format!("chatcmpl-{}-{index}", request.request_id);
                 called.push(index);
-                calls.push(call(chat, id));
+                calls.push(call(
+                    chat,
+                    format!("chatcmpl-{}-{index}", request.request_id),
+                ));
                 results.push(None);
             }
             Err(e) => results.push(Some(Err(e))),
         }
     }
-    let started = Instant::now();
-    let wait = state.config.capacity.max_queue_wait;
-    let done = batch::run_all(&state.batch, calls, state.config.batch.parallelism, wait);
-    let mut facts = Vec::with_capacity(done.len());
-    for (index, outcome) in called.into_iter().zip(done) {
-        results[index] = Some(match outcome {
-            Ok(Done { result, facts: f }) => {
-                facts.push(f);
-                result
-            }
-            Err(Missed::PoolFull) => Err(ApiError::BatchPoolFull {
-                waited_ms: wait.as_millis() as u64,
-            }),
-            Err(Missed::Lost) => Err(ApiError::Internal),
-        });
+    for (index, result) in called.into_iter().zip(call_all(state, request, calls)) {
+        results[index] = Some(result);
     }
-    note(&request.record, &facts, started.elapsed());
     let results: Vec<Value> = results
         .into_iter()
         .enumerate()
@@ -140,6 +128,34 @@ fn check(state: &State, request: &Request, item: Value) -> Result<ChatRequest, A
         }
     }
     Ok(chat)
+}
+
+/// Runs the calls on the batch pool and notes what they taught on the batch's record. A call
+/// the pool had no room for is 503 `batch_pool_full`; one that panicked, 500.
+fn call_all(
+    state: &State,
+    request: &Request,
+    calls: Vec<batch::Call<Done>>,
+) -> Vec<Result<Value, ApiError>> {
+    let started = Instant::now();
+    let wait = state.config.capacity.max_queue_wait;
+    let done = batch::run_all(&state.batch, calls, state.config.batch.parallelism, wait);
+    let mut facts = Vec::with_capacity(done.len());
+    let results = done
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(Done { result, facts: f }) => {
+                facts.push(f);
+                result
+            }
+            Err(Missed::PoolFull) => Err(ApiError::BatchPoolFull {
+                waited_ms: wait.as_millis() as u64,
+            }),
+            Err(Missed::Lost) => Err(ApiError::Internal),
+        })
+        .collect();
+    note(&request.record, &facts, started.elapsed());
+    results
 }
 
 /// One item's answer, and what its call taught, for the batch's request-log row.
