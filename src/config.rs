@@ -57,6 +57,8 @@ struct RawConfig {
     #[serde(default)]
     jobs: RawJobs,
     #[serde(default)]
+    batch: RawBatch,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -137,6 +139,15 @@ struct RawConversations {
     max_history_messages: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    max_items: Option<usize>,
+    parallelism: Option<usize>,
+    threads: Option<usize>,
+    queue: Option<usize>,
+}
+
 /// One `[[providers]]` entry; `type` picks the variant, and each variant has its own keys.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -201,6 +212,7 @@ pub(crate) struct Config {
     /// Stored messages sent to the model with a new conversation turn, at most (the newest;
     /// the conversation's system prompt is always sent). Default 50.
     pub(crate) max_history_messages: usize,
+    pub(crate) batch: BatchConfig,
     /// Configured providers (the built-in `mock` is not listed here; it always exists).
     pub(crate) providers: Vec<ProviderConfig>,
     /// Configured model names and their targets, tried in order.
@@ -326,6 +338,20 @@ pub(crate) struct JobsConfig {
     pub(crate) max_attempts: u32,
 }
 
+/// `POST /api/batch` and the pool of threads its calls run on.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchConfig {
+    /// Calls in one batch at most; a larger batch is refused (400). Default 64.
+    pub(crate) max_items: usize,
+    /// Calls of one batch running or queued in the pool at once, at most. Default 8.
+    pub(crate) parallelism: usize,
+    /// The pool's threads, shared by every batch: the most batch calls running at once. Default 32.
+    pub(crate) threads: usize,
+    /// Calls waiting for a pool thread, at most; a call that cannot get in within
+    /// `capacity.max_queue_wait` is answered 503 `batch_pool_full`. Default 256.
+    pub(crate) queue: usize,
+}
+
 /// The request log.
 #[derive(Debug, Clone)]
 pub(crate) struct LogConfig {
@@ -399,6 +425,12 @@ impl Default for Config {
                 lease: Duration::from_millis(30_000),
                 max_queued: 10_000,
                 max_attempts: 3,
+            },
+            batch: BatchConfig {
+                max_items: 64,
+                parallelism: 8,
+                threads: 32,
+                queue: 256,
             },
             providers: Vec::new(),
             models: Vec::new(),
@@ -633,6 +665,16 @@ impl Config {
             ),
             1,
         )? as usize;
+        let b = raw.batch;
+        let batch_value = |key, v: Option<usize>, default: usize| {
+            at_least(key, (v.unwrap_or(default) as u64, false), 1).map(|n| n as usize)
+        };
+        let batch = BatchConfig {
+            max_items: batch_value("batch.max_items", b.max_items, d.batch.max_items)?,
+            parallelism: batch_value("batch.parallelism", b.parallelism, d.batch.parallelism)?,
+            threads: batch_value("batch.threads", b.threads, d.batch.threads)?,
+            queue: batch_value("batch.queue", b.queue, d.batch.queue)?,
+        };
         let providers = raw
             .providers
             .into_iter()
@@ -660,6 +702,7 @@ impl Config {
             log,
             jobs,
             max_history_messages,
+            batch,
             providers,
             models,
         })
@@ -1028,6 +1071,39 @@ targets = ["openai/gpt-4o-mini", "slow/anything", "mock/mock"]
             let msg = parse(bad, &Overrides::default()).unwrap_err().to_string();
             assert!(msg.contains(key), "{bad}: {msg}");
         }
+    }
+
+    #[test]
+    fn batch_defaults_and_values_from_the_file() {
+        let c = parse("", &Overrides::default()).unwrap();
+        let b = &c.batch;
+        assert_eq!(
+            (b.max_items, b.parallelism, b.threads, b.queue),
+            (64, 8, 32, 256)
+        );
+        let text = "[batch]\nmax_items = 10\nparallelism = 2\nthreads = 3\nqueue = 4\n";
+        let b = parse(text, &Overrides::default()).unwrap().batch;
+        assert_eq!(
+            (b.max_items, b.parallelism, b.threads, b.queue),
+            (10, 2, 3, 4)
+        );
+    }
+
+    #[test]
+    fn batch_values_must_be_positive_and_known() {
+        for key in ["max_items", "parallelism", "threads", "queue"] {
+            let msg = parse(&format!("[batch]\n{key} = 0\n"), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("batch.{key}")) && msg.contains("test.toml"),
+                "{msg}"
+            );
+        }
+        let msg = parse("[batch]\nthread = 4\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("thread"), "{msg}");
     }
 
     #[test]

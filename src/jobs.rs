@@ -263,7 +263,7 @@ fn is_transient(e: &ProviderError) -> bool {
 }
 
 fn error_json(e: &ApiError) -> Value {
-    e.body()["error"].clone()
+    e.object()
 }
 
 /// The lease thread: renews the leases of the jobs this process runs, and refreshes the jobs

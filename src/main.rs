@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod batch;
 mod bench;
 mod config;
 mod http;

@@ -83,6 +83,12 @@ pub(crate) struct Metrics {
     pub(crate) auth_failures: IntCounterVec,
     /// `syncgate_rate_limited_total{limit}`: requests refused by a key's limit.
     pub(crate) rate_limited: IntCounterVec,
+    /// `syncgate_batch_items`: calls per `POST /api/batch`.
+    pub(crate) batch_items: Histogram,
+    /// `syncgate_batch_pool_busy`: batch threads running a call.
+    pub(crate) batch_pool_busy: IntGauge,
+    /// `syncgate_batch_pool_queue_depth`: batch calls waiting for a thread (set when scraped).
+    pub(crate) batch_pool_queue_depth: IntGauge,
     pub(crate) store: StoreMetrics,
     pub(crate) jobs: JobMetrics,
 }
@@ -113,6 +119,9 @@ pub(crate) struct StoreMetrics {
     /// `syncgate_store_read_connections_in_use`: read connections taken from the pool.
     pub(crate) reads_in_use: IntGauge,
 }
+
+/// Calls per batch: one up to far beyond the default `[batch] max_items` of 64.
+const BATCH_ITEM_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 /// Rows per transaction: one acknowledged write alone up to a full batch.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
@@ -296,6 +305,19 @@ impl Metrics {
                 &["limit"],
             )
             .expect("valid metric"),
+            batch_items: Histogram::with_opts(
+                HistogramOpts::new("syncgate_batch_items", "Calls per POST /api/batch")
+                    .buckets(BATCH_ITEM_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            batch_pool_busy: gauge(
+                "syncgate_batch_pool_busy",
+                "Batch threads running a call",
+            ),
+            batch_pool_queue_depth: gauge(
+                "syncgate_batch_pool_queue_depth",
+                "Batch calls waiting for a batch thread",
+            ),
             store: StoreMetrics::new(),
             jobs: JobMetrics {
                 by_state: IntGaugeVec::new(
@@ -361,6 +383,9 @@ impl Metrics {
             Box::new(self.jobs.by_state.clone()),
             Box::new(self.jobs.wait_seconds.clone()),
             Box::new(self.jobs.run_seconds.clone()),
+            Box::new(self.batch_items.clone()),
+            Box::new(self.batch_pool_busy.clone()),
+            Box::new(self.batch_pool_queue_depth.clone()),
             Box::new(self.store.batch_rows.clone()),
             Box::new(self.store.commit_seconds.clone()),
             Box::new(self.store.queue_depth.clone()),
@@ -473,6 +498,9 @@ mod tests {
             "syncgate_rejected_total{reason=\"draining\"} 0",
             "syncgate_handler_panics_total",
             "syncgate_accept_errors_total",
+            "syncgate_batch_items_bucket",
+            "syncgate_batch_pool_busy 0",
+            "syncgate_batch_pool_queue_depth 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

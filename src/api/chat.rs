@@ -18,61 +18,24 @@ use crate::server::State;
 /// (JSON passed through as received) or relay its stream event by event.
 pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, ApiError> {
     let chat = parse(&request.body)?;
-    let record = &request.record;
-    let (answer, served, clock) = ask(state, request, &chat)?;
+    let (answer, served, clock) = ask(state, &request.record, &chat)?;
     let label = served.label();
-    let response = match answer {
-        Answer::Mock => {
-            let reply = mock::reply(&chat);
-            state
-                .metrics
-                .count_tokens(&served.provider, &chat.model, reply.usage);
-            record.usage(reply.usage);
-            let id = format!("chatcmpl-{}", request.request_id);
-            if chat.stream {
-                stream_reply(id, chat, reply, Arc::clone(record), None)
-            } else {
-                Response::json(200, &completion_json(&id, &chat.model, &reply))
-            }
-        }
-        Answer::Json { bytes, value } => {
-            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
-                state
-                    .metrics
-                    .count_tokens(&served.provider, &chat.model, usage);
-                record.usage(usage);
-            }
-            Response::text(200, "application/json", bytes)
-        }
-        Answer::Stream {
-            events,
-            cancel,
-            timeouts,
-        } => relay::response(relay::Relay {
-            events,
-            cancel,
-            timeouts,
-            heartbeat: state.config.heartbeat,
-            model: chat.model,
-            served,
-            tokens: state.metrics.tokens.clone(),
-            upstream_duration: state.metrics.upstream_duration.clone(),
-            started: std::time::Instant::now(),
-            record: Arc::clone(record),
-            transcript: None,
-        }),
+    let id = format!("chatcmpl-{}", request.request_id);
+    let response = match reply(state, &request.record, chat, served, id, answer) {
+        Reply::Whole { bytes, .. } => Response::text(200, "application/json", bytes),
+        Reply::Stream(response) => response,
     };
     Ok(annotate(response, request, label, clock, &state.metrics))
 }
 
 /// Sends a chat request to its model's targets (routing, retries, fallbacks), noting on the
-/// request's record what was asked and who answered. Also the path of a conversation's turn.
+/// call's record what was asked and who answered. Also the path of a conversation's turn and
+/// of each call of a batch.
 pub(crate) fn ask(
     state: &State,
-    request: &Request,
+    record: &Record,
     chat: &ChatRequest,
 ) -> Result<(Answer, Served, UpstreamClock), ApiError> {
-    let record = &request.record;
     record.model(&chat.model);
     record.note(|f| f.streamed = chat.stream);
     let targets = state
@@ -90,9 +53,78 @@ pub(crate) fn ask(
     Ok((answer, served, clock))
 }
 
+/// What the client gets for a model's answer.
+pub(crate) enum Reply {
+    /// A whole completion: the JSON text to send and its value.
+    Whole { bytes: Vec<u8>, value: Value },
+    /// Server-sent events, relayed or made from the mock's reply as they are written.
+    Stream(Response),
+}
+
+/// Turns a model's answer into what the client gets: the provider's JSON as received, the
+/// built-in mock's completion (`id` is its id), or a stream. The tokens of a whole answer
+/// are counted and noted on `record` here; a stream's as it ends.
+pub(crate) fn reply(
+    state: &State,
+    record: &Arc<Record>,
+    chat: ChatRequest,
+    served: Served,
+    id: String,
+    answer: Answer,
+) -> Reply {
+    match answer {
+        Answer::Mock => {
+            let reply = mock::reply(&chat);
+            state
+                .metrics
+                .count_tokens(&served.provider, &chat.model, reply.usage);
+            record.usage(reply.usage);
+            if chat.stream {
+                Reply::Stream(stream_reply(id, chat, reply, Arc::clone(record), None))
+            } else {
+                let value = completion_json(&id, &chat.model, &reply);
+                // As `Response::json` writes it.
+                let mut bytes = serde_json::to_vec(&value).unwrap_or_default();
+                bytes.push(b'\n');
+                Reply::Whole { bytes, value }
+            }
+        }
+        Answer::Json { bytes, value } => {
+            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
+                state
+                    .metrics
+                    .count_tokens(&served.provider, &chat.model, usage);
+                record.usage(usage);
+            }
+            Reply::Whole { bytes, value }
+        }
+        Answer::Stream {
+            events,
+            cancel,
+            timeouts,
+        } => Reply::Stream(relay::response(relay::Relay {
+            events,
+            cancel,
+            timeouts,
+            heartbeat: state.config.heartbeat,
+            model: chat.model,
+            served,
+            tokens: state.metrics.tokens.clone(),
+            upstream_duration: state.metrics.upstream_duration.clone(),
+            started: std::time::Instant::now(),
+            record: Arc::clone(record),
+            transcript: None,
+        })),
+    }
+}
+
 /// Reads and checks the body; every error names the parameter at fault.
 pub(crate) fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let obj = super::json_object(body)?;
+    parse_object(super::json_object(body)?)
+}
+
+/// Checks a chat request already read as a JSON object (one call of a batch).
+pub(crate) fn parse_object(obj: Map<String, Value>) -> Result<ChatRequest, ApiError> {
     let model = match obj.get("model") {
         None | Some(Value::Null) => return Err(missing("model")),
         Some(Value::String(m)) if !m.is_empty() => m.clone(),

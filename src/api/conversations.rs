@@ -110,7 +110,7 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
     }
     let chat = prompt(state, &conversation, &model, &ask)?;
     let pending = Pending::new(conversation.id, ask.content, model, key);
-    let (answer, served, clock) = chat::ask(state, request, &chat)?;
+    let (answer, served, clock) = chat::ask(state, &request.record, &chat)?;
     let label = served.label();
     let response = answer_turn(state, request, pending, chat, answer, served)?;
     Ok(annotate(response, request, label, clock, &state.metrics))

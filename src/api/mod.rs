@@ -2,6 +2,7 @@
 //! loop of a request once a worker has it.
 
 mod admin;
+mod batch;
 pub(crate) mod chat;
 mod conversations;
 mod embeddings;
@@ -38,6 +39,8 @@ pub(crate) enum Route {
     Requests,
     /// `GET /api/usage`: calls and tokens by model or day.
     Usage,
+    /// `POST /api/batch`: independent chat calls side by side.
+    Batch,
     ConversationList,
     ConversationCreate,
     ConversationGet,
@@ -75,6 +78,7 @@ impl Route {
             Route::Model => "/v1/models/{id}",
             Route::Requests => "/api/requests",
             Route::Usage => "/api/usage",
+            Route::Batch => "/api/batch",
             Route::ConversationList | Route::ConversationCreate => "/api/conversations",
             Route::ConversationGet | Route::ConversationDelete => "/api/conversations/{id}",
             Route::MessageList | Route::MessageCreate => "/api/conversations/{id}/messages",
@@ -104,6 +108,7 @@ impl Route {
             | Route::AdminKeyList => "GET",
             Route::ChatCompletions
             | Route::Embeddings
+            | Route::Batch
             | Route::ConversationCreate
             | Route::MessageCreate
             | Route::AdminKeyCreate
@@ -148,6 +153,7 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/v1/models" => &[Route::Models],
         "/api/requests" => &[Route::Requests],
         "/api/usage" => &[Route::Usage],
+        "/api/batch" => &[Route::Batch],
         "/api/conversations" => &[Route::ConversationList, Route::ConversationCreate],
         "/admin/keys" => &[Route::AdminKeyList, Route::AdminKeyCreate],
         "/api/jobs" => &[Route::JobList, Route::JobSubmit],
@@ -198,6 +204,7 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::Model => models::get(state, request),
         Route::Requests => requests::list(state, request),
         Route::Usage => usage::summary(state, request),
+        Route::Batch => batch::run(state, request),
         Route::ConversationList => conversations::list(state, request),
         Route::ConversationCreate => conversations::create(state, request),
         Route::ConversationGet => conversations::get(state, request),
@@ -401,6 +408,9 @@ pub(crate) enum ApiError {
     Provider(ProviderError),
     /// Every queue slot is taken; the client should retry after this many seconds.
     QueueFull { retry_after_s: u64 },
+    /// A call of a batch found every batch thread busy and the batch queue full for as long
+    /// as its batch could wait (`waited_ms`); it was not run.
+    BatchPoolFull { waited_ms: u64 },
     /// The request waited longer than `max_queue_wait` and would be served too late.
     QueueTimeout { waited_ms: u64 },
     /// The server is shutting down and takes no new work.
@@ -459,6 +469,7 @@ impl ApiError {
             },
             ApiError::QueueFull { .. }
             | ApiError::QueueTimeout { .. }
+            | ApiError::BatchPoolFull { .. }
             | ApiError::Draining
             | ApiError::TooManyConnections => 503,
             ApiError::Internal => 500,
@@ -542,6 +553,7 @@ impl ApiError {
             ApiError::Store(e) => e.code(),
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::QueueTimeout { .. } => "queue_timeout",
+            ApiError::BatchPoolFull { .. } => "batch_pool_full",
             ApiError::Draining => "draining",
             ApiError::TooManyConnections => "too_many_connections",
             ApiError::Internal => "internal_error",
@@ -569,17 +581,23 @@ impl ApiError {
     }
 
     /// The body in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
-    pub(crate) fn body(&self) -> serde_json::Value {
+    fn body(&self) -> serde_json::Value {
+        json!({"error": self.object()})
+    }
+
+    /// OpenAI's error object, `{"message", "type", "param", "code"}`: the body's `error`, and
+    /// a batch item's.
+    pub(crate) fn object(&self) -> serde_json::Value {
         let param = match self {
             ApiError::InvalidRequest { param, .. } => json!(param),
             _ => serde_json::Value::Null,
         };
-        json!({"error": {
+        json!({
             "message": self.to_string(),
             "type": self.kind(),
             "param": param,
             "code": self.code(),
-        }})
+        })
     }
 
     /// The error as an HTTP response, with the headers its status needs.
@@ -705,6 +723,10 @@ impl fmt::Display for ApiError {
                 f,
                 "request waited {waited_ms} ms for a worker, longer than the server's max_queue_wait"
             ),
+            ApiError::BatchPoolFull { waited_ms } => write!(
+                f,
+                "the batch pool is full: every batch thread is busy and the batch queue stayed full past the batch's wait of {waited_ms} ms; retry shortly"
+            ),
             ApiError::Draining => f.write_str("server is shutting down and accepts no new requests"),
             ApiError::TooManyConnections => {
                 f.write_str("server has too many open connections; retry shortly")
@@ -754,6 +776,9 @@ mod tests {
             route("GET", "/api/conversations", false).unwrap(),
             Route::ConversationList
         );
+        assert_eq!(route("POST", "/api/batch", false).unwrap(), Route::Batch);
+        let e = route("GET", "/api/batch", false).unwrap_err();
+        assert!(matches!(e, ApiError::MethodNotAllowed { allow, .. } if allow == "POST"));
         assert_eq!(
             route("DELETE", "/api/conversations/conv_1", false).unwrap(),
             Route::ConversationDelete

@@ -34,6 +34,10 @@ fn readyz(state: &State) -> Response {
 
 fn metrics(state: &State) -> Response {
     state.metrics.queue_depth.set(state.queue_len() as i64);
+    state
+        .metrics
+        .batch_pool_queue_depth
+        .set(state.batch.queue_len() as i64);
     state.store.observe();
     Response::text(
         200,

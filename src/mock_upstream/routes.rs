@@ -58,6 +58,7 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::Metrics
         | api::Route::Requests
         | api::Route::Usage
+        | api::Route::Batch
         | api::Route::ConversationList
         | api::Route::ConversationCreate
         | api::Route::ConversationGet

@@ -15,6 +15,7 @@ use anyhow::Context;
 use crossbeam_channel::Sender;
 
 use crate::auth::Auth;
+use crate::batch;
 use crate::config::Config;
 use crate::http::{self, Acceptor};
 use crate::jobs::{JobBell, Runner};
@@ -22,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::store::Store;
 use admission::{Job, ServiceTime};
-use handoff::Doorbell;
+pub(crate) use handoff::Doorbell;
 pub(crate) use handoff::Handback;
 use pool::Pool;
 
@@ -37,6 +38,8 @@ pub(crate) struct State {
     pub(crate) auth: Auth,
     /// Wakes the job runners when a job is submitted.
     pub(crate) jobs: JobBell,
+    /// Where the calls of `POST /api/batch` run.
+    pub(crate) batch: batch::Pool,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -79,6 +82,7 @@ pub(crate) struct Server {
     state: Arc<State>,
     acceptor: Acceptor,
     pool: Pool,
+    batch_threads: batch::Threads,
     key_watch: KeyWatch,
     job_runner: Runner,
     addr: SocketAddr,
@@ -88,12 +92,15 @@ impl Server {
     /// Checks the process can honour the limits, binds, and starts workers and the acceptor.
     pub(crate) fn start(config: Config, admin_key: Option<&str>) -> anyhow::Result<Server> {
         let capacity = &config.capacity;
-        let needed = http::fds_needed(capacity.max_connections, capacity.workers);
+        // Batch threads hold upstream connections as workers do.
+        let threads = capacity.workers + config.batch.threads;
+        let needed = http::fds_needed(capacity.max_connections, threads);
         let open_files = http::raise_open_files_limit(needed).map_err(|why| {
             anyhow::anyhow!(
-                "cannot honour max_connections = {} with {} workers: {why}",
+                "cannot honour max_connections = {} with {} workers and {} batch threads: {why}",
                 capacity.max_connections,
-                capacity.workers
+                capacity.workers,
+                config.batch.threads
             )
         })?;
         let listener = TcpListener::bind(config.listen)
@@ -136,6 +143,15 @@ impl Server {
             capacity.max_queue_wait.as_millis(),
             capacity.max_connections,
         );
+        let b = &config.batch;
+        log::info!(
+            "batch pool: {} threads, {} queue slots; a batch has at most {} calls, {} at once",
+            b.threads,
+            b.queue,
+            b.max_items,
+            b.parallelism
+        );
+        let (batch, batch_tasks) = batch::Pool::new(b);
         let state = Arc::new(State {
             config,
             metrics,
@@ -143,12 +159,15 @@ impl Server {
             store,
             auth,
             jobs: JobBell::new(),
+            batch,
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
             service_time: ServiceTime::new(),
         });
+        let batch_threads =
+            batch::spawn(&state, batch_tasks).context("cannot start the batch threads")?;
         let pool = Pool::spawn(&state, jobs).context("cannot start the worker threads")?;
         let key_watch =
             KeyWatch::spawn(Arc::clone(&state)).context("cannot start the key watcher")?;
@@ -159,6 +178,7 @@ impl Server {
             state,
             acceptor,
             pool,
+            batch_threads,
             key_watch,
             job_runner,
             addr,
@@ -170,7 +190,8 @@ impl Server {
     }
 
     /// Graceful shutdown: refuse new work (503 `draining`), stop accepting, let queued and
-    /// in-flight requests finish within the grace period, then stop and join the workers.
+    /// in-flight requests finish within the grace period, then stop and join the workers and,
+    /// once no batch is left to send them calls, the batch threads.
     /// Returns false if work was still running when the grace period ended.
     pub(crate) fn shutdown(mut self) -> bool {
         let state = &self.state;
@@ -181,7 +202,8 @@ impl Server {
         log::info!("draining: {in_flight} requests queued or in flight");
         let drained = if pool::wait_idle(state, deadline) {
             self.pool.join();
-            log::info!("drained: every request answered, workers stopped");
+            self.batch_threads.join();
+            log::info!("drained: every request answered, workers and batch threads stopped");
             true
         } else {
             log::warn!(
