@@ -295,19 +295,32 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// What admission reads of a body, without building it: the model and what the call may cost
 /// in tokens. A body that is not JSON reads as nothing; the handler answers it with a 400.
+/// Every field is read as any JSON value, so that a field of an unexpected type cannot make
+/// the whole read fail and the model check with it (the handler answers such a body, and
+/// checks the model again before any provider call).
 #[derive(Debug, Default, Deserialize)]
 struct Peek {
+    #[serde(default, deserialize_with = "lenient")]
     model: Option<String>,
-    messages: Option<Vec<PeekMessage>>,
+    #[serde(default)]
+    messages: Option<Value>,
     /// A conversation turn's new message.
+    #[serde(default, deserialize_with = "lenient")]
     content: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
     max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient")]
     max_completion_tokens: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
-struct PeekMessage {
-    content: Option<Value>,
+/// A field read as `T` when it has that type, as absent otherwise.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).ok())
 }
 
 impl Peek {
@@ -320,8 +333,9 @@ impl Peek {
     /// usage replaces it once the call ends.
     fn tokens(&self) -> u64 {
         let mut chars = self.content.as_ref().map_or(0, String::len);
-        for message in self.messages.iter().flatten() {
-            chars += match &message.content {
+        let messages = self.messages.as_ref().and_then(Value::as_array);
+        for message in messages.into_iter().flatten() {
+            chars += match message.get("content") {
                 Some(Value::String(s)) => s.len(),
                 Some(Value::Array(parts)) => parts
                     .iter()
@@ -351,6 +365,13 @@ mod tests {
         assert_eq!(p.tokens(), 3 + 10);
         assert_eq!(Peek::of(br#"{"content":"abcde"}"#).tokens(), 2);
         assert_eq!(Peek::of(b"not json").tokens(), 0);
+    }
+
+    #[test]
+    fn a_field_of_an_unexpected_type_does_not_hide_the_model() {
+        let p = Peek::of(br#"{"model":"m","content":5,"messages":"x","max_tokens":"many"}"#);
+        assert_eq!(p.model.as_deref(), Some("m"));
+        assert_eq!(p.tokens(), 0);
     }
 
     #[test]

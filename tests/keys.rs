@@ -141,6 +141,23 @@ fn every_refusal_is_answered_before_any_upstream_call() {
         let r = chat_as(gw.addr, *key, body);
         assert_error(&r, *status, None, Some(code));
     }
+    // Bodies that try to slip another model past the check: a field of an unexpected type,
+    // and `model` given twice (admission cannot read it; the handler checks what it would call).
+    let auth = bearer(&only_m);
+    for body in [
+        r#"{"model":"other","content":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"m","model":"other","messages":[{"role":"user","content":"hi"}]}"#,
+    ] {
+        let r = send(
+            gw.addr,
+            &post_req(
+                "/v1/chat/completions",
+                body,
+                &[("Authorization", &auth), ("Connection", "close")],
+            ),
+        );
+        assert_error(&r, 403, None, Some("model_not_allowed"));
+    }
     // The expired key: refused once its time has passed.
     assert!(
         poll_until(Duration::from_secs(5), Duration::from_millis(100), || {

@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 use super::chat::{self, invalid, missing, Reply};
 use super::record::{Facts, Record};
 use super::ApiError;
-use crate::auth::{Auth, Denied};
 use crate::batch::{self, Missed};
 use crate::http::{Request, Response};
 use crate::providers::{ChatRequest, Usage};
@@ -120,13 +119,7 @@ fn check(state: &State, request: &Request, item: Value) -> Result<ChatRequest, A
     if state.providers.route(&chat.model).is_none() {
         return Err(ApiError::ModelNotFound(chat.model));
     }
-    if let Some(caller) = &request.caller {
-        if !Auth::allows_model(caller, &chat.model) {
-            return Err(ApiError::Denied(Denied::ModelNotAllowed {
-                model: chat.model,
-            }));
-        }
-    }
+    super::check_model(request, &chat.model)?;
     Ok(chat)
 }
 

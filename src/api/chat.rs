@@ -18,6 +18,7 @@ use crate::server::State;
 /// (JSON passed through as received) or relay its stream event by event.
 pub(crate) fn complete(state: &State, request: &Request) -> Result<Response, ApiError> {
     let chat = parse(&request.body)?;
+    super::check_model(request, &chat.model)?;
     let (answer, served, clock) = ask(state, &request.record, &chat)?;
     let label = served.label();
     let id = format!("chatcmpl-{}", request.request_id);

@@ -100,14 +100,8 @@ pub(crate) fn add_message(state: &State, request: &Request) -> Result<Response, 
                 "missing 'model': the conversation has none, so the message must name one",
             )
         })?;
-    // A model named in the body was checked at admission; the conversation's is checked here.
-    if let Some(caller) = &request.caller {
-        if !crate::auth::Auth::allows_model(caller, &model) {
-            return Err(ApiError::Denied(crate::auth::Denied::ModelNotAllowed {
-                model,
-            }));
-        }
-    }
+    // The model may be the conversation's, which admission could not know.
+    super::check_model(request, &model)?;
     let chat = prompt(state, &conversation, &model, &ask)?;
     let pending = Pending::new(conversation.id, ask.content, model, key);
     let (answer, served, clock) = chat::ask(state, &request.record, &chat)?;

@@ -17,6 +17,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
         Some(_) => return Err(invalid("model", "'model' must be a non-empty string")),
     };
     request.record.model(&model);
+    super::check_model(request, &model)?;
     let inputs = inputs(body.get("input"))?;
     let dimensions = match body.get("dimensions") {
         None | Some(Value::Null) => mock::EMBEDDING_DIMENSIONS,

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::chat::{self, invalid, missing};
 use super::{json_object, known_params, path_id, query_limit, query_param, ApiError};
-use crate::auth::{Auth, Caller, Denied};
+use crate::auth::Caller;
 use crate::http::{Request, Response};
 use crate::server::State;
 use crate::store::jobs::{self as store, Cancelled, Job, NewJob, Status, Submitted};
@@ -144,13 +144,7 @@ fn parse_submission(state: &State, request: &Request) -> Result<NewJob, ApiError
     if state.providers.route(&chat.model).is_none() {
         return Err(ApiError::ModelNotFound(chat.model));
     }
-    if let Some(caller) = &request.caller {
-        if !Auth::allows_model(caller, &chat.model) {
-            return Err(ApiError::Denied(Denied::ModelNotAllowed {
-                model: chat.model,
-            }));
-        }
-    }
+    super::check_model(request, &chat.model)?;
     let metadata = match body.get("metadata") {
         None | Some(Value::Null) => None,
         Some(m @ Value::Object(_)) => Some(m.clone()),

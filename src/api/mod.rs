@@ -340,6 +340,20 @@ fn decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Refuses a model the caller's key may not call. Admission checks the body's `model` before
+/// the request is queued; handlers check again the model they will actually call, so no body
+/// that admission could not read slips past.
+pub(crate) fn check_model(request: &Request, model: &str) -> Result<(), ApiError> {
+    match &request.caller {
+        Some(caller) if !crate::auth::Auth::allows_model(caller, model) => {
+            Err(ApiError::Denied(crate::auth::Denied::ModelNotAllowed {
+                model: model.to_string(),
+            }))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a request body that must be a JSON object.
 pub(crate) fn json_object(
     body: &[u8],
