@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::api::chat::{self, completion_json};
+use crate::api::record::Record;
 use crate::api::ApiError;
-use crate::providers::{self, mock, Answer, Call, ProviderError, UpstreamClock};
+use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock, Usage};
 use crate::server::State;
 use crate::store::jobs::{self as store, Claimed, RunEnd, Status};
 use crate::store::{now_ms, StoreError};
@@ -233,12 +234,19 @@ fn execute(state: &State, job: &Claimed) -> RunEnd {
     };
     let mut clock = UpstreamClock::default();
     match providers::call(targets, &call, &state.metrics, &mut clock) {
-        Ok((Answer::Mock, _)) => {
-            let reply = mock::reply(&chat);
+        Ok((Answer::Mock, served)) => {
+            let reply = chat::mock_reply(state, &Record::default(), &chat, &served);
             let id = format!("chatcmpl-{}", job.id);
             RunEnd::Succeeded(completion_json(&id, &chat.model, &reply))
         }
-        Ok((Answer::Json { value, .. }, _)) => RunEnd::Succeeded(value),
+        Ok((Answer::Json { value, .. }, served)) => {
+            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
+                state
+                    .metrics
+                    .count_tokens(&served.provider, &chat.model, usage);
+            }
+            RunEnd::Succeeded(value)
+        }
         Ok((Answer::Stream { .. }, _)) => RunEnd::Failed(error_json(&ApiError::Internal)),
         Err(e) => {
             let retry = is_transient(&e);

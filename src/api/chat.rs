@@ -75,11 +75,7 @@ pub(crate) fn reply(
 ) -> Reply {
     match answer {
         Answer::Mock => {
-            let reply = mock::reply(&chat);
-            state
-                .metrics
-                .count_tokens(&served.provider, &chat.model, reply.usage);
-            record.usage(reply.usage);
+            let reply = mock_reply(state, record, &chat, &served);
             if chat.stream {
                 Reply::Stream(stream_reply(id, chat, reply, Arc::clone(record), None))
             } else {
@@ -117,6 +113,21 @@ pub(crate) fn reply(
             transcript: None,
         })),
     }
+}
+
+/// The built-in mock's reply, its tokens counted as a provider's would be.
+pub(crate) fn mock_reply(
+    state: &State,
+    record: &Record,
+    chat: &ChatRequest,
+    served: &Served,
+) -> ChatReply {
+    let reply = mock::reply(chat);
+    state
+        .metrics
+        .count_tokens(&served.provider, &chat.model, reply.usage);
+    record.usage(reply.usage);
+    reply
 }
 
 /// Reads and checks the body; every error names the parameter at fault.

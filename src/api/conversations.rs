@@ -12,7 +12,7 @@ use super::chat::{self, invalid, missing, usage_json};
 use super::relay::{self, Relayed, Transcript};
 use super::{annotate, json_object, known_params, path_id, query_limit, query_param, ApiError};
 use crate::http::{Request, Response};
-use crate::providers::{self, mock, Answer, ChatRequest, Served, Usage};
+use crate::providers::{self, Answer, ChatRequest, Served, Usage};
 use crate::server::State;
 use crate::store::conversations::{self as store, Conversation, Message, Page, Turn};
 use crate::store::{new_id, now_ms, StoreError, Writer};
@@ -123,11 +123,7 @@ fn answer_turn(
     let record = &request.record;
     match answer {
         Answer::Mock => {
-            let reply = mock::reply(&chat);
-            state
-                .metrics
-                .count_tokens(&served.provider, &chat.model, reply.usage);
-            record.usage(reply.usage);
+            let reply = chat::mock_reply(state, record, &chat, &served);
             if chat.stream {
                 let id = pending.reply_id.clone();
                 let transcript = pending.transcript(Arc::clone(&state.store.writer));
