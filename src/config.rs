@@ -88,6 +88,7 @@ struct RawHttp {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     shutdown_grace_ms: Option<u64>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +198,8 @@ pub(crate) struct Config {
     pub(crate) http: HttpLimits,
     /// Time queued and in-flight work gets to finish after SIGTERM/SIGINT. Default 30 s.
     pub(crate) shutdown_grace: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed. Default loopback.
+    pub(crate) trusted_proxies: Vec<crate::http::forwarded::Cidr>,
     /// Time the built-in `mock` model takes to answer. Default 0.
     pub(crate) mock_latency: Duration,
     /// Serve `POST /debug/panic` (tests only; hidden flag). Default off.
@@ -400,6 +403,7 @@ impl Default for Config {
                 write_timeout: Duration::from_millis(10_000),
             },
             shutdown_grace: Duration::from_millis(30_000),
+            trusted_proxies: crate::http::forwarded::loopback(),
             mock_latency: Duration::ZERO,
             debug_routes: false,
             allow_open: false,
@@ -611,6 +615,14 @@ impl Config {
             pick(over.shutdown_grace_ms, raw.server.shutdown_grace_ms, 30_000),
             0,
         )?;
+        let trusted_proxies = match raw.server.trusted_proxies {
+            None => d.trusted_proxies.clone(),
+            Some(list) => list
+                .iter()
+                .map(|text| crate::http::forwarded::Cidr::parse(text))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|why| file_invalid("server.trusted_proxies", file, why))?,
+        };
         let mock_latency = millis(
             "mock.latency_ms",
             pick(over.mock_latency_ms, raw.mock.latency_ms, 0),
@@ -694,6 +706,7 @@ impl Config {
             },
             http,
             shutdown_grace,
+            trusted_proxies,
             mock_latency,
             debug_routes: over.debug_routes,
             allow_open: over.allow_open,

@@ -57,6 +57,8 @@ pub(crate) struct Metrics {
     pub(crate) workers: IntGauge,
     /// `syncgate_connections_open`: open client connections (the acceptor enforces the cap on it).
     pub(crate) connections_open: IntGauge,
+    /// `syncgate_connections_accepted_total`: connections accepted (refused ones included).
+    pub(crate) connections_accepted: IntCounter,
     /// `syncgate_connections_max`: the cap on open connections.
     pub(crate) connections_max: IntGauge,
     /// `syncgate_rejected_total{reason}`: requests or connections refused by a limit.
@@ -277,6 +279,11 @@ impl Metrics {
                 "Worker threads (also the most concurrent streams)",
             ),
             connections_open: gauge("syncgate_connections_open", "Open client connections"),
+            connections_accepted: IntCounter::new(
+                "syncgate_connections_accepted_total",
+                "Client connections accepted, refused ones included",
+            )
+            .expect("valid metric"),
             connections_max: gauge("syncgate_connections_max", "Most open client connections"),
             rejected,
             handler_panics: IntCounter::new(
@@ -367,6 +374,7 @@ impl Metrics {
             Box::new(self.workers_busy.clone()),
             Box::new(self.workers.clone()),
             Box::new(self.connections_open.clone()),
+            Box::new(self.connections_accepted.clone()),
             Box::new(self.connections_max.clone()),
             Box::new(self.rejected.clone()),
             Box::new(self.handler_panics.clone()),

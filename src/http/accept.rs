@@ -135,6 +135,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 fn admit_connection(state: &Arc<State>, stream: TcpStream, peer: SocketAddr) {
+    state.metrics.connections_accepted.inc();
     let open = &state.metrics.connections_open;
     if open.get() >= state.config.capacity.max_connections as i64 {
         state.metrics.reject("too_many_connections");

@@ -4,6 +4,7 @@
 
 mod accept;
 mod conn;
+pub(crate) mod forwarded;
 pub(crate) mod presence;
 mod read;
 mod response;

@@ -251,10 +251,15 @@ pub(crate) fn respond(
         .metrics
         .observe_request(route, status, elapsed.as_secs_f64());
     let queue_ms = queue_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
+    let client = if logging {
+        client_of(state, request)
+    } else {
+        String::new()
+    };
     log::info!(
         target: "syncgate::access",
         "{} {} {} {} {}B {:.1}ms queue={:.1}ms rid={}{served}{note}",
-        request.peer,
+        client,
         request.method,
         loggable_path(&request.path),
         status,
@@ -331,6 +336,27 @@ fn log_row(
         key_id: request.caller.as_ref().and_then(Caller::key_id),
         request_body: None,
         response_body: None,
+    }
+}
+
+/// Who the access log names: the peer, or behind a trusted proxy the client it forwarded for
+/// (with the proxy as `via`).
+fn client_of(state: &State, request: &Request) -> String {
+    let forwarded: Vec<&str> = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "x-forwarded-for")
+        .map(|(_, value)| value.as_str())
+        .collect();
+    let client = crate::http::forwarded::client(
+        request.peer.ip(),
+        &forwarded,
+        &state.config.trusted_proxies,
+    );
+    if client == request.peer.ip() {
+        request.peer.to_string()
+    } else {
+        format!("{client} via={}", request.peer)
     }
 }
 
