@@ -120,7 +120,7 @@ fn which_nginx() -> String {
     }
     panic!(
         "nginx is not installed: this test runs the shipped nginx config for real \
-         (Debian: apt-get install nginx-light; .ci/run installs it)"
+         (Debian: apt-get install nginx; .ci/run installs it)"
     );
 }
 
