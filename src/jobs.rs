@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::api::chat::{self, completion_json};
 use crate::api::record::Record;
 use crate::api::ApiError;
-use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock, Usage};
+use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock};
 use crate::server::State;
 use crate::store::jobs::{self as store, Claimed, RunEnd, Status};
 use crate::store::{now_ms, StoreError};
@@ -240,11 +240,7 @@ fn execute(state: &State, job: &Claimed) -> RunEnd {
             RunEnd::Succeeded(completion_json(&id, &chat.model, &reply))
         }
         Ok((Answer::Json { value, .. }, served)) => {
-            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
-                state
-                    .metrics
-                    .count_tokens(&served.provider, &chat.model, usage);
-            }
+            chat::json_usage(state, &Record::default(), &served, &chat.model, &value);
             RunEnd::Succeeded(value)
         }
         Ok((Answer::Stream { .. }, _)) => RunEnd::Failed(error_json(&ApiError::Internal)),

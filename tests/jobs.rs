@@ -13,20 +13,7 @@ use common::*;
 use serde_json::{json, Value};
 
 fn gateway_toml(upstream: SocketAddr, jobs: &str) -> String {
-    format!(
-        r#"[[providers]]
-name = "up"
-type = "openai"
-base_url = "http://{upstream}/v1"
-
-[[models]]
-name = "m"
-targets = ["up/upstream-model"]
-
-[jobs]
-{jobs}
-"#
-    )
+    format!("{}\n[jobs]\n{jobs}\n", upstream_model_toml(upstream))
 }
 
 fn job_body(text: &str) -> String {

@@ -17,19 +17,8 @@ const ADMIN: &str = "adm-0f3c2b1e9d8a7f6e5d4c3b2a19080706";
 
 fn gateway_toml(upstream: SocketAddr) -> String {
     format!(
-        r#"[[providers]]
-name = "up"
-type = "openai"
-base_url = "http://{upstream}/v1"
-
-[[models]]
-name = "m"
-targets = ["up/upstream-model"]
-
-[[models]]
-name = "other"
-targets = ["up/other-model"]
-"#
+        "{}\n[[models]]\nname = \"other\"\ntargets = [\"up/other-model\"]\n",
+        upstream_model_toml(upstream)
     )
 }
 

@@ -125,18 +125,7 @@ fn which_nginx() -> String {
 }
 
 fn gateway_toml(upstream: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"{extra}
-[[providers]]
-name = "up"
-type = "openai"
-base_url = "http://{upstream}/v1"
-
-[[models]]
-name = "m"
-targets = ["up/upstream-model"]
-"#
-    )
+    format!("{}\n{extra}", upstream_model_toml(upstream))
 }
 
 fn chat_m(text: &str, extra: &[(&str, &str)]) -> Vec<u8> {

@@ -87,31 +87,20 @@ pub(crate) fn reply(
             }
         }
         Answer::Json { bytes, value } => {
-            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
-                state
-                    .metrics
-                    .count_tokens(&served.provider, &chat.model, usage);
-                record.usage(usage);
-            }
+            json_usage(state, record, &served, &chat.model, &value);
             Reply::Whole { bytes, value }
         }
         Answer::Stream {
             events,
             cancel,
             timeouts,
-        } => Reply::Stream(relay::response(relay::Relay {
-            events,
-            cancel,
-            timeouts,
-            heartbeat: state.config.heartbeat,
-            model: chat.model,
+        } => Reply::Stream(relay::response(relay::Relay::new(
+            state,
+            chat.model,
             served,
-            tokens: state.metrics.tokens.clone(),
-            upstream_duration: state.metrics.upstream_duration.clone(),
-            started: std::time::Instant::now(),
-            record: Arc::clone(record),
-            transcript: None,
-        })),
+            Arc::clone(record),
+            (events, cancel, timeouts),
+        ))),
     }
 }
 
@@ -128,6 +117,20 @@ pub(crate) fn mock_reply(
         .count_tokens(&served.provider, &chat.model, reply.usage);
     record.usage(reply.usage);
     reply
+}
+
+/// The usage a provider's JSON answer reports, counted and noted on the record.
+pub(crate) fn json_usage(
+    state: &State,
+    record: &Record,
+    served: &Served,
+    model: &str,
+    value: &Value,
+) -> Option<Usage> {
+    let usage = value.get("usage").and_then(Usage::from_json)?;
+    state.metrics.count_tokens(&served.provider, model, usage);
+    record.usage(usage);
+    Some(usage)
 }
 
 /// Reads and checks the body; every error names the parameter at fault.

@@ -139,13 +139,7 @@ fn answer_turn(
             }
         }
         Answer::Json { value, .. } => {
-            let usage = value.get("usage").and_then(Usage::from_json);
-            if let Some(usage) = usage {
-                state
-                    .metrics
-                    .count_tokens(&served.provider, &chat.model, usage);
-                record.usage(usage);
-            }
+            let usage = chat::json_usage(state, record, &served, &chat.model, &value);
             let content = value
                 .pointer("/choices/0/message/content")
                 .and_then(Value::as_str)
@@ -157,17 +151,14 @@ fn answer_turn(
             cancel,
             timeouts,
         } => Ok(relay::response(relay::Relay {
-            events,
-            cancel,
-            timeouts,
-            heartbeat: state.config.heartbeat,
             transcript: Some(pending.transcript(Arc::clone(&state.store.writer))),
-            model: chat.model,
-            served,
-            tokens: state.metrics.tokens.clone(),
-            upstream_duration: state.metrics.upstream_duration.clone(),
-            started: std::time::Instant::now(),
-            record: Arc::clone(record),
+            ..relay::Relay::new(
+                state,
+                chat.model,
+                served,
+                Arc::clone(record),
+                (events, cancel, timeouts),
+            )
         })),
     }
 }

@@ -67,10 +67,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
             )
         }
         Answer::Json { bytes, value } => {
-            if let Some(usage) = value.get("usage").and_then(Usage::from_json) {
-                state.metrics.count_tokens(&served.provider, &model, usage);
-                request.record.usage(usage);
-            }
+            super::chat::json_usage(state, &request.record, &served, &model, &value);
             Response::text(200, "application/json", bytes)
         }
         // Embeddings are never streamed (Call::stream is false).

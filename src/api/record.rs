@@ -61,6 +61,11 @@ impl Record {
         });
     }
 
+    /// The usage noted so far (without copying the rest).
+    pub(crate) fn usage_so_far(&self) -> Option<Usage> {
+        self.lock().usage
+    }
+
     pub(crate) fn facts(&self) -> Facts {
         self.lock().clone()
     }

@@ -51,6 +51,32 @@ pub(crate) struct Relay {
     pub(crate) transcript: Option<Transcript>,
 }
 
+impl Relay {
+    /// A relay of a provider's stream for a call to `model`, with the server's heartbeat and
+    /// metrics, keeping nothing (set `transcript` to keep the text).
+    pub(crate) fn new(
+        state: &crate::server::State,
+        model: String,
+        served: Served,
+        record: Arc<Record>,
+        (events, cancel, timeouts): (Events, Cancel, Timeouts),
+    ) -> Relay {
+        Relay {
+            events,
+            cancel,
+            timeouts,
+            heartbeat: state.config.heartbeat,
+            model,
+            served,
+            tokens: state.metrics.tokens.clone(),
+            upstream_duration: state.metrics.upstream_duration.clone(),
+            started: Instant::now(),
+            record,
+            transcript: None,
+        }
+    }
+}
+
 /// A stream's text as it went to the client, and what keeps it once the stream ends.
 pub(crate) struct Transcript {
     text: String,

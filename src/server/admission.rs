@@ -281,7 +281,7 @@ pub(crate) fn respond(
 /// tokens the provider reported, and the in-flight slot is given back.
 fn settle(request: &Request) {
     if let Some(Caller::Key { permit, .. }) = &request.caller {
-        if let Some(usage) = request.record.facts().usage {
+        if let Some(usage) = request.record.usage_so_far() {
             permit.reconcile(usage.prompt_tokens + usage.completion_tokens);
         }
         permit.release();

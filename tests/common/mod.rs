@@ -884,6 +884,15 @@ pub fn post_req(path: &str, body: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// A config with one provider, `up`, at `upstream` (a `syncgate mock-upstream`), and one
+/// model on it, `m`; tests append their own tables.
+pub fn upstream_model_toml(upstream: SocketAddr) -> String {
+    format!(
+        "[[providers]]\nname = \"up\"\ntype = \"openai\"\nbase_url = \"http://{upstream}/v1\"\n\n\
+         [[models]]\nname = \"m\"\ntargets = [\"up/upstream-model\"]\n"
+    )
+}
+
 /// A valid mock chat body with one user message.
 pub fn chat_body(text: &str) -> String {
     serde_json::json!({
