@@ -1,4 +1,4 @@
-//! syncgate behind nginx, for real: Debian's nginx (installed by `.ci/run`) runs in the
+//! syncgate behind nginx, for real: Debian's nginx (installed by `scripts/test`) runs in the
 //! foreground from a temporary prefix on loopback, with the shipped `deploy/nginx/syncgate.conf`
 //! and only its addresses and paths substituted, in front of `syncgate serve` and
 //! `syncgate mock-upstream`.
@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(syncgate: SocketAddr) -> Nginx {
+    fn start(nginx: &Path, syncgate: SocketAddr) -> Nginx {
         let prefix = std::env::temp_dir().join(unique("syncgate-nginx"));
         for dir in ["", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             let path = prefix.join(dir);
@@ -51,8 +51,7 @@ impl Nginx {
              include {p}/syncgate.conf;\n}}\n"
         );
         fs::write(prefix.join("nginx.conf"), main).unwrap();
-        let nginx = which_nginx();
-        let child = Command::new(&nginx)
+        let child = Command::new(nginx)
             .arg("-p")
             .arg(&prefix)
             .arg("-c")
@@ -61,7 +60,7 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {nginx}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", nginx.display()));
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut nginx = Nginx {
             addr,
@@ -99,7 +98,7 @@ impl Drop for Nginx {
     }
 }
 
-fn set_mode(path: &std::path::Path, mode: u32) {
+fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
@@ -112,16 +111,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn which_nginx() -> String {
-    for candidate in ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"] {
-        if std::path::Path::new(candidate).exists() {
-            return candidate.to_string();
-        }
-    }
-    panic!(
-        "nginx is not installed: this test runs the shipped nginx config for real \
-         (Debian: apt-get install nginx; .ci/run installs it)"
-    );
+/// Debian's nginx, when the machine has it (see `require`).
+fn nginx_program() -> Option<PathBuf> {
+    let found = find_program("nginx", &["/usr/sbin/nginx", "/usr/local/sbin/nginx"]);
+    require("nginx", "nginx", found)
 }
 
 fn gateway_toml(upstream: SocketAddr, extra: &str) -> String {
@@ -141,9 +134,12 @@ fn metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[test]
 fn chat_and_streams_pass_through_paced_with_request_ids_on_reused_connections() {
+    let Some(program) = nginx_program() else {
+        return;
+    };
     let up = Server::start_mock_upstream(&["--stream-chunks", "6", "--stream-interval-ms", "150"]);
     let gw = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
-    let nginx = Nginx::start(gw.addr);
+    let nginx = Nginx::start(&program, gw.addr);
 
     // A plain call, with the client's request id end to end.
     let r = send(
@@ -217,12 +213,15 @@ fn chat_and_streams_pass_through_paced_with_request_ids_on_reused_connections() 
 
 #[test]
 fn a_503_with_retry_after_passes_through_untouched() {
+    let Some(program) = nginx_program() else {
+        return;
+    };
     let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
     let gw = Server::start_with_config(
         &gateway_toml(up.addr, ""),
         &["--workers", "1", "--queue", "1"],
     );
-    let nginx = Nginx::start(gw.addr);
+    let nginx = Nginx::start(&program, gw.addr);
     let addr = nginx.addr;
     let calls: Vec<_> = (0..4)
         .map(|i| std::thread::spawn(move || send(addr, &chat_m(&format!("c{i}"), &[]))))
@@ -239,6 +238,9 @@ fn a_503_with_retry_after_passes_through_untouched() {
 
 #[test]
 fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+    let Some(program) = nginx_program() else {
+        return;
+    };
     let up = Server::start_mock_upstream(&[]);
     // The default trusts loopback, where nginx is; the other trusts only 10.0.0.0/8.
     let trusting = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
@@ -247,7 +249,7 @@ fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
         &[],
     );
     for (gw, believed) in [(&trusting, true), (&wary, false)] {
-        let nginx = Nginx::start(gw.addr);
+        let nginx = Nginx::start(&program, gw.addr);
         // nginx appends the address it saw (127.0.0.1) to what the client sent.
         let r = send(
             nginx.addr,
@@ -288,9 +290,12 @@ fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
 
 #[test]
 fn oversized_bodies_and_slow_clients_are_stopped_by_nginx_before_syncgate() {
+    let Some(program) = nginx_program() else {
+        return;
+    };
     let up = Server::start_mock_upstream(&[]);
     let gw = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
-    let nginx = Nginx::start(gw.addr);
+    let nginx = Nginx::start(&program, gw.addr);
     let route = [("route", "/v1/chat/completions"), ("status", "413")];
     let before = metric(gw.addr, "syncgate_connections_accepted_total", &[]);
 

@@ -30,7 +30,9 @@ The OpenAI SDK test needs a Python with the SDK. Either
 
 #[test]
 fn openai_python_sdk_works_unchanged() {
-    let (python, source) = sdk_python();
+    let Some((python, source)) = sdk_python() else {
+        return;
+    };
     let upstream = Server::start(&[]);
     let gateway = Server::start_with_config(&gateway_config(upstream.addr), &[]);
 
@@ -96,14 +98,22 @@ targets = ["nokey/x"]
     )
 }
 
-/// The Python to run the script with, and where it came from.
-fn sdk_python() -> (PathBuf, &'static str) {
-    match std::env::var_os("SYNCGATE_SDK_PYTHON") {
-        Some(p) if !p.is_empty() => (PathBuf::from(p), "from SYNCGATE_SDK_PYTHON"),
-        _ => match cached_venv() {
-            Ok(python) => (python, "from the cached target/sdk-venv"),
-            Err(e) => panic!("cannot set up the OpenAI Python SDK: {e}\n\n{HOW_TO_FIX}"),
-        },
+/// The Python to run the script with, and where it came from; `None` when the test is skipped
+/// for want of a Python that can make a virtualenv (see `require`).
+fn sdk_python() -> Option<(PathBuf, &'static str)> {
+    if let Some(p) = std::env::var_os("SYNCGATE_SDK_PYTHON").filter(|p| !p.is_empty()) {
+        return Some((PathBuf::from(p), "from SYNCGATE_SDK_PYTHON"));
+    }
+    // Debian's python3 makes a virtualenv only with python3-venv, where its ensurepip lives.
+    let can_make_venv = succeeds("python3", &["-c", "import ensurepip, venv"]);
+    require(
+        "python3 with venv",
+        "python3-venv",
+        can_make_venv.then_some(()),
+    )?;
+    match cached_venv() {
+        Ok(python) => Some((python, "from the cached target/sdk-venv")),
+        Err(e) => panic!("cannot set up the OpenAI Python SDK: {e}\n\n{HOW_TO_FIX}"),
     }
 }
 

@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod machine;
+// Only the test binaries that need something from the machine use it.
+#[allow(unused_imports)]
+pub use machine::*;
+
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_syncgate");
 /// How long the server may take to print its `listening on` line.
