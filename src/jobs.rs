@@ -135,6 +135,7 @@ fn run_jobs(state: &Weak<State>, shared: &Shared) {
                 wait_for_work(shared);
             }
             Err(e) => {
+                state.metrics.store.count_error(e.kind());
                 log::warn!("job runner cannot claim a job: {e}");
                 drop(state);
                 wait_for_work(shared);
@@ -213,7 +214,10 @@ fn run_one(state: &State, job: &Claimed) {
             job.attempt
         ),
         // The lease runs out and the job runs again.
-        (Err(e), _) => log::error!("cannot record the end of job {}: {e}", job.id),
+        (Err(e), _) => {
+            state.metrics.store.count_error(e.kind());
+            log::error!("cannot record the end of job {}: {e}", job.id);
+        }
     }
 }
 
@@ -287,10 +291,12 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
                 .writer
                 .write(Box::new(move |conn| store::renew(conn, &held, until)));
             if let Err(e) = renewed {
+                state.metrics.store.count_error(e.kind());
                 log::warn!("cannot renew job leases: {e}");
             }
         }
         if let Err(e) = refresh_gauges(&state) {
+            state.metrics.store.count_error(e.kind());
             log::warn!("cannot count jobs: {e}");
         }
         drop(state);

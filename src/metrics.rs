@@ -20,10 +20,11 @@ const QUEUE_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-/// Buckets for syncgate's own time per request: microseconds to a few milliseconds.
+/// Buckets for syncgate's own time per request: microseconds to a few milliseconds, and on to
+/// seconds, so that a p95 past the 500 ms alert (deploy/prometheus) can be computed at all.
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.000025, 0.00005, 0.0001, 0.00015, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1,
+    0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
 /// Every reason a request or connection can be refused; each is exported from start, at 0.
@@ -79,6 +80,9 @@ pub(crate) struct Metrics {
     pub(crate) upstream_retries: IntCounterVec,
     /// `syncgate_upstream_in_flight{provider}`: calls holding a concurrency slot.
     pub(crate) upstream_in_flight: IntGaugeVec,
+    /// `syncgate_upstream_concurrency_limit{provider}`: a provider's cap on calls in flight
+    /// (`max_concurrency`); absent for the built-in mock, which has none.
+    pub(crate) upstream_concurrency_limit: IntGaugeVec,
     /// `syncgate_tokens_total{provider,model,kind}`: prompt and completion tokens reported.
     pub(crate) tokens: IntCounterVec,
     /// `syncgate_auth_failures_total{reason}`: requests turned away for their key.
@@ -120,7 +124,17 @@ pub(crate) struct StoreMetrics {
     pub(crate) log_rows_expired: IntCounter,
     /// `syncgate_store_read_connections_in_use`: read connections taken from the pool.
     pub(crate) reads_in_use: IntGauge,
+    /// `syncgate_store_read_seconds`: how long a read connection was held, its queries included.
+    pub(crate) read_seconds: Histogram,
+    /// `syncgate_store_errors_total{kind}`: store errors met by requests and background work,
+    /// by [`STORE_ERROR_KINDS`]; counted where each is handled. Request-log rows lost to a
+    /// failed commit are `log_rows_dropped` instead: no caller waits for them.
+    pub(crate) errors: IntCounterVec,
 }
+
+/// Every `kind` of `syncgate_store_errors_total`: the writer's queue or the read pool stayed
+/// full, the store was closing, the database refused.
+pub(crate) const STORE_ERROR_KINDS: &[&str] = &["busy", "closed", "failed"];
 
 /// Calls per batch: one up to far beyond the default `[batch] max_items` of 64.
 const BATCH_ITEM_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
@@ -169,7 +183,31 @@ impl StoreMetrics {
                 "Read connections taken from the pool",
             )
             .expect("valid metric"),
+            read_seconds: histogram(
+                "syncgate_store_read_seconds",
+                "Time a read connection was held, its queries included",
+                COMMIT_BUCKETS,
+            ),
+            errors: {
+                let errors = IntCounterVec::new(
+                    Opts::new(
+                        "syncgate_store_errors_total",
+                        "Store errors met by requests and background work: busy (queue or read pool full), closed, failed (the database refused)",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric");
+                for kind in STORE_ERROR_KINDS {
+                    errors.with_label_values(&[kind]);
+                }
+                errors
+            },
         }
+    }
+
+    /// Counts a store error where it is handled; `kind` is one of [`STORE_ERROR_KINDS`].
+    pub(crate) fn count_error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
     }
 }
 
@@ -256,6 +294,14 @@ impl Metrics {
                 Opts::new(
                     "syncgate_upstream_in_flight",
                     "Provider calls holding a concurrency slot",
+                ),
+                &["provider"],
+            )
+            .expect("valid metric"),
+            upstream_concurrency_limit: IntGaugeVec::new(
+                Opts::new(
+                    "syncgate_upstream_concurrency_limit",
+                    "A provider's cap on calls in flight (max_concurrency)",
                 ),
                 &["provider"],
             )
@@ -385,6 +431,7 @@ impl Metrics {
             Box::new(self.upstream_requests.clone()),
             Box::new(self.upstream_retries.clone()),
             Box::new(self.upstream_in_flight.clone()),
+            Box::new(self.upstream_concurrency_limit.clone()),
             Box::new(self.tokens.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.rate_limited.clone()),
@@ -400,6 +447,8 @@ impl Metrics {
             Box::new(self.store.log_rows_dropped.clone()),
             Box::new(self.store.log_rows_expired.clone()),
             Box::new(self.store.reads_in_use.clone()),
+            Box::new(self.store.read_seconds.clone()),
+            Box::new(self.store.errors.clone()),
         ];
         for c in collectors {
             self.registry
@@ -429,9 +478,19 @@ impl Metrics {
     }
 
     /// Shows a provider's gauges and counters from the start, at zero.
-    pub(crate) fn register_provider(&self, provider: &str) {
+    /// Shows a provider's series from the start; `cap` is its `max_concurrency`, if it has one.
+    pub(crate) fn register_provider(&self, provider: &str, cap: Option<usize>) {
         self.upstream_in_flight.with_label_values(&[provider]);
         self.upstream_retries.with_label_values(&[provider]);
+        // Histograms too: a series born with its first observation loses that observation
+        // from every rate() over it.
+        self.upstream_duration.with_label_values(&[provider]);
+        self.upstream_first_byte.with_label_values(&[provider]);
+        if let Some(cap) = cap {
+            self.upstream_concurrency_limit
+                .with_label_values(&[provider])
+                .set(i64::try_from(cap).unwrap_or(i64::MAX));
+        }
     }
 
     pub(crate) fn upstream_outcome(&self, provider: &str, outcome: &str) {
@@ -492,6 +551,9 @@ mod tests {
         let m = Metrics::new();
         m.observe_request("/v1/chat/completions", 200, 0.01);
         m.reject("queue_full");
+        m.register_provider("capped", Some(8));
+        m.register_provider("mock", None);
+        m.store.count_error("busy");
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "syncgate_http_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1",
@@ -509,9 +571,20 @@ mod tests {
             "syncgate_batch_items_bucket",
             "syncgate_batch_pool_busy 0",
             "syncgate_batch_pool_queue_depth 0",
+            "syncgate_upstream_concurrency_limit{provider=\"capped\"} 8",
+            "syncgate_upstream_in_flight{provider=\"mock\"} 0",
+            "syncgate_upstream_first_byte_seconds_count{provider=\"capped\"} 0",
+            "syncgate_upstream_duration_seconds_count{provider=\"capped\"} 0",
+            "syncgate_store_errors_total{kind=\"busy\"} 1",
+            "syncgate_store_errors_total{kind=\"failed\"} 0",
+            "syncgate_store_read_seconds_bucket",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+        assert!(
+            !text.contains("syncgate_upstream_concurrency_limit{provider=\"mock\"}"),
+            "a provider without a cap has no limit series:\n{text}"
+        );
     }
 
     #[test]

@@ -318,9 +318,13 @@ impl Providers {
             .map(|(_, targets)| targets.as_slice())
     }
 
-    /// Every provider's name, for metrics that must show each one from the start.
-    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
-        self.all.iter().map(|p| p.name.as_str())
+    /// Every provider's name and its cap on calls in flight (none for the built-in mock), for
+    /// metrics that must show each one from the start.
+    pub(crate) fn caps(&self) -> impl Iterator<Item = (&str, Option<usize>)> {
+        self.all.iter().map(|p| {
+            let cap = (p.max_concurrency != usize::MAX).then_some(p.max_concurrency);
+            (p.name.as_str(), cap)
+        })
     }
 }
 

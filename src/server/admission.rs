@@ -189,6 +189,9 @@ pub(crate) fn respond(
         if e.status() >= 500 && e.reject_reason().is_none() {
             log::error!("request {} failed: {e}", request.request_id);
         }
+        if let ApiError::Store(store_error) = &e {
+            state.metrics.store.count_error(store_error.kind());
+        }
         e.to_response()
     });
     let mut response = response;

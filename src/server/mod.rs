@@ -133,8 +133,8 @@ impl Server {
         );
         let auth = authorization(&config, &store, admin_key)?;
         let providers = Providers::from_config(&config);
-        for name in providers.names() {
-            metrics.register_provider(name);
+        for (name, cap) in providers.caps() {
+            metrics.register_provider(name, cap);
         }
         log::info!(
             "capacity: {} workers, {} queue slots, max queue wait {} ms, {} connections (open-files limit {open_files})",
@@ -283,7 +283,10 @@ impl KeyWatch {
                             state.auth.active_keys()
                         ),
                         Ok(false) => {}
-                        Err(e) => log::warn!("cannot look for API key changes: {e}"),
+                        Err(e) => {
+                            state.metrics.store.count_error(e.kind());
+                            log::warn!("cannot look for API key changes: {e}");
+                        }
                     }
                 }
             })?;

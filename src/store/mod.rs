@@ -48,6 +48,15 @@ impl StoreError {
         matches!(self, StoreError::Failed(m) if m.contains("UNIQUE constraint failed"))
     }
 
+    /// The `kind` label of `syncgate_store_errors_total`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Busy => "busy",
+            StoreError::Closed => "closed",
+            StoreError::Failed(_) => "failed",
+        }
+    }
+
     /// The error's `code` in answers: an HTTP error body or a stream's final error event.
     pub(crate) fn code(&self) -> &'static str {
         match self {
@@ -193,6 +202,7 @@ impl Store {
         Ok(Reader {
             conn,
             metrics: self.metrics.clone(),
+            taken: std::time::Instant::now(),
         })
     }
 
@@ -216,6 +226,7 @@ impl Store {
 pub(crate) struct Reader {
     conn: PooledConnection<SqliteConnectionManager>,
     metrics: StoreMetrics,
+    taken: std::time::Instant,
 }
 
 impl std::ops::Deref for Reader {
@@ -228,6 +239,9 @@ impl std::ops::Deref for Reader {
 impl Drop for Reader {
     fn drop(&mut self) {
         self.metrics.reads_in_use.dec();
+        self.metrics
+            .read_seconds
+            .observe(self.taken.elapsed().as_secs_f64());
     }
 }
 

@@ -31,6 +31,14 @@ pub const EXIT_DEADLINE: Duration = Duration::from_secs(15);
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// A loopback port free a moment ago, for a program that cannot be told to pick its own.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// A string unique within this test run (process id + counter).
 pub fn unique(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
