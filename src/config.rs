@@ -373,7 +373,8 @@ pub(crate) struct LogConfig {
 pub(crate) struct HttpLimits {
     /// Largest request body; over it → 413 without reading it. Default 4 MiB.
     pub(crate) max_body_bytes: u64,
-    /// The whole request head must arrive within this; else 408. Default 10 s.
+    /// A whole request head must arrive within this, the first timed from accept and a later
+    /// one from its first byte; else 408. Default 10 s.
     pub(crate) header_timeout: Duration,
     /// Longest silence while reading a body; else 408. Default 10 s.
     pub(crate) body_timeout: Duration,

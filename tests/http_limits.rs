@@ -1,4 +1,4 @@
-//! HTTP front end: size/shape limits (414, 431, 413, 400, 501, 408), chunked request bodies, pipelining, HTTP/1.0 and connection closing.
+//! HTTP front end: size/shape limits (414, 431, 413, 400, 501, 408) and when they are answered, head deadlines, chunked request bodies, pipelining, HTTP/1.0 and connection closing. Framing refusals in detail: tests/http_framing.rs.
 
 mod common;
 
@@ -66,6 +66,47 @@ fn request_line_over_8_kib_answers_414() {
     assert_error(&r, 414, None, Some("request_line_too_long"));
     assert_connection_consistent(&mut conn, &r);
     assert_healthy(&srv);
+}
+
+#[test]
+fn request_line_of_exactly_8_kib_is_answered() {
+    let srv = Server::start(&[]);
+    let pad = "a".repeat(8 * 1024 - "GET /healthz?pad= HTTP/1.1".len());
+    let raw = get_req(&format!("/healthz?pad={pad}"), &[]);
+    let line_len = raw
+        .iter()
+        .position(|&b| b == b'\r')
+        .expect("a request line");
+    assert_eq!(line_len, 8 * 1024);
+    assert_ok(&send(srv.addr, &raw), "a request line of exactly 8 KiB");
+}
+
+/// Issue 13: the 414 goes out at the byte that crosses 8 KiB, not when more bytes (or the head
+/// deadline) come; the client here sends nothing more and keeps its side open.
+#[test]
+fn request_line_crossing_8_kib_answers_414_within_100_ms_of_the_crossing_byte() {
+    let srv = Server::start(&[]);
+    let mut conn = Conn::open(srv.addr);
+    let line = format!("GET /{}", "a".repeat(8 * 1024 - 5));
+    conn.write_all(line.as_bytes())
+        .expect("write 8 KiB of request line");
+    assert_open_for(
+        &mut conn,
+        Duration::from_millis(300),
+        "a request line of exactly 8 KiB without its end",
+    );
+    let crossing = Instant::now();
+    conn.write_all(b"a").expect("write the byte past 8 KiB");
+    let r = conn
+        .read_response()
+        .unwrap_or_else(|e| panic!("expected 414 after the byte past 8 KiB, got: {e}"));
+    let took = crossing.elapsed();
+    assert_error(&r, 414, None, Some("request_line_too_long"));
+    assert!(
+        took < Duration::from_millis(100),
+        "expected the 414 within 100 ms of the byte past 8 KiB, it took {took:?}"
+    );
+    assert_announced_close(&mut conn, &r);
 }
 
 #[test]
@@ -213,13 +254,13 @@ fn bare_cr_in_header_value_answers_400() {
     assert_bad_header_value(b"before\rafter");
 }
 
-#[test]
-fn head_trickled_slower_than_header_timeout_answers_408_and_closes() {
-    let srv = Server::start(&["--header-timeout-ms", "1000"]);
-    let mut conn = Conn::open(srv.addr);
-    let head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: syncgate-trickle-test\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
-    // Each read waits up to 200 ms, which paces the trickle at one byte per 200 ms.
-    conn.set_read_timeout(Duration::from_millis(200));
+/// A head too long to trickle within any header timeout the tests use.
+const TRICKLED_HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: syncgate-trickle-test\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+
+/// Sends `head` one byte at a time, waiting up to `gap` after each byte for the server to answer
+/// or close; returns how many bytes went out and how long that took.
+fn trickle(conn: &mut Conn, head: &[u8], gap: Duration) -> (usize, Duration) {
+    conn.set_read_timeout(gap);
     let start = Instant::now();
     let mut sent = 0;
     for b in head {
@@ -235,6 +276,25 @@ fn head_trickled_slower_than_header_timeout_answers_408_and_closes() {
     }
     let waited = start.elapsed();
     conn.set_read_timeout(Duration::from_secs(5));
+    (sent, waited)
+}
+
+/// Panics unless the server leaves the connection open, silent, for `wait`.
+fn assert_open_for(conn: &mut Conn, wait: Duration, why: &str) {
+    match conn.closed_within(wait) {
+        Ok(false) => {}
+        Ok(true) => panic!("{why}: the server closed the connection within {wait:?}"),
+        Err(e) => panic!("{why}: {e}"),
+    }
+}
+
+#[test]
+fn head_trickled_slower_than_header_timeout_answers_408_and_closes() {
+    let srv = Server::start(&["--header-timeout-ms", "1000"]);
+    let mut conn = Conn::open(srv.addr);
+    let head = TRICKLED_HEAD;
+    // Each read waits up to 200 ms, which paces the trickle at one byte per 200 ms.
+    let (sent, waited) = trickle(&mut conn, head, Duration::from_millis(200));
     let r = conn.read_response().unwrap_or_else(|e| {
         panic!("expected 408 after trickling {sent} bytes over {waited:?}, got: {e}")
     });
@@ -252,6 +312,78 @@ fn head_trickled_slower_than_header_timeout_answers_408_and_closes() {
     );
     assert_announced_close(&mut conn, &r);
     assert_healthy(&srv);
+}
+
+/// Issue 13: the first head is due `header_timeout` after accept. A wait for the first byte
+/// used to start a second, fresh header timeout, so a slow head held its connection ~twice as long.
+#[test]
+fn first_head_is_due_header_timeout_after_connect_however_late_its_first_byte() {
+    let srv = Server::start(&["--header-timeout-ms", "2000"]);
+    let mut conn = Conn::open(srv.addr);
+    let connected = Instant::now();
+    // Silence first, then one byte a second: the deadline is already running.
+    assert_open_for(
+        &mut conn,
+        Duration::from_secs(1),
+        "a new connection silent for 1 s of its 2 s",
+    );
+    let (sent, _) = trickle(&mut conn, TRICKLED_HEAD, Duration::from_secs(1));
+    let waited = connected.elapsed();
+    let r = conn.read_response().unwrap_or_else(|e| {
+        panic!(
+            "expected 408 after trickling {sent} bytes over {waited:?} since connecting, got: {e}"
+        )
+    });
+    assert_error(&r, 408, None, Some("request_timeout"));
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(3),
+        "expected the 408 2 s after connecting (--header-timeout-ms 2000, within 1 s), it came after {waited:?}"
+    );
+    assert_announced_close(&mut conn, &r);
+}
+
+/// Issue 13: on a kept-alive connection the wait for the next request is the keep-alive
+/// timeout's, and its head gets `header_timeout` from its own first byte.
+#[test]
+fn keep_alive_request_head_is_due_header_timeout_after_its_first_byte() {
+    let srv = Server::start(&[
+        "--header-timeout-ms",
+        "1000",
+        "--keepalive-timeout-ms",
+        "30000",
+    ]);
+    let mut conn = Conn::open(srv.addr);
+    assert_ok(
+        &conn.request(&get_req("/healthz", &[])),
+        "the first request",
+    );
+    assert_open_for(
+        &mut conn,
+        Duration::from_millis(1500),
+        "idle between requests, longer than the header timeout",
+    );
+    // A head that takes most of the header timeout is still in time.
+    let second = get_req("/healthz", &[]);
+    conn.write_all(&second[..5])
+        .expect("write the start of the second head");
+    assert_open_for(
+        &mut conn,
+        Duration::from_millis(600),
+        "half-way through the second head",
+    );
+    let r = conn.request(&second[5..]);
+    assert_ok(&r, "a second head completed 600 ms after its first byte");
+    // One that takes longer than the header timeout from its first byte is refused.
+    let (sent, waited) = trickle(&mut conn, TRICKLED_HEAD, Duration::from_millis(200));
+    let r = conn.read_response().unwrap_or_else(|e| {
+        panic!("expected 408 after trickling {sent} bytes over {waited:?}, got: {e}")
+    });
+    assert_error(&r, 408, None, Some("request_timeout"));
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(2),
+        "expected the 408 about 1 s after the third head's first byte, it came after {waited:?}"
+    );
+    assert_announced_close(&mut conn, &r);
 }
 
 /// A chunked encoding of `body` in pieces of `piece` bytes.

@@ -135,6 +135,8 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 fn admit_connection(state: &Arc<State>, stream: TcpStream, peer: SocketAddr) {
+    // The first request's head deadline runs from here, not from when its thread starts.
+    let accepted = Instant::now();
     state.metrics.connections_accepted.inc();
     let open = &state.metrics.connections_open;
     if open.get() >= state.config.capacity.max_connections as i64 {
@@ -149,7 +151,7 @@ fn admit_connection(state: &Arc<State>, stream: TcpStream, peer: SocketAddr) {
         .stack_size(CONNECTION_STACK_BYTES)
         .spawn(move || {
             let _guard = OpenConnection(&thread_state);
-            conn::serve(&thread_state, stream, peer);
+            conn::serve(&thread_state, stream, peer, accepted);
         });
     if let Err(e) = spawned {
         // The closure (and the stream in it) is dropped: the connection closes.

@@ -1,12 +1,12 @@
 //! One connection's thread: read a request, let admission answer it or hand it to a worker,
 //! wait for the connection to come back, repeat. Requests on one connection are therefore
-//! answered strictly in order, pipelined or not.
+//! answered strictly in order, pipelined or not. A refused request ends the connection.
 
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::{ReadError, RequestReader};
+use super::{HeadClock, ReadError, RequestReader};
 use crate::server::{admission, Handback, State};
 
 /// After refusing a request we stop writing, then read and discard what the client still
@@ -15,7 +15,10 @@ const LINGER: Duration = Duration::from_millis(1000);
 /// ...and at most this much of it.
 const LINGER_BYTES: usize = 1024 * 1024;
 
-pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr) {
+/// Serves the connection accepted at `accepted` until it closes. Every refusal, whatever its
+/// kind, is answered and then ends the connection here, in one place: once a request's framing
+/// is in doubt, nothing after it on the connection is ever read as a request.
+pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr, accepted: Instant) {
     let limits = &state.config.http;
     if stream.set_nodelay(true).is_err()
         || stream
@@ -26,11 +29,11 @@ pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr) {
     }
     let mut reader = RequestReader::new();
     let handback = Handback::new();
-    // A new connection must start its request within the head deadline; between requests
-    // it may idle for the keep-alive timeout.
-    let mut idle = limits.header_timeout;
+    // The first head is due a header timeout after accept; later ones a header timeout after
+    // their first byte, which may be a keep-alive timeout in coming.
+    let mut clock = HeadClock::Accepted(accepted);
     loop {
-        match reader.read_request(&mut stream, limits, idle, peer) {
+        match reader.read_request(&mut stream, limits, clock, peer) {
             Ok(Some(request)) => {
                 // While a worker has the request this thread only waits: it holds no read
                 // buffer then, unless pipelined bytes are waiting in it.
@@ -47,7 +50,7 @@ pub(crate) fn serve(state: &State, mut stream: TcpStream, peer: SocketAddr) {
                 return;
             }
         }
-        idle = limits.keepalive_timeout;
+        clock = HeadClock::KeepAlive;
     }
 }
 

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 pub(crate) use accept::{fds_needed, raise_open_files_limit, Acceptor};
-pub(crate) use read::{ReadError, Rejection, RequestReader};
+pub(crate) use read::{HeadClock, ReadError, Rejection, RequestReader};
 pub(crate) use response::{write_response, Body, BodyStream, Response, WriteMeta};
 
 /// The protocol version of a request; the answer uses the same one.

@@ -67,6 +67,17 @@ enum Framing {
     Chunked,
 }
 
+/// What the next request's head is timed from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum HeadClock {
+    /// The connection's first request: its whole head is due `header_timeout` after the
+    /// connection was accepted, the wait for its first byte included.
+    Accepted(Instant),
+    /// A later request on a kept-alive connection: it may be `keepalive_timeout` in coming,
+    /// and its head is due `header_timeout` after its first byte.
+    KeepAlive,
+}
+
 /// The parts of a head we keep, copied out of the read buffer.
 struct Head {
     method: String,
@@ -96,62 +107,23 @@ impl RequestReader {
     }
 
     /// Reads the next request. `Ok(None)` means the connection ended cleanly between requests
-    /// (the peer closed, or stayed silent for `idle`).
+    /// (the peer closed, or stayed silent until `clock` says it may no longer).
     pub(crate) fn read_request(
         &mut self,
         stream: &mut TcpStream,
         limits: &HttpLimits,
-        idle: Duration,
+        clock: HeadClock,
         peer: SocketAddr,
     ) -> Result<Option<Request>, ReadError> {
-        if self.start == self.end {
-            // Between requests the connection holds no buffer: wait for the first byte with a
-            // peek, so a thousand idle keep-alive connections cost no read buffers at all.
-            self.release();
-            self.set_timeout(stream, idle);
-            match stream.peek(&mut [0u8; 1]) {
-                Ok(0) => return Ok(None),
-                Ok(_) => {}
-                Err(e) if is_timeout(&e) => return Ok(None),
-                Err(_) => return Err(ReadError::Closed),
-            }
-        }
-        let deadline = Instant::now() + limits.header_timeout;
-        let head = loop {
-            if let Some(head) = self.parse_head()? {
-                break head;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Rejection::HeadTimeout.into());
-            }
-            match self.fill(stream, left) {
-                Ok(0) => return Err(ReadError::Closed),
-                Ok(_) => {}
-                Err(e) if is_timeout(&e) => return Err(Rejection::HeadTimeout.into()),
-                Err(_) => return Err(ReadError::Closed),
-            }
+        let Some(deadline) = self.await_request(stream, limits, clock)? else {
+            return Ok(None);
         };
+        let head = self.read_head(stream, deadline)?;
         let received = Instant::now();
+        check_host(&head.headers, head.version)?;
         let framing = framing(&head.headers, head.version)?;
         let keep_alive = wants_keep_alive(&head.headers, head.version);
-        let body = match framing {
-            None => Vec::new(),
-            Some(Framing::Length(n)) => {
-                if n > limits.max_body_bytes {
-                    return Err(Rejection::BodyTooLarge {
-                        limit: limits.max_body_bytes,
-                    }
-                    .into());
-                }
-                self.continue_if_expected(stream, &head, n > 0)?;
-                self.read_exact_body(stream, n as usize, limits.body_timeout)?
-            }
-            Some(Framing::Chunked) => {
-                self.continue_if_expected(stream, &head, true)?;
-                self.read_chunked_body(stream, limits)?
-            }
-        };
+        let body = self.read_body(stream, &head, framing, limits)?;
         let (path, query) = request_path(&head.target);
         let request_id = request_id(header(&head.headers, "x-request-id"));
         Ok(Some(Request {
@@ -170,25 +142,103 @@ impl RequestReader {
         }))
     }
 
-    /// Tries to parse a complete head from the buffer, enforcing the size limits.
-    fn parse_head(&mut self) -> Result<Option<Head>, Rejection> {
-        let data = &self.buf[self.start..self.end];
-        // RFC 9112 §2.2: a server SHOULD ignore empty lines received before the request line.
-        let skipped = data
-            .iter()
-            .take_while(|&&b| b == b'\r' || b == b'\n')
-            .count();
-        let line_len = match data[skipped..].iter().position(|&b| b == b'\n') {
-            Some(i) => i + 1,
-            None if data.len() - skipped > MAX_REQUEST_LINE + 2 => {
-                return Err(Rejection::RequestLineTooLong)
+    /// Waits for the next request to begin and returns when its head is due, or `None` when the
+    /// connection ended first.
+    fn await_request(
+        &mut self,
+        stream: &mut TcpStream,
+        limits: &HttpLimits,
+        clock: HeadClock,
+    ) -> Result<Option<Instant>, ReadError> {
+        let (idle, due) = match clock {
+            HeadClock::Accepted(at) => {
+                let due = at + limits.header_timeout;
+                (due.saturating_duration_since(Instant::now()), Some(due))
             }
-            None => return Ok(None),
+            HeadClock::KeepAlive => (limits.keepalive_timeout, None),
         };
-        if line_len > MAX_REQUEST_LINE + 2 {
+        self.skip_empty_lines();
+        if self.start == self.end {
+            // Between requests the connection holds no buffer: wait for the first byte with a
+            // peek, so a thousand idle keep-alive connections cost no read buffers at all.
+            self.release();
+            self.set_timeout(stream, idle);
+            match stream.peek(&mut [0u8; 1]) {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => return Ok(None),
+                Err(_) => return Err(ReadError::Closed),
+            }
+        }
+        // Pipelined bytes already buffered start their clock now: the time spent serving the
+        // requests before them was not the client's.
+        Ok(Some(
+            due.unwrap_or_else(|| Instant::now() + limits.header_timeout),
+        ))
+    }
+
+    /// Reads until a whole head is buffered and parsed, or `deadline` passes (408).
+    fn read_head(&mut self, stream: &mut TcpStream, deadline: Instant) -> Result<Head, ReadError> {
+        loop {
+            if let Some(head) = self.parse_head()? {
+                return Ok(head);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Rejection::HeadTimeout.into());
+            }
+            match self.fill(stream, left) {
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) => return Err(Rejection::HeadTimeout.into()),
+                Err(_) => return Err(ReadError::Closed),
+            }
+        }
+    }
+
+    /// Reads the body `framing` announces, refusing a declared length over the limit before
+    /// reading any of it.
+    fn read_body(
+        &mut self,
+        stream: &mut TcpStream,
+        head: &Head,
+        framing: Option<Framing>,
+        limits: &HttpLimits,
+    ) -> Result<Vec<u8>, ReadError> {
+        match framing {
+            None => Ok(Vec::new()),
+            Some(Framing::Length(n)) => {
+                if n > limits.max_body_bytes {
+                    return Err(Rejection::BodyTooLarge {
+                        limit: limits.max_body_bytes,
+                    }
+                    .into());
+                }
+                self.continue_if_expected(stream, head)?;
+                self.read_exact_body(stream, n as usize, limits.body_timeout)
+            }
+            Some(Framing::Chunked) => {
+                self.continue_if_expected(stream, head)?;
+                self.read_chunked_body(stream, limits)
+            }
+        }
+    }
+
+    /// Tries to parse a complete head from the buffer, enforcing the size limits as soon as the
+    /// buffered bytes cross them, complete head or not.
+    fn parse_head(&mut self) -> Result<Option<Head>, Rejection> {
+        self.skip_empty_lines();
+        let data = &self.buf[self.start..self.end];
+        let line_end = data.iter().position(|&b| b == b'\n');
+        let line = &data[..line_end.unwrap_or(data.len())];
+        // A CR may be the first half of the line's CRLF: it is not counted.
+        if line.strip_suffix(b"\r").unwrap_or(line).len() > MAX_REQUEST_LINE {
             return Err(Rejection::RequestLineTooLong);
         }
-        let head_start = skipped + line_len;
+        let Some(line_end) = line_end else {
+            return Ok(None);
+        };
+        let head_start = line_end + 1;
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut fields);
         let parsed = match req.parse(data) {
@@ -202,7 +252,7 @@ impl RequestReader {
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(Rejection::HeaderTooLarge("more than 100 header fields"))
             }
-            Err(e) => return Err(Rejection::Malformed(format!("malformed request head: {e}"))),
+            Err(e) => return Err(malformed(format!("malformed request head: {e}"))),
         };
         if parsed - head_start > MAX_HEADER_BLOCK {
             return Err(Rejection::HeaderTooLarge("header block over 32 KiB"));
@@ -215,12 +265,8 @@ impl RequestReader {
         for field in req.headers.iter() {
             let name = field.name.to_ascii_lowercase();
             // httparse already refuses most of these; the check makes the rule ours.
-            if field
-                .value
-                .iter()
-                .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
-            {
-                return Err(Rejection::Malformed(format!(
+            if field.value.iter().any(|&b| is_ctl(b)) {
+                return Err(malformed(format!(
                     "invalid character in the value of header `{name}`"
                 )));
             }
@@ -236,12 +282,11 @@ impl RequestReader {
         Ok(Some(head))
     }
 
-    /// Sends `100 Continue` when the client waits for it before sending its body.
+    /// Sends `100 Continue` when the client waits for it before sending the body it announced.
     fn continue_if_expected(
         &mut self,
         stream: &mut TcpStream,
         head: &Head,
-        has_body: bool,
     ) -> Result<(), ReadError> {
         let Some(expect) = header(&head.headers, "expect") else {
             return Ok(());
@@ -250,7 +295,7 @@ impl RequestReader {
             return Err(Rejection::ExpectationFailed.into());
         }
         // Only an HTTP/1.1 client understands 1xx; only one that has not started the body needs it.
-        if has_body && head.version == Version::Http11 && self.start == self.end {
+        if head.version == Version::Http11 && self.start == self.end {
             stream
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .map_err(|_| ReadError::Closed)?;
@@ -311,46 +356,74 @@ impl RequestReader {
                 self.start += take;
                 left -= take;
             }
-            if !self.read_line(stream, 2, limits.body_timeout)?.is_empty() {
-                return Err(Rejection::Malformed("chunk data not followed by CRLF".into()).into());
-            }
+            self.expect_crlf(stream, limits.body_timeout)?;
         }
-        // Trailer fields: read and dropped, bounded like a header block.
+        self.read_trailers(stream, limits.body_timeout)?;
+        Ok(body)
+    }
+
+    /// Reads the CRLF that must end a chunk's data.
+    fn expect_crlf(&mut self, stream: &mut TcpStream, timeout: Duration) -> Result<(), ReadError> {
+        while self.end - self.start < 2 {
+            self.fill_body(stream, timeout)?;
+        }
+        if self.buf[self.start..self.start + 2] != *b"\r\n" {
+            return Err(malformed("chunk data not followed by CRLF").into());
+        }
+        self.start += 2;
+        Ok(())
+    }
+
+    /// Reads the trailer section after the last chunk: fields checked, bounded like a header
+    /// block, and dropped.
+    fn read_trailers(
+        &mut self,
+        stream: &mut TcpStream,
+        timeout: Duration,
+    ) -> Result<(), ReadError> {
         let mut trailer_bytes = 0;
         loop {
-            let line = self.read_line(stream, MAX_HEADER_BLOCK, limits.body_timeout)?;
+            let line = self.read_line(stream, MAX_HEADER_BLOCK, timeout)?;
             if line.is_empty() {
-                return Ok(body);
+                return Ok(());
             }
             trailer_bytes += line.len();
             if trailer_bytes > MAX_HEADER_BLOCK {
                 return Err(Rejection::HeaderTooLarge("trailer section over 32 KiB").into());
             }
+            if !is_field_line(&line) {
+                return Err(malformed("malformed trailer field").into());
+            }
         }
     }
 
-    /// Reads one line (up to `max` bytes before its LF) and returns it without CRLF.
+    /// Reads one line of a chunked body (up to `max` bytes before its CRLF) and returns it
+    /// without the CRLF. Every such line ends in CRLF: a bare LF or a bare CR is refused.
     fn read_line(
         &mut self,
         stream: &mut TcpStream,
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<u8>, ReadError> {
+        let too_long = || malformed("line too long in chunked body");
         loop {
             let data = &self.buf[self.start..self.end];
             if let Some(i) = data.iter().position(|&b| b == b'\n') {
-                if i > max + 1 {
-                    return Err(Rejection::Malformed("line too long in chunked body".into()).into());
+                let Some(line) = data[..i].strip_suffix(b"\r") else {
+                    return Err(malformed("bare LF in chunked body").into());
+                };
+                if line.len() > max {
+                    return Err(too_long().into());
                 }
-                let mut line = data[..i].to_vec();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
+                if line.contains(&b'\r') {
+                    return Err(malformed("bare CR in chunked body").into());
                 }
+                let line = line.to_vec();
                 self.start += i + 1;
                 return Ok(line);
             }
             if data.len() > max + 1 {
-                return Err(Rejection::Malformed("line too long in chunked body".into()).into());
+                return Err(too_long().into());
             }
             self.fill_body(stream, timeout)?;
         }
@@ -405,6 +478,22 @@ impl RequestReader {
         }
     }
 
+    /// Drops the empty lines a client may send before a request (RFC 9112 §2.2), so they count
+    /// against no limit and hold no memory while the head deadline runs.
+    fn skip_empty_lines(&mut self) {
+        loop {
+            let data = &self.buf[self.start..self.end];
+            let n = if data.starts_with(b"\r\n") {
+                2
+            } else if data.starts_with(b"\n") {
+                1
+            } else {
+                return;
+            };
+            self.start += n;
+        }
+    }
+
     fn set_timeout(&mut self, stream: &TcpStream, timeout: Duration) {
         // A zero duration means "no timeout" to the socket API; never ask for that.
         let timeout = Some(timeout.max(Duration::from_millis(1)));
@@ -443,78 +532,161 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// Decides how the body is delimited (RFC 9112 §6), refusing ambiguous framing.
+fn malformed(why: impl Into<String>) -> Rejection {
+    Rejection::Malformed(why.into())
+}
+
+/// A control character other than tab: never part of a header value or a chunk extension.
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+/// Every value of the header `name`, in order.
+fn values<'a>(headers: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> {
+    headers
+        .iter()
+        .filter(move |(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Decides how the body is delimited (RFC 9112 §6.1–6.3), on the strict side: framing that two
+/// parsers could read differently is refused, so no request can hide another behind its body.
 fn framing(headers: &[(String, String)], version: Version) -> Result<Option<Framing>, Rejection> {
-    let mut length: Option<u64> = None;
-    let mut codings: Vec<String> = Vec::new();
-    let mut hosts = 0;
-    for (name, value) in headers {
-        match name.as_str() {
-            "content-length" => {
-                // A list of identical values ("42, 42") is allowed; anything else is not.
-                for part in value.split(',') {
-                    let n = parse_content_length(part.trim())?;
-                    if length.is_some_and(|prev| prev != n) {
-                        return Err(Rejection::Malformed(
-                            "conflicting Content-Length values".into(),
-                        ));
-                    }
-                    length = Some(n);
-                }
-            }
-            "transfer-encoding" => codings.extend(
-                value
-                    .split(',')
-                    .map(|c| c.trim().to_ascii_lowercase())
-                    .filter(|c| !c.is_empty()),
-            ),
-            "host" => hosts += 1,
-            _ => {}
+    let lengths: Vec<&str> = values(headers, "content-length").collect();
+    let codings: Vec<&str> = values(headers, "transfer-encoding").collect();
+    if !codings.is_empty() {
+        if !lengths.is_empty() {
+            return Err(malformed("Content-Length together with Transfer-Encoding"));
         }
+        if version == Version::Http10 {
+            return Err(malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        return transfer_framing(&codings).map(Some);
     }
-    if version == Version::Http11 && hosts != 1 {
-        return Err(Rejection::Malformed(
-            "an HTTP/1.1 request needs exactly one Host header".into(),
-        ));
+    match lengths[..] {
+        [] => Ok(None),
+        [value] => match parse_content_length(value) {
+            Some(0) => Ok(None),
+            Some(n) => Ok(Some(Framing::Length(n))),
+            None => Err(malformed(format!("invalid Content-Length {value:?}"))),
+        },
+        _ => Err(malformed("Content-Length sent more than once")),
     }
+}
+
+/// The framing Transfer-Encoding values ask for: we decode `chunked` applied once, last, and
+/// no other coding.
+fn transfer_framing(values: &[&str]) -> Result<Framing, Rejection> {
+    let codings: Vec<String> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|c| c.trim_matches([' ', '\t']).to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let chunked = codings.iter().filter(|c| *c == "chunked").count();
     if codings.is_empty() {
-        return Ok(length.filter(|&n| n > 0).map(Framing::Length));
+        return Err(malformed("empty Transfer-Encoding"));
     }
-    if length.is_some() {
-        return Err(Rejection::Malformed(
-            "Content-Length together with Transfer-Encoding".into(),
-        ));
+    if chunked > 1 {
+        return Err(malformed("chunked applied more than once"));
     }
-    if let Some(other) = codings.iter().find(|c| *c != "chunked") {
-        return Err(Rejection::UnsupportedTransferCoding(other.clone()));
+    if chunked == 1 && codings.last().is_some_and(|c| c != "chunked") {
+        return Err(malformed("chunked is not the last transfer coding"));
     }
-    if codings.len() > 1 {
-        return Err(Rejection::Malformed(
-            "chunked applied more than once".into(),
-        ));
-    }
-    Ok(Some(Framing::Chunked))
-}
-
-fn parse_content_length(text: &str) -> Result<u64, Rejection> {
-    let valid = !text.is_empty() && text.len() <= 19 && text.bytes().all(|b| b.is_ascii_digit());
-    match valid.then(|| text.parse::<u64>().ok()).flatten() {
-        Some(n) => Ok(n),
-        None => Err(Rejection::Malformed(format!(
-            "invalid Content-Length {text:?}"
-        ))),
+    match codings.into_iter().find(|c| c != "chunked") {
+        Some(other) => Err(Rejection::UnsupportedTransferCoding(other)),
+        None => Ok(Framing::Chunked),
     }
 }
 
+/// RFC 9112 §3.2: at most one Host, required in HTTP/1.1, holding a host and an optional port.
+fn check_host(headers: &[(String, String)], version: Version) -> Result<(), Rejection> {
+    let hosts: Vec<&str> = values(headers, "host").collect();
+    match hosts[..] {
+        [] if version == Version::Http10 => Ok(()),
+        [] => Err(malformed("an HTTP/1.1 request needs a Host header")),
+        [host] if is_valid_host(host) => Ok(()),
+        [host] => Err(malformed(format!("invalid Host {host:?}"))),
+        _ => Err(malformed("Host sent more than once")),
+    }
+}
+
+/// Whether `value` is `uri-host [":" port]` (RFC 3986 §3.2.2–3.2.3), or empty. Stricter than the
+/// grammar in one point: a comma, which a reg-name may hold, is refused, because `a, b` is how
+/// two Host lines folded into one look.
+fn is_valid_host(value: &str) -> bool {
+    let after_host = match value.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(value.len(), |i| i + 2),
+        None => 0,
+    };
+    let (host, port) = match value[after_host..].find(':') {
+        Some(i) => value.split_at(after_host + i),
+        None => (value, ""),
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(ip) => {
+            !ip.is_empty()
+                && ip
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+;=".contains(&b)),
+    };
+    host_ok && port.bytes().skip(1).all(|b| b.is_ascii_digit())
+}
+
+/// A Content-Length value: `1*DIGIT` and nothing else (RFC 9110 §8.6), leading zeros allowed;
+/// `None` when it is not that, or does not fit in a u64.
+fn parse_content_length(value: &str) -> Option<u64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.bytes().try_fold(0u64, |n, b| {
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
+/// A chunk-size line (RFC 9112 §7.1): `1*HEXDIG`, then nothing or extensions (skipped).
 fn parse_chunk_size(line: &[u8]) -> Result<u64, Rejection> {
-    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
-    let digits = digits.trim_ascii();
-    let bad = || Rejection::Malformed("invalid chunk size".into());
-    if digits.is_empty() || digits.len() > 15 {
-        return Err(bad());
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let (size, ext) = line.split_at(digits);
+    let size = size
+        .iter()
+        .try_fold(0u64, |n, &b| {
+            let digit = char::from(b).to_digit(16)?;
+            n.checked_mul(16)?.checked_add(u64::from(digit))
+        })
+        .filter(|_| digits > 0);
+    match size {
+        Some(size) if is_chunk_ext(ext) => Ok(size),
+        Some(_) if ext.iter().any(|&b| is_ctl(b)) => {
+            Err(malformed("control character in a chunk extension"))
+        }
+        _ => Err(malformed("invalid chunk size")),
     }
-    let text = std::str::from_utf8(digits).map_err(|_| bad())?;
-    u64::from_str_radix(text, 16).map_err(|_| bad())
+}
+
+/// Whether `ext`, what follows a chunk size, is empty or `BWS ";"` and then extensions with no
+/// control character (tab aside).
+fn is_chunk_ext(ext: &[u8]) -> bool {
+    let after_ws = ext.iter().position(|&b| b != b' ' && b != b'\t');
+    match after_ws {
+        None => ext.is_empty(),
+        Some(i) => ext[i] == b';' && !ext.iter().any(|&b| is_ctl(b)),
+    }
+}
+
+/// Whether a trailer line is `field-name ":" field-value`, with a token name and a value free
+/// of control characters (tab aside).
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (name, value) = line.split_at(colon);
+    let is_tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    !name.is_empty() && name.iter().all(is_tchar) && !value.iter().any(|&b| is_ctl(b))
 }
 
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes unless told `keep-alive`.
@@ -585,62 +757,240 @@ mod tests {
     }
 
     #[test]
-    fn content_length_rules() {
-        let host = ("host", "x");
-        let f = |cl: &str| framing(&h(&[host, ("content-length", cl)]), Version::Http11);
-        assert_eq!(f("5").unwrap(), Some(Framing::Length(5)));
-        assert_eq!(f("0").unwrap(), None);
-        assert_eq!(f("7, 7").unwrap(), Some(Framing::Length(7)));
-        for bad in ["abc", "-1", "+5", "", "1 2", "5, 6", "99999999999999999999"] {
-            assert!(f(bad).is_err(), "accepted {bad:?}");
+    fn content_length_is_digits_only() {
+        assert_eq!(parse_content_length("5"), Some(5));
+        assert_eq!(parse_content_length("007"), Some(7));
+        assert_eq!(parse_content_length("00000000000000000000042"), Some(42));
+        assert_eq!(parse_content_length("18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            "",
+            "abc",
+            "-1",
+            "+5",
+            "1 2",
+            "5, 5",
+            "5,5",
+            "0x10",
+            "1e3",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_content_length(bad), None, "accepted {bad:?}");
         }
-        let two = h(&[host, ("content-length", "5"), ("content-length", "6")]);
-        assert!(framing(&two, Version::Http11).is_err());
+    }
+
+    #[test]
+    fn content_length_must_occur_once() {
+        let host = ("host", "x");
+        let f = |fields: &[(&str, &str)]| framing(&h(fields), Version::Http11);
+        assert_eq!(
+            f(&[host, ("content-length", "5")]).unwrap(),
+            Some(Framing::Length(5))
+        );
+        assert_eq!(f(&[host, ("content-length", "0")]).unwrap(), None);
+        for bad in [
+            &[("content-length", "5"), ("content-length", "5")][..],
+            &[("content-length", "5"), ("content-length", "6")],
+            &[("content-length", "7, 7")],
+        ] {
+            assert!(
+                matches!(f(bad), Err(Rejection::Malformed(_))),
+                "accepted {bad:?}"
+            );
+        }
     }
 
     #[test]
     fn transfer_encoding_rules() {
-        let host = ("host", "x");
-        let te = |v: &str| framing(&h(&[host, ("transfer-encoding", v)]), Version::Http11);
+        let te = |v: &str| framing(&h(&[("transfer-encoding", v)]), Version::Http11);
         assert_eq!(te("chunked").unwrap(), Some(Framing::Chunked));
         assert_eq!(te("Chunked").unwrap(), Some(Framing::Chunked));
-        assert!(matches!(
-            te("gzip"),
-            Err(Rejection::UnsupportedTransferCoding(_))
-        ));
-        assert!(matches!(
-            te("gzip, chunked"),
-            Err(Rejection::UnsupportedTransferCoding(_))
-        ));
-        assert!(matches!(
-            te("chunked, chunked"),
-            Err(Rejection::Malformed(_))
-        ));
-        let both = h(&[
-            host,
+        assert_eq!(te(" , chunked").unwrap(), Some(Framing::Chunked));
+        for unsupported in ["gzip", "gzip, chunked", "x-custom"] {
+            assert!(
+                matches!(
+                    te(unsupported),
+                    Err(Rejection::UnsupportedTransferCoding(_))
+                ),
+                "{unsupported:?} should be 501"
+            );
+        }
+        for bad in ["", " ", ",", "chunked, chunked", "chunked, gzip"] {
+            assert!(
+                matches!(te(bad), Err(Rejection::Malformed(_))),
+                "{bad:?} should be 400"
+            );
+        }
+        let two_lines = h(&[
+            ("transfer-encoding", "gzip"),
             ("transfer-encoding", "chunked"),
-            ("content-length", "3"),
         ]);
         assert!(matches!(
-            framing(&both, Version::Http11),
+            framing(&two_lines, Version::Http11),
+            Err(Rejection::UnsupportedTransferCoding(_))
+        ));
+    }
+
+    #[test]
+    fn transfer_encoding_is_refused_next_to_content_length_or_in_http10() {
+        for te in ["chunked", ""] {
+            let both = h(&[("transfer-encoding", te), ("content-length", "3")]);
+            assert!(
+                matches!(
+                    framing(&both, Version::Http11),
+                    Err(Rejection::Malformed(_))
+                ),
+                "Transfer-Encoding {te:?} with Content-Length"
+            );
+        }
+        let old = h(&[("transfer-encoding", "chunked")]);
+        assert!(matches!(
+            framing(&old, Version::Http10),
             Err(Rejection::Malformed(_))
         ));
     }
 
     #[test]
-    fn host_is_required_in_http11_only() {
-        assert!(framing(&[], Version::Http11).is_err());
-        assert!(framing(&h(&[("host", "a"), ("host", "b")]), Version::Http11).is_err());
-        assert_eq!(framing(&[], Version::Http10).unwrap(), None);
+    fn host_is_one_host_and_port() {
+        let check = |fields: &[(&str, &str)], v| check_host(&h(fields), v);
+        assert!(check(&[], Version::Http11).is_err());
+        assert!(check(&[], Version::Http10).is_ok());
+        assert!(check(&[("host", "a"), ("host", "a")], Version::Http11).is_err());
+        assert!(check(&[("host", "a"), ("host", "b")], Version::Http10).is_err());
+        for good in [
+            "x",
+            "127.0.0.1",
+            "api.example.com:8080",
+            "[::1]",
+            "[::1]:80",
+            "my_host",
+            "",
+        ] {
+            assert!(is_valid_host(good), "refused {good:?}");
+        }
+        for bad in [
+            "a, b", "a,b", "a b", "a/b", "a:b", "a:1:2", "[::1", "[::1]x", "[]", "a@b",
+        ] {
+            assert!(!is_valid_host(bad), "accepted {bad:?}");
+        }
     }
 
     #[test]
-    fn chunk_sizes() {
+    fn chunk_sizes_are_hex_digits_only() {
         assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
-        assert_eq!(parse_chunk_size(b"FF;name=value").unwrap(), 255);
-        assert!(parse_chunk_size(b"").is_err());
-        assert!(parse_chunk_size(b"xyz").is_err());
-        assert!(parse_chunk_size(b"ffffffffffffffffff").is_err());
+        assert_eq!(parse_chunk_size(b"001A").unwrap(), 26);
+        assert_eq!(parse_chunk_size(b"0").unwrap(), 0);
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff").unwrap(), u64::MAX);
+        for bad in [
+            &b""[..],
+            b"xyz",
+            b"+1a",
+            b"-1a",
+            b"0x1a",
+            b" 1a",
+            b"1a ",
+            b"1 a",
+            b"10000000000000000",
+            b"ffffffffffffffffff",
+        ] {
+            assert!(
+                parse_chunk_size(bad).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_extensions_hold_no_control_characters() {
+        for good in [
+            &b"1a;name=value"[..],
+            b"1a;name",
+            b"1a ; name = value",
+            b"1a\t;name=\"quoted value\"",
+            b"1a;a=1;b=2",
+            b"1a;name=\"tab\tinside\"",
+        ] {
+            assert_eq!(
+                parse_chunk_size(good).unwrap(),
+                26,
+                "{:?}",
+                String::from_utf8_lossy(good)
+            );
+        }
+        for bad in [
+            &b"1a;a\0b"[..],
+            b"1a;a\rb",
+            b"1a;a\x01",
+            b"1a;a\x7f",
+            b"1a x",
+            b"1a=1",
+        ] {
+            assert!(
+                parse_chunk_size(bad).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn trailer_lines_are_fields() {
+        assert!(is_field_line(b"X-Checksum: abc"));
+        assert!(is_field_line(b"x-empty:"));
+        for bad in [
+            &b"no colon"[..],
+            b": no name",
+            b"bad name: v",
+            b" folded: v",
+            b"x: a\0b",
+        ] {
+            assert!(
+                !is_field_line(bad),
+                "accepted {:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// A reader holding `bytes` as if they had just been read off the socket.
+    fn buffered(bytes: &[u8]) -> RequestReader {
+        let mut reader = RequestReader::new();
+        reader.buf = bytes.to_vec();
+        reader.end = bytes.len();
+        reader
+    }
+
+    #[test]
+    fn request_line_is_refused_at_the_byte_past_8_kib() {
+        let line = format!("GET /{} HTTP/1.1", "a".repeat(MAX_REQUEST_LINE - 14));
+        assert_eq!(line.len(), MAX_REQUEST_LINE);
+        let head = format!("{line}\r\nHost: x\r\n\r\n");
+        assert!(buffered(head.as_bytes()).parse_head().unwrap().is_some());
+        // Not yet a line end, and not yet over: wait for more.
+        assert!(buffered(line.as_bytes()).parse_head().unwrap().is_none());
+        assert!(buffered(format!("{line}\r").as_bytes())
+            .parse_head()
+            .unwrap()
+            .is_none());
+        let over = format!("{line}H");
+        assert!(matches!(
+            buffered(over.as_bytes()).parse_head(),
+            Err(Rejection::RequestLineTooLong)
+        ));
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_are_dropped() {
+        let mut reader = buffered(b"\r\n\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let head = reader.parse_head().unwrap().expect("a complete head");
+        assert_eq!(head.target, "/");
+        assert_eq!(reader.start, reader.end);
+        let mut crlf_only = buffered(&b"\r\n".repeat(MAX_REQUEST_LINE));
+        assert!(crlf_only.parse_head().unwrap().is_none());
+        assert_eq!(
+            crlf_only.start, crlf_only.end,
+            "empty lines kept in the buffer"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -17,7 +17,7 @@ use crate::api::ApiError;
 use crate::config::HttpLimits;
 use crate::http::presence::{self, Presence};
 use crate::http::{
-    write_response, ReadError, Request, RequestReader, Response, Version, WriteMeta,
+    write_response, HeadClock, ReadError, Request, RequestReader, Response, Version, WriteMeta,
 };
 
 /// The request header that sets one request's fault.
@@ -56,9 +56,9 @@ pub(crate) fn serve(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
         return;
     }
     let mut reader = RequestReader::new();
-    let mut idle = LIMITS.header_timeout;
+    let mut clock = HeadClock::Accepted(Instant::now());
     loop {
-        let request = match reader.read_request(&mut stream, &LIMITS, idle, peer) {
+        let request = match reader.read_request(&mut stream, &LIMITS, clock, peer) {
             Ok(Some(request)) => request,
             Ok(None) | Err(ReadError::Closed) => return,
             Err(ReadError::Reject(rejection)) => {
@@ -84,7 +84,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
         match outcome {
             Outcome::Answered {
                 keep_alive: true, ..
-            } => idle = LIMITS.keepalive_timeout,
+            } => clock = HeadClock::KeepAlive,
             Outcome::Answered { .. } | Outcome::Cut(_) => return,
             Outcome::ClientLeft => {
                 shared.stats.client_closed();
