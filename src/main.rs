@@ -17,6 +17,7 @@ mod providers;
 mod server;
 mod store;
 mod time;
+mod tokens;
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};

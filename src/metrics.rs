@@ -512,7 +512,7 @@ impl Metrics {
     }
 
     /// Counts the tokens of one answer.
-    pub(crate) fn count_tokens(&self, provider: &str, model: &str, usage: crate::providers::Usage) {
+    pub(crate) fn count_tokens(&self, provider: &str, model: &str, usage: crate::tokens::Usage) {
         for (kind, n) in [
             ("prompt", usage.prompt_tokens),
             ("completion", usage.completion_tokens),

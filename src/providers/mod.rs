@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, ProviderKind, Timeouts, BUILTIN_MOCK};
 use crate::metrics::Metrics;
+pub(crate) use crate::tokens::Usage;
 pub(crate) use cancel::Cancel;
 use openai::{Events, OpenAi};
 
@@ -48,29 +49,6 @@ pub(crate) struct ChatReply {
     /// `stop` or `length`.
     pub(crate) finish_reason: &'static str,
     pub(crate) usage: Usage,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Usage {
-    pub(crate) prompt_tokens: u64,
-    pub(crate) completion_tokens: u64,
-}
-
-impl Usage {
-    pub(crate) fn total_tokens(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
-    }
-
-    /// OpenAI's `usage` object, when present.
-    pub(crate) fn from_json(usage: &Value) -> Option<Usage> {
-        Some(Usage {
-            prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
-            completion_tokens: usage
-                .get("completion_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-        })
-    }
 }
 
 /// Why a provider call failed. [`ProviderError::is_retryable`] and

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{Store, StoreError, Writer};
-use crate::providers::Usage;
+use crate::tokens::Usage;
 
 /// One conversation.
 #[derive(Debug, Clone, PartialEq)]
