@@ -891,3 +891,32 @@ fn thirty_two_threads_mixing_creates_turns_and_reads_never_see_the_store_busy() 
         "{THREADS} × {ROUNDS} conversations stored"
     );
 }
+
+/// A write the database refuses (another process holds its write lock past the busy timeout)
+/// is answered with an error, nothing is acknowledged, and it is counted in
+/// `syncgate_store_errors_total{kind="failed"}`, which the SyncgateStoreErrors alert watches
+/// (issue 18).
+#[test]
+fn a_refused_write_is_answered_with_an_error_and_counted_as_a_store_error() {
+    let db = TempDb::new();
+    let gw = Server::start(&["--db", &db.path_str()]);
+    let failed = |gw: &Server| {
+        metric_value(
+            &scrape(gw.addr),
+            "syncgate_store_errors_total",
+            &[("kind", "failed")],
+        )
+    };
+    assert_eq!(failed(&gw), Some(0.0), "the series exists from start, at 0");
+
+    let holder = rusqlite::Connection::open(&db.path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let r = create(gw.addr, &json!({"title": "locked out"}).to_string(), &[]);
+    holder.execute_batch("ROLLBACK").unwrap();
+
+    assert_error(&r, 500, None, Some("store_error"));
+    assert_eq!(failed(&gw), Some(1.0), "{}", gw.log());
+    assert_eq!(db_count(&db, "SELECT count(*) FROM conversations", &[]), 0);
+    // The database is usable again once the lock is gone.
+    new_conversation(gw.addr, json!({"title": "after"}));
+}
