@@ -159,20 +159,11 @@ fn wait_for_work(shared: &Shared) {
 /// Takes a job if there is one: a read first, so idle runners never write.
 fn claim(state: &State) -> Result<Option<Claimed>, StoreError> {
     let now = now_ms();
-    let reader = state.store.read()?;
-    let claimable = store::claimable(&reader, now)?;
-    drop(reader);
-    if !claimable {
+    if !store::claimable(&state.store, now)? {
         return Ok(None);
     }
     let lease_until = now + state.config.jobs.lease.as_millis() as i64;
-    let claimed = Arc::new(Mutex::new(None));
-    let slot = Arc::clone(&claimed);
-    state.store.writer.write(Box::new(move |conn| {
-        *lock(&slot) = store::claim(conn, now, lease_until)?;
-        Ok(())
-    }))?;
-    let job = lock(&claimed).take();
+    let job = store::claim(&state.store, now, lease_until)?;
     if let Some(job) = &job {
         if job.attempt == 1 {
             let waited = (now - job.created_ms).max(0) as f64 / 1000.0;
@@ -191,30 +182,22 @@ fn run_one(state: &State, job: &Claimed) {
         .jobs
         .run_seconds
         .observe(started.elapsed().as_secs_f64());
-    let (id, attempt) = (job.id.clone(), job.attempt);
-    let outcome = Arc::new(Mutex::new(None));
-    let slot = Arc::clone(&outcome);
-    let now = now_ms();
-    let recorded = state.store.writer.write(Box::new(move |conn| {
-        *lock(&slot) = store::finish(conn, &id, attempt, &end, now)?;
-        Ok(())
-    }));
-    let status = lock(&outcome).take();
-    match (recorded, status) {
-        (Ok(()), Some(status)) => log::info!(
+    let recorded = store::finish(&state.store, job.id.clone(), job.attempt, end, now_ms());
+    match recorded {
+        Ok(Some(status)) => log::info!(
             "job {} attempt {} ended {}",
             job.id,
             job.attempt,
             status.name()
         ),
         // Another runner took the job when this one's lease ran out: its outcome counts.
-        (Ok(()), None) => log::warn!(
+        Ok(None) => log::warn!(
             "job {} attempt {} ended after losing its lease; not recorded",
             job.id,
             job.attempt
         ),
         // The lease runs out and the job runs again.
-        (Err(e), _) => {
+        Err(e) => {
             state.metrics.store.count_error(e.kind());
             log::error!("cannot record the end of job {}: {e}", job.id);
         }
@@ -286,10 +269,7 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
             .collect();
         if !held.is_empty() {
             let until = now_ms() + state.config.jobs.lease.as_millis() as i64;
-            let renewed = state
-                .store
-                .writer
-                .write(Box::new(move |conn| store::renew(conn, &held, until)));
+            let renewed = store::renew(&state.store, held, until);
             if let Err(e) = renewed {
                 state.metrics.store.count_error(e.kind());
                 log::warn!("cannot renew job leases: {e}");
@@ -312,10 +292,7 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
 }
 
 fn refresh_gauges(state: &State) -> Result<(), StoreError> {
-    let reader = state.store.read()?;
-    let counts = store::counts(&reader)?;
-    drop(reader);
-    for (status, n) in counts {
+    for (status, n) in store::counts(&state.store)? {
         state
             .metrics
             .jobs

@@ -2,8 +2,6 @@
 //! only once the job is committed; the job runner (src/jobs.rs) runs it at least once, on
 //! threads of its own; the client polls `GET /api/jobs/{id}` for the result.
 
-use std::sync::{Arc, Mutex, PoisonError};
-
 use serde_json::{json, Value};
 
 use super::chat::{self, invalid, missing};
@@ -12,7 +10,7 @@ use crate::auth::Caller;
 use crate::http::{Request, Response};
 use crate::server::State;
 use crate::store::jobs::{self as store, Cancelled, Job, NewJob, Status, Submitted};
-use crate::store::{new_id, now_ms, StoreError};
+use crate::store::{new_id, now_ms};
 
 /// Where a job's path starts; the id follows.
 pub(crate) const JOBS_PREFIX: &str = "/api/jobs/";
@@ -21,27 +19,15 @@ pub(crate) const JOBS_PREFIX: &str = "/api/jobs/";
 pub(crate) fn submit(state: &State, request: &Request) -> Result<Response, ApiError> {
     let new = parse_submission(state, request)?;
     let max_queued = state.config.jobs.max_queued;
-    let outcome = Arc::new(Mutex::new(None));
-    let slot = Arc::clone(&outcome);
-    let job = new.clone();
-    state.store.writer.write(Box::new(move |conn| {
-        let submitted = store::submit(conn, &job, max_queued)?;
-        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(submitted);
-        Ok(())
-    }))?;
-    let submitted = outcome
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
+    let submitted = store::submit(&state.store, new.clone(), max_queued)?;
     let id = match submitted {
-        Some(Submitted::Created(id)) => {
+        Submitted::Created(id) => {
             state.jobs.notify();
             log::info!("job {id} queued (model {})", new.model);
             id
         }
-        Some(Submitted::Existing(id)) => id,
-        Some(Submitted::Full) => return Err(ApiError::JobsFull { max_queued }),
-        None => return Err(ApiError::Internal),
+        Submitted::Existing(id) => id,
+        Submitted::Full => return Err(ApiError::JobsFull { max_queued }),
     };
     let job = find(state, &id)?;
     Ok(Response::json(202, &job_json(&job)).with_header("location", format!("{JOBS_PREFIX}{id}")))
@@ -68,9 +54,7 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
     };
     let limit = query_limit(query, "limit", 20, 100)?;
     let before = query_param(query, "before")?;
-    let conn = state.store.read()?;
-    let page = store::list(&conn, status, limit, before.as_deref()).map_err(StoreError::from)?;
-    drop(conn);
+    let page = store::list(&state.store, status, limit, before.as_deref())?;
     let (jobs, has_more) = page.ok_or_else(|| {
         invalid(
             "before",
@@ -88,29 +72,16 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
 /// when its call returns; a finished one cannot be cancelled (409).
 pub(crate) fn cancel(state: &State, request: &Request) -> Result<Response, ApiError> {
     let id = job_id(request).to_string();
-    let outcome = Arc::new(Mutex::new(None));
-    let slot = Arc::clone(&outcome);
-    let target = id.clone();
-    let now = now_ms();
-    state.store.writer.write(Box::new(move |conn| {
-        let cancelled = store::cancel(conn, &target, now)?;
-        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(cancelled);
-        Ok(())
-    }))?;
-    let cancelled = outcome
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
+    let cancelled = store::cancel(&state.store, id.clone(), now_ms())?;
     match cancelled {
-        Some(Cancelled::Now | Cancelled::WhenItReturns) => {
+        Cancelled::Now | Cancelled::WhenItReturns => {
             Ok(Response::json(200, &job_json(&find(state, &id)?)))
         }
-        Some(Cancelled::AlreadyFinal(status)) => Err(ApiError::JobFinished {
+        Cancelled::AlreadyFinal(status) => Err(ApiError::JobFinished {
             id,
             status: status.name(),
         }),
-        Some(Cancelled::NotFound) => Err(not_found(&id)),
-        None => Err(ApiError::Internal),
+        Cancelled::NotFound => Err(not_found(&id)),
     }
 }
 
@@ -178,10 +149,7 @@ fn job_id(request: &Request) -> &str {
 }
 
 fn find(state: &State, id: &str) -> Result<Job, ApiError> {
-    let conn = state.store.read()?;
-    let job = store::get(&conn, id).map_err(StoreError::from)?;
-    drop(conn);
-    job.ok_or_else(|| not_found(id))
+    store::get(&state.store, id)?.ok_or_else(|| not_found(id))
 }
 
 fn not_found(id: &str) -> ApiError {

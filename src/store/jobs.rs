@@ -1,10 +1,13 @@
-//! Durable jobs at rest. Every change of state is one statement run by the writer (an
-//! acknowledged write), so a job's state in the file is always one the API has shown or will
-//! show. A job is claimed with a lease; a runner that dies (or stalls past its lease) loses
-//! it, and the next claim takes the job again with one more attempt.
+//! Durable jobs at rest. Every change of state is one acknowledged write, so a job's state in
+//! the database is always one the API has shown or will show. A job is claimed with a lease; a
+//! runner that dies (or stalls past its lease) loses it, and the next claim takes the job again
+//! with one more attempt. The SQL is the backend's (`sqlite/jobs.rs`); callers see only these
+//! functions and types.
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
+
+use super::sqlite::jobs as sql;
+use super::{Store, StoreError};
 
 /// A job's state. `queued` and `running` are active; the others are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,46 +90,6 @@ pub(crate) enum Submitted {
     Full,
 }
 
-/// Adds a job unless its idempotency key names one already or the table is at capacity
-/// (counted in the same transaction, so the capacity is exact).
-pub(crate) fn submit(
-    conn: &Connection,
-    job: &NewJob,
-    max_queued: usize,
-) -> rusqlite::Result<Submitted> {
-    if let Some(key) = &job.idempotency_key {
-        let existing: Option<String> = conn
-            .prepare_cached("SELECT id FROM jobs WHERE idempotency_key = ?1")?
-            .query_row([key], |r| r.get(0))
-            .optional()?;
-        if let Some(id) = existing {
-            return Ok(Submitted::Existing(id));
-        }
-    }
-    let active: i64 = conn
-        .prepare_cached("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")?
-        .query_row([], |r| r.get(0))?;
-    if active as usize >= max_queued {
-        return Ok(Submitted::Full);
-    }
-    conn.prepare_cached(
-        "INSERT INTO jobs (id, status, request, metadata, model, max_attempts, \
-         idempotency_key, key_id, created_ms) \
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        job.id,
-        job.request.to_string(),
-        job.metadata.as_ref().map(Value::to_string),
-        job.model,
-        job.max_attempts,
-        job.idempotency_key,
-        job.key_id,
-        job.created_ms,
-    ])?;
-    Ok(Submitted::Created(job.id.clone()))
-}
-
 /// A job a runner has taken: its id, its attempt number (the lease's token) and its request.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Claimed {
@@ -134,87 +97,6 @@ pub(crate) struct Claimed {
     pub(crate) attempt: u32,
     pub(crate) request: Value,
     pub(crate) created_ms: i64,
-}
-
-/// Whether a job could be claimed now (a cheap read, so idle runners poll without writing).
-pub(crate) fn claimable(conn: &Connection, now_ms: i64) -> rusqlite::Result<bool> {
-    conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' \
-         OR (status = 'running' AND lease_until_ms < ?1))",
-    )?
-    .query_row([now_ms], |r| r.get(0))
-}
-
-/// Takes the oldest job that is queued or whose lease ran out, with one more attempt and a
-/// lease until `lease_until_ms`. A job out of attempts is failed instead, and the next one
-/// looked at.
-pub(crate) fn claim(
-    conn: &Connection,
-    now_ms: i64,
-    lease_until_ms: i64,
-) -> rusqlite::Result<Option<Claimed>> {
-    loop {
-        let next = conn
-            .prepare_cached(
-                "SELECT id, attempts, max_attempts, request, created_ms FROM jobs \
-                 WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < ?1) \
-                 ORDER BY seq LIMIT 1",
-            )?
-            .query_row([now_ms], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, u32>(1)?,
-                    r.get::<_, u32>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                ))
-            })
-            .optional()?;
-        let Some((id, attempts, max_attempts, request, created_ms)) = next else {
-            return Ok(None);
-        };
-        if attempts >= max_attempts {
-            let error = serde_json::json!({
-                "message": format!("the job was started {attempts} times without finishing \
-                                    (max_attempts {max_attempts})"),
-                "type": "server_error",
-                "code": "attempts_exhausted",
-            });
-            conn.prepare_cached(
-                "UPDATE jobs SET status = 'failed', error = coalesce(error, ?2), \
-                 finished_ms = ?3, lease_until_ms = NULL WHERE id = ?1",
-            )?
-            .execute(params![id, error.to_string(), now_ms])?;
-            continue;
-        }
-        conn.prepare_cached(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
-             started_ms = coalesce(started_ms, ?2), lease_until_ms = ?3 WHERE id = ?1",
-        )?
-        .execute(params![id, now_ms, lease_until_ms])?;
-        return Ok(Some(Claimed {
-            id,
-            attempt: attempts + 1,
-            request: serde_json::from_str(&request).unwrap_or(Value::Null),
-            created_ms,
-        }));
-    }
-}
-
-/// Extends the leases of the jobs a runner holds (those it still holds: same attempt).
-pub(crate) fn renew(
-    conn: &Connection,
-    held: &[(String, u32)],
-    lease_until_ms: i64,
-) -> rusqlite::Result<()> {
-    let mut renew = conn.prepare_cached(
-        "UPDATE jobs SET lease_until_ms = ?3 \
-         WHERE id = ?1 AND attempts = ?2 AND status = 'running'",
-    )?;
-    for (id, attempt) in held {
-        renew.execute(params![id, attempt, lease_until_ms])?;
-    }
-    Ok(())
 }
 
 /// How a run ended.
@@ -225,47 +107,6 @@ pub(crate) enum RunEnd {
     Failed(Value),
     /// Failed in a way another attempt may fix: queued again (it keeps the error).
     Retry(Value),
-}
-
-/// Records how attempt `attempt` of a job ended, if the runner still holds it (a lost lease
-/// means another runner took the job: its outcome wins). A job cancelled while running ends
-/// cancelled, whatever its call returned. Returns the final status, or `None` if not held.
-pub(crate) fn finish(
-    conn: &Connection,
-    id: &str,
-    attempt: u32,
-    end: &RunEnd,
-    now_ms: i64,
-) -> rusqlite::Result<Option<Status>> {
-    let held: Option<bool> = conn
-        .prepare_cached(
-            "SELECT cancel_requested FROM jobs WHERE id = ?1 AND attempts = ?2 \
-             AND status = 'running'",
-        )?
-        .query_row(params![id, attempt], |r| r.get(0))
-        .optional()?;
-    let Some(cancel_requested) = held else {
-        return Ok(None);
-    };
-    let (status, result, error) = match end {
-        _ if cancel_requested => (Status::Cancelled, None, None),
-        RunEnd::Succeeded(result) => (Status::Succeeded, Some(result), None),
-        RunEnd::Failed(error) => (Status::Failed, None, Some(error)),
-        RunEnd::Retry(error) => (Status::Queued, None, Some(error)),
-    };
-    let finished = status.is_final().then_some(now_ms);
-    conn.prepare_cached(
-        "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), \
-         finished_ms = ?5, lease_until_ms = NULL WHERE id = ?1",
-    )?
-    .execute(params![
-        id,
-        status.name(),
-        result.map(Value::to_string),
-        error.map(Value::to_string),
-        finished,
-    ])?;
-    Ok(Some(status))
 }
 
 /// What a cancellation did.
@@ -280,192 +121,83 @@ pub(crate) enum Cancelled {
     NotFound,
 }
 
-pub(crate) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> rusqlite::Result<Cancelled> {
-    let status: Option<String> = conn
-        .prepare_cached("SELECT status FROM jobs WHERE id = ?1")?
-        .query_row([id], |r| r.get(0))
-        .optional()?;
-    let Some(status) = status.as_deref().and_then(Status::parse) else {
-        return Ok(Cancelled::NotFound);
-    };
-    Ok(match status {
-        Status::Queued => {
-            conn.prepare_cached(
-                "UPDATE jobs SET status = 'cancelled', finished_ms = ?2 WHERE id = ?1",
-            )?
-            .execute(params![id, now_ms])?;
-            Cancelled::Now
-        }
-        Status::Running => {
-            conn.prepare_cached("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1")?
-                .execute([id])?;
-            Cancelled::WhenItReturns
-        }
-        done => Cancelled::AlreadyFinal(done),
-    })
+/// Adds a job unless its idempotency key names one already or `max_queued` jobs are active
+/// (counted in the same transaction, so the capacity is exact); acknowledged once committed.
+pub(crate) fn submit(
+    store: &Store,
+    job: NewJob,
+    max_queued: usize,
+) -> Result<Submitted, StoreError> {
+    store
+        .writer
+        .call(move |conn| sql::submit(conn, &job, max_queued))
 }
 
-const COLUMNS: &str = "id, status, request, metadata, model, attempts, max_attempts, result, \
-                       error, cancel_requested, key_id, created_ms, started_ms, finished_ms";
-
-pub(crate) fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<Job>> {
-    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?
-        .query_row([id], job_from_row)
-        .optional()
+/// Whether a job could be claimed now: a read, so idle runners poll without writing.
+pub(crate) fn claimable(store: &Store, now_ms: i64) -> Result<bool, StoreError> {
+    store.query(|c| sql::claimable(c, now_ms))
 }
 
-/// Up to `limit` jobs, newest first, optionally of one status, after the job `before` (by its
-/// id); `None` when `before` names no job. The flag says whether more follow.
+/// Takes the oldest job that is queued or whose lease ran out, with one more attempt and a
+/// lease until `lease_until_ms`; one out of attempts is failed instead.
+pub(crate) fn claim(
+    store: &Store,
+    now_ms: i64,
+    lease_until_ms: i64,
+) -> Result<Option<Claimed>, StoreError> {
+    store
+        .writer
+        .call(move |conn| sql::claim(conn, now_ms, lease_until_ms))
+}
+
+/// Extends the leases of the jobs a runner still holds (same attempt).
+pub(crate) fn renew(
+    store: &Store,
+    held: Vec<(String, u32)>,
+    lease_until_ms: i64,
+) -> Result<(), StoreError> {
+    store
+        .writer
+        .call(move |conn| sql::renew(conn, &held, lease_until_ms))
+}
+
+/// Records how an attempt ended if the runner still holds the job: the final status, or `None`
+/// when another runner took it.
+pub(crate) fn finish(
+    store: &Store,
+    id: String,
+    attempt: u32,
+    end: RunEnd,
+    now_ms: i64,
+) -> Result<Option<Status>, StoreError> {
+    store
+        .writer
+        .call(move |conn| sql::finish(conn, &id, attempt, &end, now_ms))
+}
+
+/// Cancels a queued job now, or a running one when its call returns.
+pub(crate) fn cancel(store: &Store, id: String, now_ms: i64) -> Result<Cancelled, StoreError> {
+    store
+        .writer
+        .call(move |conn| sql::cancel(conn, &id, now_ms))
+}
+
+pub(crate) fn get(store: &Store, id: &str) -> Result<Option<Job>, StoreError> {
+    store.query(|c| sql::get(c, id))
+}
+
+/// Up to `limit` jobs, newest first, optionally of one status, after the job `before`; `None`
+/// when `before` names no job. The flag says whether more follow.
 pub(crate) fn list(
-    conn: &Connection,
+    store: &Store,
     status: Option<Status>,
     limit: u32,
     before: Option<&str>,
-) -> rusqlite::Result<Option<(Vec<Job>, bool)>> {
-    let below: i64 = match before {
-        None => i64::MAX,
-        Some(id) => match conn
-            .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))
-            .optional()?
-        {
-            Some(seq) => seq,
-            None => return Ok(None),
-        },
-    };
-    let mut jobs = conn
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM jobs WHERE seq < ?1 AND (?2 IS NULL OR status = ?2) \
-             ORDER BY seq DESC LIMIT ?3"
-        ))?
-        .query_map(
-            params![below, status.map(Status::name), limit + 1],
-            job_from_row,
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let more = jobs.len() > limit as usize;
-    jobs.truncate(limit as usize);
-    Ok(Some((jobs, more)))
+) -> Result<Option<(Vec<Job>, bool)>, StoreError> {
+    store.query(|c| sql::list(c, status, limit, before))
 }
 
 /// Jobs by state, for the metrics.
-pub(crate) fn counts(conn: &Connection) -> rusqlite::Result<Vec<(Status, i64)>> {
-    let mut counts: Vec<(Status, i64)> = STATUSES.iter().map(|s| (*s, 0)).collect();
-    let rows = conn
-        .prepare_cached("SELECT status, count(*) FROM jobs GROUP BY status")?
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    for (name, n) in rows {
-        if let Some(slot) = counts.iter_mut().find(|(s, _)| s.name() == name) {
-            slot.1 = n;
-        }
-    }
-    Ok(counts)
-}
-
-fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
-    let json = |text: Option<String>| text.and_then(|t| serde_json::from_str(&t).ok());
-    let status: String = r.get(1)?;
-    Ok(Job {
-        id: r.get(0)?,
-        status: Status::parse(&status).unwrap_or(Status::Failed),
-        request: json(r.get(2)?).unwrap_or(Value::Null),
-        metadata: json(r.get(3)?),
-        model: r.get(4)?,
-        attempts: r.get(5)?,
-        max_attempts: r.get(6)?,
-        result: json(r.get(7)?),
-        error: json(r.get(8)?),
-        cancel_requested: r.get(9)?,
-        key_id: r.get(10)?,
-        created_ms: r.get(11)?,
-        started_ms: r.get(12)?,
-        finished_ms: r.get(13)?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::migrate;
-
-    fn db() -> Connection {
-        let mut conn = Connection::open_in_memory().unwrap();
-        migrate::migrate(&mut conn).unwrap();
-        conn
-    }
-
-    fn new_job(id: &str, key: Option<&str>) -> NewJob {
-        NewJob {
-            id: id.to_string(),
-            request: serde_json::json!({"model": "m", "messages": []}),
-            metadata: None,
-            model: "m".into(),
-            max_attempts: 2,
-            idempotency_key: key.map(str::to_string),
-            key_id: None,
-            created_ms: 1,
-        }
-    }
-
-    #[test]
-    fn capacity_and_idempotency_are_decided_at_submission() {
-        let conn = db();
-        assert_eq!(
-            submit(&conn, &new_job("a", Some("k")), 2).unwrap(),
-            Submitted::Created("a".into())
-        );
-        assert_eq!(
-            submit(&conn, &new_job("b", Some("k")), 2).unwrap(),
-            Submitted::Existing("a".into())
-        );
-        submit(&conn, &new_job("c", None), 2).unwrap();
-        assert_eq!(
-            submit(&conn, &new_job("d", None), 2).unwrap(),
-            Submitted::Full
-        );
-    }
-
-    #[test]
-    fn a_lost_lease_lets_another_claim_and_attempts_run_out() {
-        let conn = db();
-        submit(&conn, &new_job("a", None), 10).unwrap();
-        let first = claim(&conn, 100, 200).unwrap().unwrap();
-        assert_eq!((first.id.as_str(), first.attempt), ("a", 1));
-        assert!(
-            claim(&conn, 150, 250).unwrap().is_none(),
-            "the lease still holds"
-        );
-        let second = claim(&conn, 201, 300).unwrap().unwrap();
-        assert_eq!(second.attempt, 2);
-        // The first runner's late outcome is not recorded: it lost the job.
-        let late = RunEnd::Succeeded(serde_json::json!({"x": 1}));
-        assert_eq!(finish(&conn, "a", 1, &late, 250).unwrap(), None);
-        // Past the second lease with no attempts left, the job fails instead of running.
-        assert!(claim(&conn, 301, 400).unwrap().is_none());
-        assert_eq!(get(&conn, "a").unwrap().unwrap().status, Status::Failed);
-    }
-
-    #[test]
-    fn cancelling_a_running_job_ends_it_cancelled_when_it_returns() {
-        let conn = db();
-        submit(&conn, &new_job("q", None), 10).unwrap();
-        submit(&conn, &new_job("r", None), 10).unwrap();
-        let running = claim(&conn, 1, 1000).unwrap().unwrap();
-        assert_eq!(running.id, "q");
-        assert_eq!(cancel(&conn, "r", 2).unwrap(), Cancelled::Now);
-        assert_eq!(cancel(&conn, "q", 2).unwrap(), Cancelled::WhenItReturns);
-        let done = RunEnd::Succeeded(serde_json::json!({}));
-        assert_eq!(
-            finish(&conn, "q", 1, &done, 3).unwrap(),
-            Some(Status::Cancelled)
-        );
-        assert_eq!(
-            cancel(&conn, "q", 4).unwrap(),
-            Cancelled::AlreadyFinal(Status::Cancelled)
-        );
-        assert_eq!(cancel(&conn, "zz", 4).unwrap(), Cancelled::NotFound);
-        let counts = counts(&conn).unwrap();
-        assert!(counts.contains(&(Status::Cancelled, 2)), "{counts:?}");
-    }
+pub(crate) fn counts(store: &Store) -> Result<Vec<(Status, i64)>, StoreError> {
+    store.query(sql::counts)
 }

@@ -8,6 +8,7 @@ pub(crate) mod keys;
 pub(crate) mod migrate;
 pub(crate) mod requests;
 mod retention;
+mod sqlite;
 pub(crate) mod usage;
 mod writer;
 
@@ -204,6 +205,15 @@ impl Store {
             metrics: self.metrics.clone(),
             taken: std::time::Instant::now(),
         })
+    }
+
+    /// Runs `read` on a pooled read connection and hands back what it found.
+    pub(crate) fn query<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let conn = self.read()?;
+        Ok(read(&conn)?)
     }
 
     /// Sets the gauges read at scrape time.

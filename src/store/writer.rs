@@ -149,6 +149,23 @@ impl Writer {
         }
     }
 
+    /// Runs `write` like [`Writer::write`] and hands back what it returned, once committed.
+    pub(crate) fn call<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = Arc::new(Mutex::new(None));
+        let filled = Arc::clone(&slot);
+        self.write(Box::new(move |conn| {
+            let value = write(conn)?;
+            *filled.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+            Ok(())
+        }))?;
+        let value = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        // A write that returned Ok filled the slot before its commit was reported.
+        value.ok_or_else(|| StoreError::Failed("the write left no result".into()))
+    }
+
     /// Queues a request-log row; never waits longer than the overflow policy allows. A row
     /// that finds no room is dropped and counted.
     pub(crate) fn log(&self, row: RequestRow) {

@@ -1,0 +1,4 @@
+//! The SQLite backend's SQL, one file per table family. Only `store` calls it: the rest of the
+//! code asks `store::jobs` and its siblings, which pick the backend.
+
+pub(super) mod jobs;
