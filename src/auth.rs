@@ -174,13 +174,13 @@ impl Auth {
     /// Reloads the keyring if the keys changed in the file since it was loaded (by this
     /// process's `/admin` or by `syncgate keys`). Returns whether it reloaded.
     pub(crate) fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
-        let conn = store.read()?;
-        let generation = keys::generation(&conn)?;
+        let generation = keys::generation(store)?;
         if generation == self.generation() {
             return Ok(false);
         }
-        let stored = keys::all(&conn)?;
-        drop(conn);
+        // A change landing between the two reads leaves the keyring newer than its
+        // generation: the next refresh loads it again, never the other way round.
+        let stored = keys::all(store)?;
         self.load(stored, generation);
         Ok(true)
     }

@@ -310,11 +310,22 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 /// `syncgate migrate`: applies what migrations the file lacks and says what it did.
 /// `syncgate keys`: the same changes as `/admin/keys`, on the file directly.
 fn keys(args: &KeysArgs) -> anyhow::Result<ExitCode> {
+    // The same store a server opens (migrated, one writer): a change and the generation bump
+    // that announces it to running servers commit together.
+    let store = store::Store::open(
+        &args.db,
+        &Config::default().store,
+        0,
+        metrics::Metrics::new().store,
+    )?;
+    let done = keys_action(&store, &args.action);
+    store.close();
+    done
+}
+
+fn keys_action(store: &store::Store, action: &KeysAction) -> anyhow::Result<ExitCode> {
     use store::keys;
-    let (mut conn, _) = store::open_migrated(&args.db)?;
-    // A change and the generation bump that announces it commit together.
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    match &args.action {
+    match action {
         KeysAction::Create {
             name,
             models,
@@ -334,15 +345,14 @@ fn keys(args: &KeysArgs) -> anyhow::Result<ExitCode> {
             };
             let made = keys::make(new, store::now_ms())
                 .map_err(|e| anyhow::anyhow!("cannot draw random bytes: {e}"))?;
-            let id = keys::insert(&tx, &made.stored)?;
-            tx.commit()?;
+            let id = keys::insert(store, made.stored)?;
             println!("{}", made.secret);
             eprintln!("API key {id} ({name}) created; the line above is the key, shown this once");
         }
         KeysAction::List => {
             println!("id  prefix        status   name");
             let now = store::now_ms();
-            for k in keys::all(&tx)? {
+            for k in keys::all(store)? {
                 let status = if k.revoked_ms.is_some() {
                     "revoked"
                 } else if k.expires_ms.is_some_and(|at| at <= now) {
@@ -354,10 +364,9 @@ fn keys(args: &KeysArgs) -> anyhow::Result<ExitCode> {
             }
         }
         KeysAction::Revoke { id } => {
-            if keys::revoke(&tx, *id, store::now_ms())? {
-                tx.commit()?;
+            if keys::revoke(store, *id, store::now_ms())? {
                 println!("API key {id} revoked");
-            } else if keys::get(&tx, *id)?.is_some() {
+            } else if keys::get(store, *id)?.is_some() {
                 println!("API key {id} was already revoked");
             } else {
                 anyhow::bail!("no API key with id {id}");

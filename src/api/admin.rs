@@ -2,9 +2,6 @@
 //! A new key's secret is in the 201 that makes it and nowhere else, ever; the keyring is
 //! reloaded before the answer, so a revoked key is refused from the next request on.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
-
 use serde_json::{json, Map, Value};
 
 use super::chat::invalid;
@@ -12,7 +9,7 @@ use super::{json_object, path_id, ApiError, ADMIN_KEYS_PREFIX};
 use crate::http::{Request, Response};
 use crate::server::State;
 use crate::store::keys::{self, NewKey, StoredKey};
-use crate::store::{now_ms, StoreError};
+use crate::store::now_ms;
 
 /// Longest key name.
 const NAME_MAX: usize = 100;
@@ -24,18 +21,9 @@ pub(crate) fn create_key(state: &State, request: &Request) -> Result<Response, A
         log::error!("cannot draw random bytes for a key: {e}");
         ApiError::Internal
     })?;
-    let id = Arc::new(AtomicI64::new(0));
-    let stored = made.stored.clone();
-    let written = Arc::clone(&id);
-    state.store.writer.write(Box::new(move |conn| {
-        written.store(keys::insert(conn, &stored)?, Ordering::SeqCst);
-        Ok(())
-    }))?;
+    let id = keys::insert(&state.store, made.stored.clone())?;
     reload(state)?;
-    let key = StoredKey {
-        id: id.load(Ordering::SeqCst),
-        ..made.stored
-    };
+    let key = StoredKey { id, ..made.stored };
     log::info!(
         "API key {} ({:?}, {}) created",
         key.id,
@@ -49,9 +37,7 @@ pub(crate) fn create_key(state: &State, request: &Request) -> Result<Response, A
 
 /// `GET /admin/keys`: every key, revoked ones included, oldest first; never a secret or hash.
 pub(crate) fn list_keys(state: &State) -> Result<Response, ApiError> {
-    let conn = state.store.read()?;
-    let all = keys::all(&conn).map_err(StoreError::from)?;
-    drop(conn);
+    let all = keys::all(&state.store)?;
     let data: Vec<Value> = all.iter().map(key_json).collect();
     Ok(Response::json(
         200,
@@ -68,20 +54,10 @@ pub(crate) fn revoke_key(state: &State, request: &Request) -> Result<Response, A
         id: text.to_string(),
     };
     let id: i64 = text.parse().map_err(|_| not_found())?;
-    let revoked = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&revoked);
-    let at = now_ms();
-    state.store.writer.write(Box::new(move |conn| {
-        seen.store(keys::revoke(conn, id, at)?, Ordering::SeqCst);
-        Ok(())
-    }))?;
+    let revoked = keys::revoke(&state.store, id, now_ms())?;
     reload(state)?;
-    let conn = state.store.read()?;
-    let key = keys::get(&conn, id)
-        .map_err(StoreError::from)?
-        .ok_or_else(not_found)?;
-    drop(conn);
-    if revoked.load(Ordering::SeqCst) {
+    let key = keys::get(&state.store, id)?.ok_or_else(not_found)?;
+    if revoked {
         log::info!("API key {} ({:?}) revoked", key.id, key.name);
     }
     Ok(Response::json(200, &key_json(&key)))

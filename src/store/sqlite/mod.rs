@@ -2,3 +2,4 @@
 //! code asks `store::jobs` and its siblings, which pick the backend.
 
 pub(super) mod jobs;
+pub(super) mod keys;
