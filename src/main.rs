@@ -402,12 +402,11 @@ fn usage(args: &UsageArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("--until must be later than --since");
         }
     }
-    let conn = store::open_read_only(&args.db.db)?;
     let range = store::requests::TimeRange {
         since_ms: args.since,
         until_ms: args.until,
     };
-    let totals = store::usage::summarise(&conn, args.group_by, range)
+    let totals = store::usage::summarise_file(&args.db.db, args.group_by, range)
         .with_context(|| format!("cannot read usage from {}", args.db.db.display()))?;
     print!("{}", store::usage::table(args.group_by, &totals));
     Ok(ExitCode::SUCCESS)

@@ -27,9 +27,8 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
         before: None,
         limit: query_limit(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)? as usize,
     };
-    let conn = state.store.read()?;
     if let Some(id) = before {
-        let cursor = requests::cursor(&conn, id)?.ok_or_else(|| {
+        let cursor = requests::cursor(&state.store, id)?.ok_or_else(|| {
             invalid(
                 "before",
                 format!("no logged request has id {id} (it may have expired)"),
@@ -37,8 +36,7 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
         })?;
         filter.before = Some(cursor);
     }
-    let page = requests::list(&conn, &filter)?;
-    drop(conn);
+    let page = requests::list(&state.store, &filter)?;
     let data: Vec<Value> = page.rows.iter().map(row_json).collect();
     Ok(Response::json(
         200,

@@ -19,9 +19,7 @@ pub(crate) fn summary(state: &State, request: &Request) -> Result<Response, ApiE
         })?,
     };
     let range = query_time_range(query)?;
-    let conn = state.store.read()?;
-    let totals = usage::summarise(&conn, group_by, range)?;
-    drop(conn);
+    let totals = usage::summarise(&state.store, group_by, range)?;
     let data: Vec<Value> = totals
         .iter()
         .map(|t| {

@@ -194,7 +194,7 @@ fn grouped_acknowledged(db: &Path, window: Duration) -> anyhow::Result<Rate> {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let row = sample_row(i);
             let outcome = writer.write(Box::new(move |c: &Connection| {
-                crate::store::requests::insert(c, std::slice::from_ref(&row))
+                crate::store::sqlite::requests::insert(c, std::slice::from_ref(&row))
             }));
             if outcome.is_err() {
                 failed.fetch_add(1, Ordering::Relaxed);
@@ -236,7 +236,7 @@ fn per_row(db: &Path, window: Duration, threads: usize, synchronous: &str) -> an
             let done = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .and_then(|tx| {
-                    crate::store::requests::insert(&tx, std::slice::from_ref(&row))?;
+                    crate::store::sqlite::requests::insert(&tx, std::slice::from_ref(&row))?;
                     tx.commit()
                 });
             if done.is_err() {

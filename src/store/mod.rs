@@ -8,7 +8,7 @@ pub(crate) mod keys;
 pub(crate) mod migrate;
 pub(crate) mod requests;
 mod retention;
-mod sqlite;
+pub(crate) mod sqlite;
 pub(crate) mod usage;
 mod writer;
 

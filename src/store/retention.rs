@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::{now_ms, requests, StoreError, Writer};
+use super::sqlite::requests;
+use super::{now_ms, StoreError, Writer};
 use crate::metrics::StoreMetrics;
 use crate::time::MS_PER_DAY;
 

@@ -19,7 +19,8 @@ use crossbeam_channel::{
 };
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::requests::{self, RequestRow};
+use super::requests::RequestRow;
+use super::sqlite::requests;
 use super::StoreError;
 use crate::config::{Durability, LogOverflow, StoreConfig};
 use crate::metrics::StoreMetrics;

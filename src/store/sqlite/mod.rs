@@ -1,5 +1,8 @@
-//! The SQLite backend's SQL, one file per table family. Only `store` calls it: the rest of the
-//! code asks `store::jobs` and its siblings, which pick the backend.
+//! The SQLite backend's SQL, one file per table family. Only `store` calls it (and the store
+//! bench, which measures SQLite itself): the rest of the code asks `store::jobs` and its
+//! siblings, which pick the backend.
 
 pub(super) mod jobs;
 pub(super) mod keys;
+pub(crate) mod requests;
+pub(super) mod usage;
