@@ -3,11 +3,7 @@
 //! so whatever a client was told is stored is on disk. A repeated request with the same
 //! idempotency key finds what the first one stored instead of storing it twice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use rusqlite::{params, Connection, OptionalExtension, Row};
-
+use super::sqlite::conversations as sql;
 use super::{Store, StoreError, Writer};
 use crate::tokens::Usage;
 
@@ -55,10 +51,6 @@ pub(crate) struct Page<T> {
     pub(crate) has_more: bool,
 }
 
-const CONVERSATION_COLUMNS: &str = "id, title, model, system, created_ms";
-const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, model, created_ms, incomplete, \
-     prompt_tokens, completion_tokens";
-
 /// Stores a new conversation and returns it. With `idempotency_key`, a conversation already
 /// created with that key is returned instead, including when two requests race: the loser's
 /// insert breaks the key's uniqueness and it reads the winner's.
@@ -74,21 +66,9 @@ pub(crate) fn create(
     }
     let row = conversation.clone();
     let key = idempotency_key.clone();
-    let inserted = store.writer.write(Box::new(move |conn| {
-        conn.prepare_cached(
-            "INSERT INTO conversations (id, title, model, system, created_ms, idempotency_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            row.id,
-            row.title,
-            row.model,
-            row.system,
-            row.created_ms,
-            key
-        ])
-        .map(drop)
-    }));
+    let inserted = store
+        .writer
+        .call(move |conn| sql::insert(conn, &row, key.as_deref()));
     match (inserted, idempotency_key) {
         (Ok(()), _) => Ok(conversation),
         (Err(e), Some(key)) if e.is_unique_violation() => by_key(store, &key)?.ok_or(e),
@@ -98,25 +78,11 @@ pub(crate) fn create(
 
 /// The conversation with this id, if there is one.
 pub(crate) fn get(store: &Store, id: &str) -> Result<Option<Conversation>, StoreError> {
-    let conn = store.read()?;
-    let found = conn
-        .prepare_cached(&format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?1"
-        ))?
-        .query_row([id], conversation_from_row)
-        .optional()?;
-    Ok(found)
+    store.query(|c| sql::get(c, id))
 }
 
 fn by_key(store: &Store, key: &str) -> Result<Option<Conversation>, StoreError> {
-    let conn = store.read()?;
-    let found = conn
-        .prepare_cached(&format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE idempotency_key = ?1"
-        ))?
-        .query_row([key], conversation_from_row)
-        .optional()?;
-    Ok(found)
+    store.query(|c| sql::by_key(c, key))
 }
 
 /// Up to `limit` conversations, newest first, starting after the one with id `before` when
@@ -126,42 +92,14 @@ pub(crate) fn list(
     limit: u32,
     before: Option<&str>,
 ) -> Result<Option<Page<Conversation>>, StoreError> {
-    let conn = store.read()?;
-    let below = match before {
-        None => i64::MAX,
-        Some(id) => match cursor(&conn, "SELECT seq FROM conversations WHERE id = ?1", &[id])? {
-            Some(seq) => seq,
-            None => return Ok(None),
-        },
-    };
-    let items = conn
-        .prepare_cached(&format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE seq < ?1 \
-             ORDER BY seq DESC LIMIT ?2"
-        ))?
-        .query_map(params![below, limit + 1], conversation_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(page(items, limit)))
-}
-
-/// The `seq` a page cursor (an id) stands for; `None` when the id names nothing.
-fn cursor(conn: &Connection, sql: &str, ids: &[&str]) -> rusqlite::Result<Option<i64>> {
-    conn.prepare_cached(sql)?
-        .query_row(rusqlite::params_from_iter(ids), |r| r.get(0))
-        .optional()
+    let found = store.query(|c| sql::list(c, limit + 1, before))?;
+    Ok(found.map(|items| page(items, limit)))
 }
 
 /// Deletes a conversation and, by cascade, its messages. False when there was none.
 pub(crate) fn delete(store: &Store, id: &str) -> Result<bool, StoreError> {
     let id = id.to_string();
-    let deleted = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&deleted);
-    store.writer.write(Box::new(move |conn| {
-        let n = conn.execute("DELETE FROM conversations WHERE id = ?1", [&id])?;
-        seen.store(n > 0, Ordering::Relaxed);
-        Ok(())
-    }))?;
-    Ok(deleted.load(Ordering::Relaxed))
+    store.writer.call(move |conn| sql::delete(conn, &id))
 }
 
 /// The newest `max` messages of a conversation, oldest first: what a new turn sends along.
@@ -170,17 +108,7 @@ pub(crate) fn history(
     conversation_id: &str,
     max: usize,
 ) -> Result<Vec<Message>, StoreError> {
-    let conn = store.read()?;
-    let mut newest = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 \
-             ORDER BY seq DESC LIMIT ?2"
-        ))?
-        .query_map(
-            params![conversation_id, i64::try_from(max).unwrap_or(i64::MAX)],
-            message_from_row,
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut newest = store.query(|c| sql::newest_messages(c, conversation_id, max))?;
     newest.reverse();
     Ok(newest)
 }
@@ -193,23 +121,8 @@ pub(crate) fn messages(
     limit: u32,
     after: Option<&str>,
 ) -> Result<Option<Page<Message>>, StoreError> {
-    let conn = store.read()?;
-    let sql = "SELECT seq FROM messages WHERE id = ?1 AND conversation_id = ?2";
-    let above = match after {
-        None => 0,
-        Some(id) => match cursor(&conn, sql, &[id, conversation_id])? {
-            Some(seq) => seq,
-            None => return Ok(None),
-        },
-    };
-    let items = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq > ?2 \
-             ORDER BY seq LIMIT ?3"
-        ))?
-        .query_map(params![conversation_id, above, limit + 1], message_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(page(items, limit)))
+    let found = store.query(|c| sql::messages(c, conversation_id, limit + 1, after))?;
+    Ok(found.map(|items| page(items, limit)))
 }
 
 /// The reply a request with this idempotency key already got in this conversation, if any.
@@ -218,15 +131,7 @@ pub(crate) fn reply_for_key(
     conversation_id: &str,
     key: &str,
 ) -> Result<Option<Message>, StoreError> {
-    let conn = store.read()?;
-    let found = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE conversation_id = ?1 AND idempotency_key = ?2"
-        ))?
-        .query_row([conversation_id, key], message_from_row)
-        .optional()?;
-    Ok(found)
+    store.query(|c| sql::reply_for_key(c, conversation_id, key))
 }
 
 /// Stores a turn, both messages in one acknowledged write. Takes the writer alone because a
@@ -234,32 +139,7 @@ pub(crate) fn reply_for_key(
 /// the reply's idempotency key is already taken in the conversation, and with a foreign key
 /// violation when the conversation is gone.
 pub(crate) fn add_turn(writer: &Writer, turn: Turn) -> Result<(), StoreError> {
-    writer.write(Box::new(move |conn| {
-        let mut insert = conn.prepare_cached(
-            "INSERT INTO messages (id, conversation_id, role, content, model, created_ms, \
-             incomplete, prompt_tokens, completion_tokens, idempotency_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
-        for (m, key) in [
-            (&turn.user, None),
-            (&turn.reply, turn.idempotency_key.as_ref()),
-        ] {
-            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            insert.execute(params![
-                m.id,
-                m.conversation_id,
-                m.role,
-                m.content,
-                m.model,
-                m.created_ms,
-                m.incomplete,
-                m.usage.map(|u| tokens(u.prompt_tokens)),
-                m.usage.map(|u| tokens(u.completion_tokens)),
-                key,
-            ])?;
-        }
-        Ok(())
-    }))
+    writer.call(move |conn| sql::insert_turn(conn, &turn))
 }
 
 /// Keeps the first `limit` items; one more was fetched to tell whether more follow.
@@ -267,34 +147,6 @@ fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
     let has_more = items.len() > limit as usize;
     items.truncate(limit as usize);
     Page { items, has_more }
-}
-
-fn conversation_from_row(r: &Row<'_>) -> rusqlite::Result<Conversation> {
-    Ok(Conversation {
-        id: r.get(0)?,
-        title: r.get(1)?,
-        model: r.get(2)?,
-        system: r.get(3)?,
-        created_ms: r.get(4)?,
-    })
-}
-
-fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
-    let prompt: Option<i64> = r.get(7)?;
-    let completion: Option<i64> = r.get(8)?;
-    Ok(Message {
-        id: r.get(0)?,
-        conversation_id: r.get(1)?,
-        role: r.get(2)?,
-        content: r.get(3)?,
-        model: r.get(4)?,
-        created_ms: r.get(5)?,
-        incomplete: r.get(6)?,
-        usage: prompt.map(|p| Usage {
-            prompt_tokens: p.max(0) as u64,
-            completion_tokens: completion.unwrap_or(0).max(0) as u64,
-        }),
-    })
 }
 
 #[cfg(test)]

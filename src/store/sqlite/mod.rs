@@ -2,6 +2,7 @@
 //! bench, which measures SQLite itself): the rest of the code asks `store::jobs` and its
 //! siblings, which pick the backend.
 
+pub(super) mod conversations;
 pub(super) mod jobs;
 pub(super) mod keys;
 pub(crate) mod requests;
