@@ -5,12 +5,9 @@
 pub(crate) mod conversations;
 pub(crate) mod jobs;
 pub(crate) mod keys;
-pub(crate) mod migrate;
 pub(crate) mod requests;
-mod retention;
 pub(crate) mod sqlite;
 pub(crate) mod usage;
-mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,8 +20,9 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::config::StoreConfig;
 use crate::metrics::StoreMetrics;
-use retention::Retention;
-pub(crate) use writer::Writer;
+use sqlite::migrate;
+use sqlite::retention::Retention;
+pub(crate) use sqlite::writer::Writer;
 
 /// How long a connection waits for a lock before SQLITE_BUSY: only another process (a
 /// `syncgate migrate`, a backup) can hold one, since this one writes from one thread.

@@ -275,7 +275,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::migrate;
+    use crate::store::sqlite::migrate;
 
     fn db() -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();

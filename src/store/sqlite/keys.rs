@@ -99,7 +99,7 @@ fn key_from_row(row: &Row<'_>) -> rusqlite::Result<StoredKey> {
 mod tests {
     use super::*;
     use crate::store::keys::{hash, make, NewKey, KEY_PREFIX};
-    use crate::store::migrate;
+    use crate::store::sqlite::migrate;
 
     #[test]
     fn a_key_is_stored_as_its_hash_and_prefix_and_found_again() {

@@ -5,5 +5,8 @@
 pub(super) mod conversations;
 pub(super) mod jobs;
 pub(super) mod keys;
+pub(crate) mod migrate;
 pub(crate) mod requests;
+pub(super) mod retention;
 pub(super) mod usage;
+pub(crate) mod writer;

@@ -157,8 +157,8 @@ pub(crate) fn expire(conn: &Connection, cutoff_ms: i64, batch: usize) -> rusqlit
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::migrate;
     use crate::store::requests::TimeRange;
+    use crate::store::sqlite::migrate;
 
     /// Rows 1..=n, every third one for model "b" with status 500, logged one second apart
     /// except that rows 4 and 5 share a millisecond (ties go by id).

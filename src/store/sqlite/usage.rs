@@ -54,8 +54,8 @@ pub(crate) fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::migrate;
     use crate::store::requests::RequestRow;
+    use crate::store::sqlite::migrate;
     use crate::store::sqlite::requests::insert;
 
     const DAY: i64 = time::MS_PER_DAY;

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::sqlite::requests;
-use super::{now_ms, StoreError, Writer};
+use super::requests;
+use super::writer::Writer;
 use crate::metrics::StoreMetrics;
+use crate::store::{now_ms, StoreError};
 use crate::time::MS_PER_DAY;
 
 /// Rows deleted per write: small enough that a batch commits in milliseconds.
@@ -63,7 +64,7 @@ impl Retention {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        super::join_once(&self.thread);
+        crate::store::join_once(&self.thread);
     }
 }
 

@@ -1,4 +1,4 @@
-//! The schema, as SQL files in `migrations/` embedded in the binary and applied in order.
+//! The SQLite schema, as SQL files in `migrations/sqlite/` embedded in the binary and applied in order.
 //! `PRAGMA user_version` holds the number of the last one applied, so migrating twice is a
 //! no-op, and a database written by a newer syncgate (a number we do not know) is refused
 //! rather than misread.
@@ -10,17 +10,17 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
     (
         1,
         "0001_initial",
-        include_str!("../../migrations/0001_initial.sql"),
+        include_str!("../../../migrations/sqlite/0001_initial.sql"),
     ),
     (
         2,
         "0002_api_keys",
-        include_str!("../../migrations/0002_api_keys.sql"),
+        include_str!("../../../migrations/sqlite/0002_api_keys.sql"),
     ),
     (
         3,
         "0003_jobs",
-        include_str!("../../migrations/0003_jobs.sql"),
+        include_str!("../../../migrations/sqlite/0003_jobs.sql"),
     ),
 ];
 
@@ -88,7 +88,7 @@ mod tests {
             assert_eq!(*number as usize, i + 1, "{name}");
             assert!(name.starts_with(&format!("{number:04}_")), "{name}");
         }
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -98,7 +98,7 @@ mod tests {
         let embedded: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.1)).collect();
         assert_eq!(
             files, embedded,
-            "every file in migrations/ is embedded, in order"
+            "every file in migrations/sqlite/ is embedded, in order"
         );
     }
 

@@ -19,11 +19,11 @@ use crossbeam_channel::{
 };
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::requests::RequestRow;
-use super::sqlite::requests;
-use super::StoreError;
+use super::requests;
 use crate::config::{Durability, LogOverflow, StoreConfig};
 use crate::metrics::StoreMetrics;
+use crate::store::requests::RequestRow;
+use crate::store::StoreError;
 
 /// An acknowledged write: runs inside the batch's transaction, in a savepoint of its own, so
 /// one that fails (a constraint) is rolled back alone and the rest of the batch commits.
@@ -200,7 +200,7 @@ impl Writer {
             done: Done::new(),
         };
         let _ = self.ops.send_timeout(wake, WRITE_QUEUE_WAIT);
-        super::join_once(&self.thread);
+        crate::store::join_once(&self.thread);
     }
 }
 
@@ -342,7 +342,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-    use crate::store::migrate;
+    use crate::store::sqlite::migrate;
 
     fn temp_db(name: &str) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!(
