@@ -15,7 +15,7 @@ use crate::http::{Request, Response};
 use crate::providers::{self, Answer, ChatRequest, Served, Usage};
 use crate::server::State;
 use crate::store::conversations::{self as store, Conversation, Message, Page, Turn};
-use crate::store::{new_id, now_ms, StoreError, Writer};
+use crate::store::{new_id, now_ms, Store, StoreError};
 
 /// `GET /api/conversations`: newest first, `limit` (default 20, at most 100) per page, the
 /// page after the conversation `before` names.
@@ -126,7 +126,7 @@ fn answer_turn(
             let reply = chat::mock_reply(state, record, &chat, &served);
             if chat.stream {
                 let id = pending.reply_id.clone();
-                let transcript = pending.transcript(Arc::clone(&state.store.writer));
+                let transcript = pending.transcript(state.store.clone());
                 Ok(chat::stream_reply(
                     id,
                     chat,
@@ -151,7 +151,7 @@ fn answer_turn(
             cancel,
             timeouts,
         } => Ok(relay::response(relay::Relay {
-            transcript: Some(pending.transcript(Arc::clone(&state.store.writer))),
+            transcript: Some(pending.transcript(state.store.clone())),
             ..relay::Relay::new(
                 state,
                 chat.model,
@@ -225,10 +225,10 @@ impl Pending {
     }
 
     /// Stores the turn when its stream ends, with the text that reached the client.
-    fn transcript(self, writer: Arc<Writer>) -> Transcript {
+    fn transcript(self, db: Store) -> Transcript {
         Transcript::new(Box::new(move |relayed: Relayed| {
             let turn = self.into_turn(relayed.text, relayed.complete, relayed.usage);
-            match store::add_turn(&writer, turn) {
+            match store::add_turn(&db, turn) {
                 // A twin request with the same key stored its reply first: the key's turn is
                 // kept, and a repeat answers with that one.
                 Err(e) if e.is_unique_violation() => Ok(()),
@@ -249,7 +249,7 @@ fn store_reply(
     let turn = pending.into_turn(content, true, usage);
     let reply = turn.reply.clone();
     let id = &reply.conversation_id;
-    let reply = match (store::add_turn(&state.store.writer, turn), key) {
+    let reply = match (store::add_turn(&state.store, turn), key) {
         (Ok(()), _) => reply,
         // A twin request with the same key stored its turn first: its reply is the answer.
         (Err(e), Some(key)) if e.is_unique_violation() => {

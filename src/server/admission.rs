@@ -242,7 +242,7 @@ pub(crate) fn respond(
         let row = log_row(
             request, route, status, elapsed, queue_wait, note, error_code,
         );
-        state.store.writer.log(RequestRow {
+        state.store.log(RequestRow {
             request_body: log
                 .bodies
                 .then(|| capped(&request.body, log.body_max_bytes)),

@@ -4,7 +4,7 @@
 //! idempotency key finds what the first one stored instead of storing it twice.
 
 use super::sqlite::conversations as sql;
-use super::{Store, StoreError, Writer};
+use super::{Store, StoreError};
 use crate::tokens::Usage;
 
 /// One conversation.
@@ -67,7 +67,7 @@ pub(crate) fn create(
     let row = conversation.clone();
     let key = idempotency_key.clone();
     let inserted = store
-        .writer
+        .writer()
         .call(move |conn| sql::insert(conn, &row, key.as_deref()));
     match (inserted, idempotency_key) {
         (Ok(()), _) => Ok(conversation),
@@ -99,7 +99,7 @@ pub(crate) fn list(
 /// Deletes a conversation and, by cascade, its messages. False when there was none.
 pub(crate) fn delete(store: &Store, id: &str) -> Result<bool, StoreError> {
     let id = id.to_string();
-    store.writer.call(move |conn| sql::delete(conn, &id))
+    store.writer().call(move |conn| sql::delete(conn, &id))
 }
 
 /// The newest `max` messages of a conversation, oldest first: what a new turn sends along.
@@ -134,12 +134,13 @@ pub(crate) fn reply_for_key(
     store.query(|c| sql::reply_for_key(c, conversation_id, key))
 }
 
-/// Stores a turn, both messages in one acknowledged write. Takes the writer alone because a
-/// stream keeps its turn after its handler has returned. Fails with a unique violation when
+/// Stores a turn, both messages in one acknowledged write. Fails with a unique violation when
 /// the reply's idempotency key is already taken in the conversation, and with a foreign key
 /// violation when the conversation is gone.
-pub(crate) fn add_turn(writer: &Writer, turn: Turn) -> Result<(), StoreError> {
-    writer.call(move |conn| sql::insert_turn(conn, &turn))
+pub(crate) fn add_turn(store: &Store, turn: Turn) -> Result<(), StoreError> {
+    store
+        .writer()
+        .call(move |conn| sql::insert_turn(conn, &turn))
 }
 
 /// Keeps the first `limit` items; one more was fetched to tell whether more follow.
@@ -247,7 +248,7 @@ mod tests {
         assert!(list(&t.store, 2, Some("nope")).unwrap().is_none());
 
         for n in 0..3 {
-            add_turn(&t.store.writer, turn("c0", n, None)).unwrap();
+            add_turn(&t.store, turn("c0", n, None)).unwrap();
         }
         let page = messages(&t.store, "c0", 4, None).unwrap().unwrap();
         let ids: Vec<_> = page.items.iter().map(|m| m.id.as_str()).collect();
@@ -268,8 +269,8 @@ mod tests {
     fn a_turn_is_stored_whole_or_not_at_all() {
         let t = open("turns");
         create(&t.store, conversation("c"), None).unwrap();
-        add_turn(&t.store.writer, turn("c", 0, Some("k"))).unwrap();
-        let repeat = add_turn(&t.store.writer, turn("c", 1, Some("k"))).unwrap_err();
+        add_turn(&t.store, turn("c", 0, Some("k"))).unwrap();
+        let repeat = add_turn(&t.store, turn("c", 1, Some("k"))).unwrap_err();
         assert!(repeat.is_unique_violation(), "{repeat}");
         assert_eq!(
             reply_for_key(&t.store, "c", "k").unwrap().map(|m| m.id),
@@ -277,8 +278,8 @@ mod tests {
         );
         // The same key in another conversation is another turn.
         create(&t.store, conversation("d"), None).unwrap();
-        add_turn(&t.store.writer, turn("d", 1, Some("k"))).unwrap();
-        let orphan = add_turn(&t.store.writer, turn("gone", 2, None)).unwrap_err();
+        add_turn(&t.store, turn("d", 1, Some("k"))).unwrap();
+        let orphan = add_turn(&t.store, turn("gone", 2, None)).unwrap_err();
         assert!(!orphan.is_unique_violation(), "{orphan}");
         let page = messages(&t.store, "c", 100, None).unwrap().unwrap();
         assert_eq!(page.items.len(), 2, "the failed repeat left nothing behind");
@@ -288,7 +289,7 @@ mod tests {
     fn deleting_a_conversation_takes_its_messages() {
         let t = open("delete");
         create(&t.store, conversation("c"), None).unwrap();
-        add_turn(&t.store.writer, turn("c", 0, None)).unwrap();
+        add_turn(&t.store, turn("c", 0, None)).unwrap();
         assert!(delete(&t.store, "c").unwrap());
         assert!(!delete(&t.store, "c").unwrap());
         let left: i64 = t

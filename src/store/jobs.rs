@@ -129,7 +129,7 @@ pub(crate) fn submit(
     max_queued: usize,
 ) -> Result<Submitted, StoreError> {
     store
-        .writer
+        .writer()
         .call(move |conn| sql::submit(conn, &job, max_queued))
 }
 
@@ -146,7 +146,7 @@ pub(crate) fn claim(
     lease_until_ms: i64,
 ) -> Result<Option<Claimed>, StoreError> {
     store
-        .writer
+        .writer()
         .call(move |conn| sql::claim(conn, now_ms, lease_until_ms))
 }
 
@@ -157,7 +157,7 @@ pub(crate) fn renew(
     lease_until_ms: i64,
 ) -> Result<(), StoreError> {
     store
-        .writer
+        .writer()
         .call(move |conn| sql::renew(conn, &held, lease_until_ms))
 }
 
@@ -171,14 +171,14 @@ pub(crate) fn finish(
     now_ms: i64,
 ) -> Result<Option<Status>, StoreError> {
     store
-        .writer
+        .writer()
         .call(move |conn| sql::finish(conn, &id, attempt, &end, now_ms))
 }
 
 /// Cancels a queued job now, or a running one when its call returns.
 pub(crate) fn cancel(store: &Store, id: String, now_ms: i64) -> Result<Cancelled, StoreError> {
     store
-        .writer
+        .writer()
         .call(move |conn| sql::cancel(conn, &id, now_ms))
 }
 

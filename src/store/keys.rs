@@ -78,12 +78,14 @@ pub(crate) fn make(new: NewKey, created_ms: i64) -> Result<MadeKey, getrandom::E
 
 /// Stores a made key and returns its id; the keys generation moves with it.
 pub(crate) fn insert(store: &Store, key: StoredKey) -> Result<i64, StoreError> {
-    store.writer.call(move |conn| sql::insert(conn, &key))
+    store.writer().call(move |conn| sql::insert(conn, &key))
 }
 
 /// Revokes a key; false when there is no such key or it was already revoked.
 pub(crate) fn revoke(store: &Store, id: i64, at_ms: i64) -> Result<bool, StoreError> {
-    store.writer.call(move |conn| sql::revoke(conn, id, at_ms))
+    store
+        .writer()
+        .call(move |conn| sql::revoke(conn, id, at_ms))
 }
 
 /// Every key, revoked ones included, oldest first.

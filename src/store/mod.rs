@@ -90,10 +90,16 @@ impl From<r2d2::Error> for StoreError {
     }
 }
 
-/// The open database: the read pool, the writer, and the retention thread if rows expire.
+/// The open database: the read pool, the writer, and the retention thread if rows expire. A
+/// cheap handle: clones share them (a stream keeps its turn after its handler returned).
+#[derive(Clone)]
 pub(crate) struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     reads: r2d2::Pool<SqliteConnectionManager>,
-    pub(crate) writer: Arc<Writer>,
+    writer: Arc<Writer>,
     retention: Option<Retention>,
     metrics: StoreMetrics,
 }
@@ -187,20 +193,22 @@ impl Store {
             .transpose()
             .context("cannot start the retention thread")?;
         Ok(Store {
-            reads,
-            writer,
-            retention,
-            metrics,
+            inner: Arc::new(Inner {
+                reads,
+                writer,
+                retention,
+                metrics,
+            }),
         })
     }
 
     /// A read connection from the pool; waits at most a few seconds for one.
     pub(crate) fn read(&self) -> Result<Reader, StoreError> {
-        let conn = self.reads.get()?;
-        self.metrics.reads_in_use.inc();
+        let conn = self.inner.reads.get()?;
+        self.inner.metrics.reads_in_use.inc();
         Ok(Reader {
             conn,
-            metrics: self.metrics.clone(),
+            metrics: self.inner.metrics.clone(),
             taken: std::time::Instant::now(),
         })
     }
@@ -214,19 +222,31 @@ impl Store {
         Ok(read(&conn)?)
     }
 
+    /// The one writer: every write goes through it.
+    fn writer(&self) -> &Writer {
+        &self.inner.writer
+    }
+
+    /// Queues a request-log row; it never waits longer than `[store] log_overflow` allows, and
+    /// a row that finds no room is dropped and counted.
+    pub(crate) fn log(&self, row: requests::RequestRow) {
+        self.writer().log(row);
+    }
+
     /// Sets the gauges read at scrape time.
     pub(crate) fn observe(&self) {
-        self.metrics
+        self.inner
+            .metrics
             .queue_depth
-            .set(self.writer.queue_depth() as i64);
+            .set(self.writer().queue_depth() as i64);
     }
 
     /// Stops deleting old rows, commits what is queued and stops the writer (at shutdown).
     pub(crate) fn close(&self) {
-        if let Some(retention) = &self.retention {
+        if let Some(retention) = &self.inner.retention {
             retention.stop();
         }
-        self.writer.close();
+        self.writer().close();
     }
 }
 
