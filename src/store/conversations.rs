@@ -153,35 +153,7 @@ fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::metrics::Metrics;
-
-    /// A store on a fresh file, removed (with its WAL) on drop.
-    struct TempStore {
-        store: Store,
-        path: std::path::PathBuf,
-    }
-
-    impl Drop for TempStore {
-        fn drop(&mut self) {
-            self.store.close();
-            for suffix in ["", "-wal", "-shm"] {
-                let mut p = self.path.as_os_str().to_owned();
-                p.push(suffix);
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    }
-
-    fn open(name: &str) -> TempStore {
-        let path = std::env::temp_dir().join(format!(
-            "syncgate-conversations-{name}-{}-{}.db",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        let store = Store::open(&path, &Config::default().store, 0, Metrics::new().store).unwrap();
-        TempStore { store, path }
-    }
+    use crate::store::testing::open;
 
     fn conversation(id: &str) -> Conversation {
         Conversation {

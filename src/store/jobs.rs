@@ -201,3 +201,80 @@ pub(crate) fn list(
 pub(crate) fn counts(store: &Store) -> Result<Vec<(Status, i64)>, StoreError> {
     store.query(sql::counts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::open;
+
+    fn new_job(id: &str, key: Option<&str>) -> NewJob {
+        NewJob {
+            id: id.to_string(),
+            request: serde_json::json!({"model": "m", "messages": []}),
+            metadata: None,
+            model: "m".into(),
+            max_attempts: 2,
+            idempotency_key: key.map(str::to_string),
+            key_id: None,
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn capacity_and_idempotency_are_decided_at_submission() {
+        let t = open("jobs");
+        assert_eq!(
+            submit(&t, new_job("a", Some("k")), 2).unwrap(),
+            Submitted::Created("a".into())
+        );
+        assert_eq!(
+            submit(&t, new_job("b", Some("k")), 2).unwrap(),
+            Submitted::Existing("a".into())
+        );
+        submit(&t, new_job("c", None), 2).unwrap();
+        assert_eq!(submit(&t, new_job("d", None), 2).unwrap(), Submitted::Full);
+    }
+
+    #[test]
+    fn a_lost_lease_lets_another_claim_and_attempts_run_out() {
+        let t = open("jobs");
+        submit(&t, new_job("a", None), 10).unwrap();
+        let first = claim(&t, 100, 200).unwrap().unwrap();
+        assert_eq!((first.id.as_str(), first.attempt), ("a", 1));
+        assert!(
+            claim(&t, 150, 250).unwrap().is_none(),
+            "the lease still holds"
+        );
+        let second = claim(&t, 201, 300).unwrap().unwrap();
+        assert_eq!(second.attempt, 2);
+        // The first runner's late outcome is not recorded: it lost the job.
+        let late = RunEnd::Succeeded(serde_json::json!({"x": 1}));
+        assert_eq!(finish(&t, "a".into(), 1, late.clone(), 250).unwrap(), None);
+        // Past the second lease with no attempts left, the job fails instead of running.
+        assert!(claim(&t, 301, 400).unwrap().is_none());
+        assert_eq!(get(&t, "a").unwrap().unwrap().status, Status::Failed);
+    }
+
+    #[test]
+    fn cancelling_a_running_job_ends_it_cancelled_when_it_returns() {
+        let t = open("jobs");
+        submit(&t, new_job("q", None), 10).unwrap();
+        submit(&t, new_job("r", None), 10).unwrap();
+        let running = claim(&t, 1, 1000).unwrap().unwrap();
+        assert_eq!(running.id, "q");
+        assert_eq!(cancel(&t, "r".into(), 2).unwrap(), Cancelled::Now);
+        assert_eq!(cancel(&t, "q".into(), 2).unwrap(), Cancelled::WhenItReturns);
+        let done = RunEnd::Succeeded(serde_json::json!({}));
+        assert_eq!(
+            finish(&t, "q".into(), 1, done.clone(), 3).unwrap(),
+            Some(Status::Cancelled)
+        );
+        assert_eq!(
+            cancel(&t, "q".into(), 4).unwrap(),
+            Cancelled::AlreadyFinal(Status::Cancelled)
+        );
+        assert_eq!(cancel(&t, "zz".into(), 4).unwrap(), Cancelled::NotFound);
+        let counts = counts(&t).unwrap();
+        assert!(counts.contains(&(Status::Cancelled, 2)), "{counts:?}");
+    }
+}

@@ -296,3 +296,47 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
+
+/// A store for the store's own behaviour tests: written once against `&Store`, so that they
+/// run against every backend the store has.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Store;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// A store on a fresh SQLite file, closed and removed (with its WAL) on drop.
+    pub(crate) struct TempStore {
+        pub(crate) store: Store,
+        path: std::path::PathBuf,
+    }
+
+    impl std::ops::Deref for TempStore {
+        type Target = Store;
+        fn deref(&self) -> &Store {
+            &self.store
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            self.store.close();
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.path.as_os_str().to_owned();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    pub(crate) fn open(name: &str) -> TempStore {
+        let path = std::env::temp_dir().join(format!(
+            "syncgate-store-{name}-{}-{}.db",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let store = Store::open(&path, &Config::default().store, 0, Metrics::new().store)
+            .expect("a fresh store");
+        TempStore { store, path }
+    }
+}
