@@ -19,6 +19,10 @@ mod machine;
 // Only the test binaries that need something from the machine use it.
 #[allow(unused_imports)]
 pub use machine::*;
+mod postgres;
+// Only the PostgreSQL store's tests use it.
+#[allow(unused_imports)]
+pub use postgres::*;
 
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_syncgate");
