@@ -225,7 +225,8 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
-        if let crate::store::StoreError::Failed(why) = &e {
+        if let crate::store::StoreError::Failed(why) | crate::store::StoreError::Duplicate(why) = &e
+        {
             log::error!("database error: {why}");
         }
         ApiError::Store(e)
@@ -452,7 +453,7 @@ impl ApiError {
             | ApiError::NotFound { .. } => 404,
             ApiError::Store(e) => match e {
                 crate::store::StoreError::Busy | crate::store::StoreError::Closed => 503,
-                crate::store::StoreError::Failed(_) => 500,
+                crate::store::StoreError::Failed(_) | crate::store::StoreError::Duplicate(_) => 500,
             },
             ApiError::JobsFull { .. } => 503,
             ApiError::JobFinished { .. } => 409,
@@ -717,7 +718,9 @@ impl fmt::Display for ApiError {
                 ),
             },
             // The detail (SQLite's words) goes to the server log, not to the client.
-            ApiError::Store(crate::store::StoreError::Failed(_)) => {
+            ApiError::Store(
+                crate::store::StoreError::Failed(_) | crate::store::StoreError::Duplicate(_),
+            ) => {
                 f.write_str("the database failed to store or read the data")
             }
             ApiError::Store(e) => write!(f, "{e}; retry shortly"),

@@ -37,14 +37,17 @@ pub(crate) enum StoreError {
     Busy,
     /// The store is shutting down.
     Closed,
-    /// SQLite refused: a constraint, I/O, a full disk.
+    /// The database refused: a constraint, I/O, a full disk.
     Failed(String),
+    /// The database refused a row whose unique key another row has (an idempotent repeat
+    /// that raced its twin); told apart by the database's error code, not its message.
+    Duplicate(String),
 }
 
 impl StoreError {
-    /// Whether SQLite refused for a uniqueness constraint (an idempotent repeat's race).
+    /// Whether the database refused for a uniqueness constraint (an idempotent repeat's race).
     pub(crate) fn is_unique_violation(&self) -> bool {
-        matches!(self, StoreError::Failed(m) if m.contains("UNIQUE constraint failed"))
+        matches!(self, StoreError::Duplicate(_))
     }
 
     /// The `kind` label of `syncgate_store_errors_total`.
@@ -52,7 +55,7 @@ impl StoreError {
         match self {
             StoreError::Busy => "busy",
             StoreError::Closed => "closed",
-            StoreError::Failed(_) => "failed",
+            StoreError::Failed(_) | StoreError::Duplicate(_) => "failed",
         }
     }
 
@@ -61,7 +64,7 @@ impl StoreError {
         match self {
             StoreError::Busy => "store_busy",
             StoreError::Closed => "draining",
-            StoreError::Failed(_) => "store_error",
+            StoreError::Failed(_) | StoreError::Duplicate(_) => "store_error",
         }
     }
 }
@@ -71,7 +74,9 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Busy => write!(f, "the database is busy"),
             StoreError::Closed => write!(f, "the database is closed"),
-            StoreError::Failed(why) => write!(f, "database error: {why}"),
+            StoreError::Failed(why) | StoreError::Duplicate(why) => {
+                write!(f, "database error: {why}")
+            }
         }
     }
 }
@@ -80,7 +85,17 @@ impl std::error::Error for StoreError {}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
-        StoreError::Failed(e.to_string())
+        let duplicate = matches!(
+            &e,
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+        );
+        if duplicate {
+            StoreError::Duplicate(e.to_string())
+        } else {
+            StoreError::Failed(e.to_string())
+        }
     }
 }
 
