@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::database::Database;
+
 /// Values given on the command line or in the environment (clap reads both: a flag wins over
 /// its `SYNCGATE_*` variable). `None` means "not given here": the file or the default decides.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Overrides {
     pub(crate) listen: Option<String>,
-    pub(crate) db: Option<PathBuf>,
+    pub(crate) db: Option<String>,
     pub(crate) workers: Option<usize>,
     pub(crate) queue: Option<usize>,
     pub(crate) max_queue_wait_ms: Option<u64>,
@@ -37,7 +39,7 @@ pub(crate) struct Overrides {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
-    db: Option<PathBuf>,
+    db: Option<String>,
     #[serde(default)]
     capacity: RawCapacity,
     #[serde(default)]
@@ -192,8 +194,9 @@ struct RawModel {
 pub(crate) struct Config {
     /// Address to listen on; port 0 picks a free one. Default `127.0.0.1:8080`.
     pub(crate) listen: SocketAddr,
-    /// SQLite file for the request log, conversations and jobs. Default `./syncgate.db`.
-    pub(crate) db: PathBuf,
+    /// Where everything is remembered: a SQLite file or a PostgreSQL server. Default the file
+    /// `./syncgate.db`.
+    pub(crate) db: Database,
     pub(crate) capacity: Capacity,
     pub(crate) http: HttpLimits,
     /// Time queued and in-flight work gets to finish after SIGTERM/SIGINT. Default 30 s.
@@ -388,7 +391,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            db: PathBuf::from("./syncgate.db"),
+            db: Database::Sqlite(PathBuf::from("./syncgate.db")),
             capacity: Capacity {
                 workers: 256,
                 queue: 128,
@@ -542,10 +545,8 @@ impl Config {
         let listen = resolve_addr(&listen_text)
             .map_err(|why| invalid("listen", listen_flag, format!("{listen_text:?}: {why}")))?;
 
-        let (db, db_flag) = pick(over.db.clone(), raw.db, d.db.clone());
-        if db.as_os_str().is_empty() {
-            return Err(invalid("db", db_flag, "must not be empty".to_string()));
-        }
+        let (db_text, db_flag) = pick(over.db.clone(), raw.db, "./syncgate.db".to_string());
+        let db = Database::parse(&db_text).map_err(|why| invalid("db", db_flag, why))?;
 
         let c = raw.capacity;
         let as_u64 = |(v, f): (usize, bool)| (v as u64, f);

@@ -7,6 +7,7 @@ mod auth;
 mod batch;
 mod bench;
 mod config;
+mod database;
 mod http;
 mod jobs;
 mod limits;
@@ -29,6 +30,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use config::{Config, Overrides};
+use database::Database;
 
 #[derive(Parser)]
 #[command(
@@ -63,15 +65,18 @@ enum Command {
 
 #[derive(Args)]
 struct KeysArgs {
-    /// SQLite database file.
+    /// The database: a SQLite file, or postgres://user@host/db (password from the URL or
+    /// PGPASSWORD).
     #[arg(
         long,
         global = true,
         env = "SYNCGATE_DB",
-        value_name = "PATH",
-        default_value = "./syncgate.db"
+        hide_env_values = true,
+        value_name = "PATH|URL",
+        default_value = "./syncgate.db",
+        value_parser = Database::parse
     )]
-    db: PathBuf,
+    db: Database,
     #[command(subcommand)]
     action: KeysAction,
 }
@@ -107,14 +112,17 @@ enum KeysAction {
 
 #[derive(Args)]
 struct DbArgs {
-    /// SQLite database file.
+    /// The database: a SQLite file, or postgres://user@host/db (password from the URL or
+    /// PGPASSWORD).
     #[arg(
         long,
         env = "SYNCGATE_DB",
-        value_name = "PATH",
-        default_value = "./syncgate.db"
+        hide_env_values = true,
+        value_name = "PATH|URL",
+        default_value = "./syncgate.db",
+        value_parser = Database::parse
     )]
-    db: PathBuf,
+    db: Database,
 }
 
 #[derive(Args)]
@@ -146,9 +154,15 @@ struct ServeArgs {
     /// Address to listen on (port 0 picks a free one) [default: 127.0.0.1:8080].
     #[arg(long, env = "SYNCGATE_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
-    /// SQLite database file [default: ./syncgate.db].
-    #[arg(long, env = "SYNCGATE_DB", value_name = "PATH")]
-    db: Option<PathBuf>,
+    /// The database: a SQLite file, or postgres://user@host/db (password from the URL or
+    /// PGPASSWORD) [default: ./syncgate.db].
+    #[arg(
+        long,
+        env = "SYNCGATE_DB",
+        hide_env_values = true,
+        value_name = "PATH|URL"
+    )]
+    db: Option<String>,
     /// Worker threads: the most requests (and streams) served at once [default: 256].
     #[arg(long, env = "SYNCGATE_WORKERS", value_name = "N")]
     workers: Option<usize>,
@@ -377,20 +391,11 @@ fn keys_action(store: &store::Store, action: &KeysAction) -> anyhow::Result<Exit
 }
 
 fn migrate(args: &DbArgs) -> anyhow::Result<ExitCode> {
-    let (_, migrated) = store::open_migrated(&args.db)?;
-    if migrated.from == migrated.to {
-        println!(
-            "{}: schema version {} is up to date",
-            args.db.display(),
-            migrated.to
-        );
+    let (from, to) = store::migrate(&args.db)?;
+    if from == to {
+        println!("{}: schema version {to} is up to date", args.db);
     } else {
-        println!(
-            "{}: migrated schema version {} -> {}",
-            args.db.display(),
-            migrated.from,
-            migrated.to
-        );
+        println!("{}: migrated schema version {from} -> {to}", args.db);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -406,8 +411,8 @@ fn usage(args: &UsageArgs) -> anyhow::Result<ExitCode> {
         since_ms: args.since,
         until_ms: args.until,
     };
-    let totals = store::usage::summarise_file(&args.db.db, args.group_by, range)
-        .with_context(|| format!("cannot read usage from {}", args.db.db.display()))?;
+    let totals = store::usage::summarise_at(&args.db.db, args.group_by, range)
+        .with_context(|| format!("cannot read usage from {}", args.db.db))?;
     print!("{}", store::usage::table(args.group_by, &totals));
     Ok(ExitCode::SUCCESS)
 }

@@ -766,16 +766,27 @@ fn count_lost(addr: SocketAddr, acked: &[Acked]) -> usize {
 
 #[test]
 fn every_acknowledged_turn_survives_kill_9_and_writers_never_see_the_store_busy() {
+    let db = TempDb::new();
+    acknowledged_turns_survive_kill_9(&db.path_str());
+}
+
+/// The same on PostgreSQL (issue 14): an acknowledged turn is committed there too.
+#[test]
+fn every_acknowledged_turn_survives_kill_9_on_postgres() {
+    let Some(pg) = fresh_postgres() else { return };
+    acknowledged_turns_survive_kill_9(&pg.url());
+}
+
+fn acknowledged_turns_survive_kill_9(db: &str) {
     const WRITERS: usize = 16;
     const ROUNDS: usize = 3;
     let started = Instant::now();
     let up = Server::start_mock_upstream(&["--latency-ms", "3"]);
-    let db = TempDb::new();
     let toml = gateway_toml(up.addr, "");
     let mut acked: Vec<Acked> = Vec::new();
     let mut lost = 0;
     for round in 0..ROUNDS {
-        let mut gw = Server::start_with_config(&toml, &["--db", &db.path_str()]);
+        let mut gw = Server::start_with_config(&toml, &["--db", db]);
         lost += count_lost(gw.addr, &acked);
         let stop = AtomicBool::new(false);
         let acks = AtomicUsize::new(0);
@@ -814,7 +825,7 @@ fn every_acknowledged_turn_survives_kill_9_and_writers_never_see_the_store_busy(
         );
         acked.extend(seen.acked);
     }
-    let gw = Server::start_with_config(&toml, &["--db", &db.path_str()]);
+    let gw = Server::start_with_config(&toml, &["--db", db]);
     lost += count_lost(gw.addr, &acked);
     eprintln!(
         "kill -9 durability: {ROUNDS} rounds, {} turns acknowledged, {lost} lost, {:.1} s",

@@ -245,11 +245,21 @@ fn a_saturated_job_pool_leaves_v1_latency_alone() {
 
 #[test]
 fn every_accepted_job_survives_kill_9_and_runs_to_success_once_from_the_clients_view() {
-    let up = Server::start_mock_upstream(&["--latency-ms", "300"]);
     let db = TempDb::new();
-    let db_path = db.path_str();
+    accepted_jobs_survive_kill_9(&db.path_str());
+}
+
+/// The same on PostgreSQL (issue 14): claims with SKIP LOCKED and leases survive a kill too.
+#[test]
+fn every_accepted_job_survives_kill_9_on_postgres() {
+    let Some(pg) = fresh_postgres() else { return };
+    accepted_jobs_survive_kill_9(&pg.url());
+}
+
+fn accepted_jobs_survive_kill_9(db_path: &str) {
+    let up = Server::start_mock_upstream(&["--latency-ms", "300"]);
     let config = gateway_toml(up.addr, "workers = 4\nlease_ms = 800");
-    let start = || Server::start_full(&["--db", &db_path], &[], Some(TempConfig::new(&config)));
+    let start = || Server::start_full(&["--db", db_path], &[], Some(TempConfig::new(&config)));
     let gw = start();
     let mut accepted = Vec::new();
     for i in 0..12 {

@@ -159,7 +159,7 @@ fn run_for(window: Duration, threads: usize, work: impl Fn(usize, &AtomicBool) +
 }
 
 fn grouped_log_rows(db: &Path, window: Duration) -> anyhow::Result<Rate> {
-    let (conn, _) = store::open_migrated(db)?;
+    let (conn, _) = store::sqlite::open_migrated(db)?;
     let metrics = Metrics::new();
     let writer = Writer::spawn(conn, &config(Durability::Full), metrics.store.clone())?;
     let next = AtomicU64::new(0);
@@ -183,7 +183,7 @@ fn grouped_log_rows(db: &Path, window: Duration) -> anyhow::Result<Rate> {
 }
 
 fn grouped_acknowledged(db: &Path, window: Duration) -> anyhow::Result<Rate> {
-    let (conn, _) = store::open_migrated(db)?;
+    let (conn, _) = store::sqlite::open_migrated(db)?;
     let metrics = Metrics::new();
     let writer = Writer::spawn(conn, &config(Durability::Full), metrics.store.clone())?;
     let next = AtomicU64::new(0);
@@ -216,7 +216,7 @@ fn grouped_acknowledged(db: &Path, window: Duration) -> anyhow::Result<Rate> {
 /// The design the writer replaces: every thread on its own connection, one transaction per
 /// row, all fighting for SQLite's one write lock (waiting in its busy handler).
 fn per_row(db: &Path, window: Duration, threads: usize, synchronous: &str) -> anyhow::Result<Rate> {
-    drop(store::open_migrated(db)?);
+    drop(store::sqlite::open_migrated(db)?);
     let busy = AtomicU64::new(0);
     let next = AtomicU64::new(0);
     let started = Instant::now();

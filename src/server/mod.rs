@@ -126,9 +126,13 @@ impl Server {
             config.log.retention_days,
             metrics.store.clone(),
         )?;
+        let shape = match &config.db {
+            crate::database::Database::Sqlite(_) => "read connections, one writer",
+            crate::database::Database::Postgres(_) => "connections, one log writer",
+        };
         log::info!(
-            "database {} ({} read connections, one writer)",
-            config.db.display(),
+            "database {} ({} {shape})",
+            config.db,
             config.store.read_pool
         );
         let auth = authorization(&config, &store, admin_key)?;
@@ -249,7 +253,7 @@ fn authorization(config: &Config, store: &Store, admin_key: Option<&str>) -> any
              providers. Create a key first (`syncgate keys create --db {} --name NAME`), \
              listen on a loopback address, or pass --allow-open",
             config.listen,
-            config.db.display()
+            config.db
         );
     }
     if admin_key.is_none() {

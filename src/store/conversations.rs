@@ -3,8 +3,9 @@
 //! so whatever a client was told is stored is on disk. A repeated request with the same
 //! idempotency key finds what the first one stored instead of storing it twice.
 
+use super::postgres::conversations as pg;
 use super::sqlite::conversations as sql;
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 use crate::tokens::Usage;
 
 /// One conversation.
@@ -66,9 +67,12 @@ pub(crate) fn create(
     }
     let row = conversation.clone();
     let key = idempotency_key.clone();
-    let inserted = store
-        .writer()
-        .call(move |conn| sql::insert(conn, &row, key.as_deref()));
+    let inserted = match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::insert(conn, &row, key.as_deref())),
+        Backend::Postgres(db) => db.write(|tx| pg::insert(tx, &row, key.as_deref())),
+    };
     match (inserted, idempotency_key) {
         (Ok(()), _) => Ok(conversation),
         (Err(e), Some(key)) if e.is_unique_violation() => by_key(store, &key)?.ok_or(e),
@@ -78,11 +82,17 @@ pub(crate) fn create(
 
 /// The conversation with this id, if there is one.
 pub(crate) fn get(store: &Store, id: &str) -> Result<Option<Conversation>, StoreError> {
-    store.query(|c| sql::get(c, id))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::get(c, id)),
+        Backend::Postgres(db) => db.query(|c| pg::get(c, id)),
+    }
 }
 
 fn by_key(store: &Store, key: &str) -> Result<Option<Conversation>, StoreError> {
-    store.query(|c| sql::by_key(c, key))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::by_key(c, key)),
+        Backend::Postgres(db) => db.query(|c| pg::by_key(c, key)),
+    }
 }
 
 /// Up to `limit` conversations, newest first, starting after the one with id `before` when
@@ -92,14 +102,20 @@ pub(crate) fn list(
     limit: u32,
     before: Option<&str>,
 ) -> Result<Option<Page<Conversation>>, StoreError> {
-    let found = store.query(|c| sql::list(c, limit + 1, before))?;
+    let found = match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::list(c, limit + 1, before)),
+        Backend::Postgres(db) => db.query(|c| pg::list(c, limit + 1, before)),
+    }?;
     Ok(found.map(|items| page(items, limit)))
 }
 
 /// Deletes a conversation and, by cascade, its messages. False when there was none.
 pub(crate) fn delete(store: &Store, id: &str) -> Result<bool, StoreError> {
     let id = id.to_string();
-    store.writer().call(move |conn| sql::delete(conn, &id))
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::delete(conn, &id)),
+        Backend::Postgres(db) => db.write(|tx| pg::delete(tx, &id)),
+    }
 }
 
 /// The newest `max` messages of a conversation, oldest first: what a new turn sends along.
@@ -108,7 +124,10 @@ pub(crate) fn history(
     conversation_id: &str,
     max: usize,
 ) -> Result<Vec<Message>, StoreError> {
-    let mut newest = store.query(|c| sql::newest_messages(c, conversation_id, max))?;
+    let mut newest = match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::newest_messages(c, conversation_id, max)),
+        Backend::Postgres(db) => db.query(|c| pg::newest_messages(c, conversation_id, max)),
+    }?;
     newest.reverse();
     Ok(newest)
 }
@@ -121,7 +140,10 @@ pub(crate) fn messages(
     limit: u32,
     after: Option<&str>,
 ) -> Result<Option<Page<Message>>, StoreError> {
-    let found = store.query(|c| sql::messages(c, conversation_id, limit + 1, after))?;
+    let found = match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::messages(c, conversation_id, limit + 1, after)),
+        Backend::Postgres(db) => db.query(|c| pg::messages(c, conversation_id, limit + 1, after)),
+    }?;
     Ok(found.map(|items| page(items, limit)))
 }
 
@@ -131,16 +153,20 @@ pub(crate) fn reply_for_key(
     conversation_id: &str,
     key: &str,
 ) -> Result<Option<Message>, StoreError> {
-    store.query(|c| sql::reply_for_key(c, conversation_id, key))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::reply_for_key(c, conversation_id, key)),
+        Backend::Postgres(db) => db.query(|c| pg::reply_for_key(c, conversation_id, key)),
+    }
 }
 
 /// Stores a turn, both messages in one acknowledged write. Fails with a unique violation when
 /// the reply's idempotency key is already taken in the conversation, and with a foreign key
 /// violation when the conversation is gone.
 pub(crate) fn add_turn(store: &Store, turn: Turn) -> Result<(), StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::insert_turn(conn, &turn))
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::insert_turn(conn, &turn)),
+        Backend::Postgres(db) => db.write(|tx| pg::insert_turn(tx, &turn)),
+    }
 }
 
 /// Keeps the first `limit` items; one more was fetched to tell whether more follow.
@@ -153,7 +179,7 @@ fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::open;
+    use crate::store::testing::stores;
 
     fn conversation(id: &str) -> Conversation {
         Conversation {
@@ -188,88 +214,88 @@ mod tests {
 
     #[test]
     fn a_key_creates_one_conversation_and_repeats_return_it() {
-        let t = open("key");
-        let first = create(&t.store, conversation("c1"), Some("k".into())).unwrap();
-        let again = create(&t.store, conversation("c2"), Some("k".into())).unwrap();
-        assert_eq!(first, again);
-        assert_eq!(get(&t.store, "c2").unwrap(), None);
-        // Racers with a new key all get the one that was stored.
-        let store = &t.store;
-        let racers: Vec<Conversation> = std::thread::scope(|s| {
-            let handles = ["r1", "r2", "r3"]
-                .map(|id| s.spawn(move || create(store, conversation(id), Some("race".into()))));
-            handles.map(|h| h.join().unwrap().unwrap()).to_vec()
-        });
-        assert!(racers.iter().all(|c| *c == racers[0]), "{racers:?}");
-        let all = list(&t.store, 100, None).unwrap().unwrap();
-        assert_eq!(all.items.len(), 2);
+        for t in stores("key") {
+            let first = create(&t.store, conversation("c1"), Some("k".into())).unwrap();
+            let again = create(&t.store, conversation("c2"), Some("k".into())).unwrap();
+            assert_eq!(first, again);
+            assert_eq!(get(&t.store, "c2").unwrap(), None);
+            // Racers with a new key all get the one that was stored.
+            let store = &t.store;
+            let racers: Vec<Conversation> = std::thread::scope(|s| {
+                let handles = ["r1", "r2", "r3"].map(|id| {
+                    s.spawn(move || create(store, conversation(id), Some("race".into())))
+                });
+                handles.map(|h| h.join().unwrap().unwrap()).to_vec()
+            });
+            assert!(racers.iter().all(|c| *c == racers[0]), "{racers:?}");
+            let all = list(&t.store, 100, None).unwrap().unwrap();
+            assert_eq!(all.items.len(), 2);
+        }
     }
 
     #[test]
     fn lists_page_newest_first_and_messages_oldest_first() {
-        let t = open("pages");
-        for i in 0..5 {
-            create(&t.store, conversation(&format!("c{i}")), None).unwrap();
-        }
-        let first = list(&t.store, 2, None).unwrap().unwrap();
-        let ids: Vec<_> = first.items.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!((ids, first.has_more), (vec!["c4", "c3"], true));
-        let last = list(&t.store, 2, Some("c1")).unwrap().unwrap();
-        let ids: Vec<_> = last.items.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!((ids, last.has_more), (vec!["c0"], false));
-        assert!(list(&t.store, 2, Some("nope")).unwrap().is_none());
+        for t in stores("pages") {
+            for i in 0..5 {
+                create(&t.store, conversation(&format!("c{i}")), None).unwrap();
+            }
+            let first = list(&t.store, 2, None).unwrap().unwrap();
+            let ids: Vec<_> = first.items.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!((ids, first.has_more), (vec!["c4", "c3"], true));
+            let last = list(&t.store, 2, Some("c1")).unwrap().unwrap();
+            let ids: Vec<_> = last.items.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!((ids, last.has_more), (vec!["c0"], false));
+            assert!(list(&t.store, 2, Some("nope")).unwrap().is_none());
 
-        for n in 0..3 {
-            add_turn(&t.store, turn("c0", n, None)).unwrap();
+            for n in 0..3 {
+                add_turn(&t.store, turn("c0", n, None)).unwrap();
+            }
+            let page = messages(&t.store, "c0", 4, None).unwrap().unwrap();
+            let ids: Vec<_> = page.items.iter().map(|m| m.id.as_str()).collect();
+            assert_eq!((ids, page.has_more), (vec!["u0", "a0", "u1", "a1"], true));
+            let rest = messages(&t.store, "c0", 4, Some("a1")).unwrap().unwrap();
+            assert_eq!(rest.items.len(), 2);
+            assert!(!rest.has_more);
+            assert!(messages(&t.store, "c1", 4, Some("a1")).unwrap().is_none());
+            let newest: Vec<_> = history(&t.store, "c0", 3)
+                .unwrap()
+                .into_iter()
+                .map(|m| m.id)
+                .collect();
+            assert_eq!(newest, ["a1", "u2", "a2"]);
         }
-        let page = messages(&t.store, "c0", 4, None).unwrap().unwrap();
-        let ids: Vec<_> = page.items.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!((ids, page.has_more), (vec!["u0", "a0", "u1", "a1"], true));
-        let rest = messages(&t.store, "c0", 4, Some("a1")).unwrap().unwrap();
-        assert_eq!(rest.items.len(), 2);
-        assert!(!rest.has_more);
-        assert!(messages(&t.store, "c1", 4, Some("a1")).unwrap().is_none());
-        let newest: Vec<_> = history(&t.store, "c0", 3)
-            .unwrap()
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(newest, ["a1", "u2", "a2"]);
     }
 
     #[test]
     fn a_turn_is_stored_whole_or_not_at_all() {
-        let t = open("turns");
-        create(&t.store, conversation("c"), None).unwrap();
-        add_turn(&t.store, turn("c", 0, Some("k"))).unwrap();
-        let repeat = add_turn(&t.store, turn("c", 1, Some("k"))).unwrap_err();
-        assert!(repeat.is_unique_violation(), "{repeat}");
-        assert_eq!(
-            reply_for_key(&t.store, "c", "k").unwrap().map(|m| m.id),
-            Some("a0".to_string())
-        );
-        // The same key in another conversation is another turn.
-        create(&t.store, conversation("d"), None).unwrap();
-        add_turn(&t.store, turn("d", 1, Some("k"))).unwrap();
-        let orphan = add_turn(&t.store, turn("gone", 2, None)).unwrap_err();
-        assert!(!orphan.is_unique_violation(), "{orphan}");
-        let page = messages(&t.store, "c", 100, None).unwrap().unwrap();
-        assert_eq!(page.items.len(), 2, "the failed repeat left nothing behind");
+        for t in stores("turns") {
+            create(&t.store, conversation("c"), None).unwrap();
+            add_turn(&t.store, turn("c", 0, Some("k"))).unwrap();
+            let repeat = add_turn(&t.store, turn("c", 1, Some("k"))).unwrap_err();
+            assert!(repeat.is_unique_violation(), "{repeat}");
+            assert_eq!(
+                reply_for_key(&t.store, "c", "k").unwrap().map(|m| m.id),
+                Some("a0".to_string())
+            );
+            // The same key in another conversation is another turn.
+            create(&t.store, conversation("d"), None).unwrap();
+            add_turn(&t.store, turn("d", 1, Some("k"))).unwrap();
+            let orphan = add_turn(&t.store, turn("gone", 2, None)).unwrap_err();
+            assert!(!orphan.is_unique_violation(), "{orphan}");
+            let page = messages(&t.store, "c", 100, None).unwrap().unwrap();
+            assert_eq!(page.items.len(), 2, "the failed repeat left nothing behind");
+        }
     }
 
     #[test]
     fn deleting_a_conversation_takes_its_messages() {
-        let t = open("delete");
-        create(&t.store, conversation("c"), None).unwrap();
-        add_turn(&t.store, turn("c", 0, None)).unwrap();
-        assert!(delete(&t.store, "c").unwrap());
-        assert!(!delete(&t.store, "c").unwrap());
-        let left: i64 = t
-            .store
-            .read()
-            .unwrap()
-            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(left, 0);
+        for t in stores("delete") {
+            create(&t.store, conversation("c"), None).unwrap();
+            add_turn(&t.store, turn("c", 0, None)).unwrap();
+            assert!(delete(&t.store, "c").unwrap());
+            assert!(!delete(&t.store, "c").unwrap());
+            let left = messages(&t.store, "c", 100, None).unwrap().unwrap();
+            assert!(left.items.is_empty(), "{:?}", left.items);
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! Durable jobs at rest. Every change of state is one acknowledged write, so a job's state in
 //! the database is always one the API has shown or will show. A job is claimed with a lease; a
 //! runner that dies (or stalls past its lease) loses it, and the next claim takes the job again
-//! with one more attempt. The SQL is the backend's (`sqlite/jobs.rs`); callers see only these
-//! functions and types.
+//! with one more attempt. The SQL is the backend's (`sqlite/jobs.rs`, `postgres/jobs.rs`);
+//! callers see only these functions and types.
 
 use serde_json::Value;
 
+use super::postgres::jobs as pg;
 use super::sqlite::jobs as sql;
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 
 /// A job's state. `queued` and `running` are active; the others are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,14 +129,20 @@ pub(crate) fn submit(
     job: NewJob,
     max_queued: usize,
 ) -> Result<Submitted, StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::submit(conn, &job, max_queued))
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::submit(conn, &job, max_queued)),
+        Backend::Postgres(db) => db.write(|tx| pg::submit(tx, &job, max_queued)),
+    }
 }
 
 /// Whether a job could be claimed now: a read, so idle runners poll without writing.
 pub(crate) fn claimable(store: &Store, now_ms: i64) -> Result<bool, StoreError> {
-    store.query(|c| sql::claimable(c, now_ms))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::claimable(c, now_ms)),
+        Backend::Postgres(db) => db.query(|c| pg::claimable(c, now_ms)),
+    }
 }
 
 /// Takes the oldest job that is queued or whose lease ran out, with one more attempt and a
@@ -145,9 +152,12 @@ pub(crate) fn claim(
     now_ms: i64,
     lease_until_ms: i64,
 ) -> Result<Option<Claimed>, StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::claim(conn, now_ms, lease_until_ms))
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::claim(conn, now_ms, lease_until_ms)),
+        Backend::Postgres(db) => db.write(|tx| pg::claim(tx, now_ms, lease_until_ms)),
+    }
 }
 
 /// Extends the leases of the jobs a runner still holds (same attempt).
@@ -156,9 +166,12 @@ pub(crate) fn renew(
     held: Vec<(String, u32)>,
     lease_until_ms: i64,
 ) -> Result<(), StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::renew(conn, &held, lease_until_ms))
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::renew(conn, &held, lease_until_ms)),
+        Backend::Postgres(db) => db.write(|tx| pg::renew(tx, &held, lease_until_ms)),
+    }
 }
 
 /// Records how an attempt ended if the runner still holds the job: the final status, or `None`
@@ -170,20 +183,27 @@ pub(crate) fn finish(
     end: RunEnd,
     now_ms: i64,
 ) -> Result<Option<Status>, StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::finish(conn, &id, attempt, &end, now_ms))
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::finish(conn, &id, attempt, &end, now_ms)),
+        Backend::Postgres(db) => db.write(|tx| pg::finish(tx, &id, attempt, &end, now_ms)),
+    }
 }
 
 /// Cancels a queued job now, or a running one when its call returns.
 pub(crate) fn cancel(store: &Store, id: String, now_ms: i64) -> Result<Cancelled, StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::cancel(conn, &id, now_ms))
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::cancel(conn, &id, now_ms)),
+        Backend::Postgres(db) => db.write(|tx| pg::cancel(tx, &id, now_ms)),
+    }
 }
 
 pub(crate) fn get(store: &Store, id: &str) -> Result<Option<Job>, StoreError> {
-    store.query(|c| sql::get(c, id))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::get(c, id)),
+        Backend::Postgres(db) => db.query(|c| pg::get(c, id)),
+    }
 }
 
 /// Up to `limit` jobs, newest first, optionally of one status, after the job `before`; `None`
@@ -194,18 +214,24 @@ pub(crate) fn list(
     limit: u32,
     before: Option<&str>,
 ) -> Result<Option<(Vec<Job>, bool)>, StoreError> {
-    store.query(|c| sql::list(c, status, limit, before))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::list(c, status, limit, before)),
+        Backend::Postgres(db) => db.query(|c| pg::list(c, status, limit, before)),
+    }
 }
 
 /// Jobs by state, for the metrics.
 pub(crate) fn counts(store: &Store) -> Result<Vec<(Status, i64)>, StoreError> {
-    store.query(sql::counts)
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(sql::counts),
+        Backend::Postgres(db) => db.query(pg::counts),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::open;
+    use crate::store::testing::stores;
 
     fn new_job(id: &str, key: Option<&str>) -> NewJob {
         NewJob {
@@ -222,59 +248,62 @@ mod tests {
 
     #[test]
     fn capacity_and_idempotency_are_decided_at_submission() {
-        let t = open("jobs");
-        assert_eq!(
-            submit(&t, new_job("a", Some("k")), 2).unwrap(),
-            Submitted::Created("a".into())
-        );
-        assert_eq!(
-            submit(&t, new_job("b", Some("k")), 2).unwrap(),
-            Submitted::Existing("a".into())
-        );
-        submit(&t, new_job("c", None), 2).unwrap();
-        assert_eq!(submit(&t, new_job("d", None), 2).unwrap(), Submitted::Full);
+        for t in stores("jobs") {
+            assert_eq!(
+                submit(&t, new_job("a", Some("k")), 2).unwrap(),
+                Submitted::Created("a".into())
+            );
+            assert_eq!(
+                submit(&t, new_job("b", Some("k")), 2).unwrap(),
+                Submitted::Existing("a".into())
+            );
+            submit(&t, new_job("c", None), 2).unwrap();
+            assert_eq!(submit(&t, new_job("d", None), 2).unwrap(), Submitted::Full);
+        }
     }
 
     #[test]
     fn a_lost_lease_lets_another_claim_and_attempts_run_out() {
-        let t = open("jobs");
-        submit(&t, new_job("a", None), 10).unwrap();
-        let first = claim(&t, 100, 200).unwrap().unwrap();
-        assert_eq!((first.id.as_str(), first.attempt), ("a", 1));
-        assert!(
-            claim(&t, 150, 250).unwrap().is_none(),
-            "the lease still holds"
-        );
-        let second = claim(&t, 201, 300).unwrap().unwrap();
-        assert_eq!(second.attempt, 2);
-        // The first runner's late outcome is not recorded: it lost the job.
-        let late = RunEnd::Succeeded(serde_json::json!({"x": 1}));
-        assert_eq!(finish(&t, "a".into(), 1, late.clone(), 250).unwrap(), None);
-        // Past the second lease with no attempts left, the job fails instead of running.
-        assert!(claim(&t, 301, 400).unwrap().is_none());
-        assert_eq!(get(&t, "a").unwrap().unwrap().status, Status::Failed);
+        for t in stores("jobs") {
+            submit(&t, new_job("a", None), 10).unwrap();
+            let first = claim(&t, 100, 200).unwrap().unwrap();
+            assert_eq!((first.id.as_str(), first.attempt), ("a", 1));
+            assert!(
+                claim(&t, 150, 250).unwrap().is_none(),
+                "the lease still holds"
+            );
+            let second = claim(&t, 201, 300).unwrap().unwrap();
+            assert_eq!(second.attempt, 2);
+            // The first runner's late outcome is not recorded: it lost the job.
+            let late = RunEnd::Succeeded(serde_json::json!({"x": 1}));
+            assert_eq!(finish(&t, "a".into(), 1, late.clone(), 250).unwrap(), None);
+            // Past the second lease with no attempts left, the job fails instead of running.
+            assert!(claim(&t, 301, 400).unwrap().is_none());
+            assert_eq!(get(&t, "a").unwrap().unwrap().status, Status::Failed);
+        }
     }
 
     #[test]
     fn cancelling_a_running_job_ends_it_cancelled_when_it_returns() {
-        let t = open("jobs");
-        submit(&t, new_job("q", None), 10).unwrap();
-        submit(&t, new_job("r", None), 10).unwrap();
-        let running = claim(&t, 1, 1000).unwrap().unwrap();
-        assert_eq!(running.id, "q");
-        assert_eq!(cancel(&t, "r".into(), 2).unwrap(), Cancelled::Now);
-        assert_eq!(cancel(&t, "q".into(), 2).unwrap(), Cancelled::WhenItReturns);
-        let done = RunEnd::Succeeded(serde_json::json!({}));
-        assert_eq!(
-            finish(&t, "q".into(), 1, done.clone(), 3).unwrap(),
-            Some(Status::Cancelled)
-        );
-        assert_eq!(
-            cancel(&t, "q".into(), 4).unwrap(),
-            Cancelled::AlreadyFinal(Status::Cancelled)
-        );
-        assert_eq!(cancel(&t, "zz".into(), 4).unwrap(), Cancelled::NotFound);
-        let counts = counts(&t).unwrap();
-        assert!(counts.contains(&(Status::Cancelled, 2)), "{counts:?}");
+        for t in stores("jobs") {
+            submit(&t, new_job("q", None), 10).unwrap();
+            submit(&t, new_job("r", None), 10).unwrap();
+            let running = claim(&t, 1, 1000).unwrap().unwrap();
+            assert_eq!(running.id, "q");
+            assert_eq!(cancel(&t, "r".into(), 2).unwrap(), Cancelled::Now);
+            assert_eq!(cancel(&t, "q".into(), 2).unwrap(), Cancelled::WhenItReturns);
+            let done = RunEnd::Succeeded(serde_json::json!({}));
+            assert_eq!(
+                finish(&t, "q".into(), 1, done.clone(), 3).unwrap(),
+                Some(Status::Cancelled)
+            );
+            assert_eq!(
+                cancel(&t, "q".into(), 4).unwrap(),
+                Cancelled::AlreadyFinal(Status::Cancelled)
+            );
+            assert_eq!(cancel(&t, "zz".into(), 4).unwrap(), Cancelled::NotFound);
+            let counts = counts(&t).unwrap();
+            assert!(counts.contains(&(Status::Cancelled, 2)), "{counts:?}");
+        }
     }
 }

@@ -5,8 +5,9 @@
 
 use sha2::{Digest, Sha256};
 
+use super::postgres::keys as pg;
 use super::sqlite::keys as sql;
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 
 /// What every key starts with, so that one pasted in the wrong place is recognisable.
 pub(crate) const KEY_PREFIX: &str = "sk-sg-";
@@ -78,29 +79,42 @@ pub(crate) fn make(new: NewKey, created_ms: i64) -> Result<MadeKey, getrandom::E
 
 /// Stores a made key and returns its id; the keys generation moves with it.
 pub(crate) fn insert(store: &Store, key: StoredKey) -> Result<i64, StoreError> {
-    store.writer().call(move |conn| sql::insert(conn, &key))
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::insert(conn, &key)),
+        Backend::Postgres(db) => db.write(|tx| pg::insert(tx, &key)),
+    }
 }
 
 /// Revokes a key; false when there is no such key or it was already revoked.
 pub(crate) fn revoke(store: &Store, id: i64, at_ms: i64) -> Result<bool, StoreError> {
-    store
-        .writer()
-        .call(move |conn| sql::revoke(conn, id, at_ms))
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::revoke(conn, id, at_ms)),
+        Backend::Postgres(db) => db.write(|tx| pg::revoke(tx, id, at_ms)),
+    }
 }
 
 /// Every key, revoked ones included, oldest first.
 pub(crate) fn all(store: &Store) -> Result<Vec<StoredKey>, StoreError> {
-    store.query(sql::all)
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(sql::all),
+        Backend::Postgres(db) => db.query(pg::all),
+    }
 }
 
 /// One key by id.
 pub(crate) fn get(store: &Store, id: i64) -> Result<Option<StoredKey>, StoreError> {
-    store.query(|c| sql::get(c, id))
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::get(c, id)),
+        Backend::Postgres(db) => db.query(|c| pg::get(c, id)),
+    }
 }
 
 /// The `keys` generation: it changes whenever a key is made or revoked, by any process.
 pub(crate) fn generation(store: &Store) -> Result<i64, StoreError> {
-    store.query(sql::generation)
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(sql::generation),
+        Backend::Postgres(db) => db.query(pg::generation),
+    }
 }
 
 #[cfg(test)]

@@ -1,34 +1,24 @@
-//! Everything syncgate remembers, in one SQLite file: the request log, conversations, API
-//! keys and background jobs. WAL mode, so readers never wait for the writer; reads go through
-//! an r2d2 pool of explicit size; every write goes through the one [`Writer`] thread.
+//! Everything syncgate remembers: the request log, conversations, API keys and background
+//! jobs, in an embedded SQLite file (the default) or on a PostgreSQL server shared by several
+//! instances. The rest of the code asks the family modules (`store::jobs`, …) with a `&Store`
+//! and never knows which backend answers: each family function picks the backend's SQL,
+//! `sqlite/<family>.rs` or `postgres/<family>.rs`.
 
 pub(crate) mod conversations;
 pub(crate) mod jobs;
 pub(crate) mod keys;
+pub(crate) mod postgres;
 pub(crate) mod requests;
+mod retention;
 pub(crate) mod sqlite;
 pub(crate) mod usage;
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
-
-use anyhow::Context;
-use r2d2::PooledConnection;
-use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, OpenFlags};
 
 use crate::config::StoreConfig;
+use crate::database::Database;
 use crate::metrics::StoreMetrics;
-use sqlite::migrate;
-use sqlite::retention::Retention;
 pub(crate) use sqlite::writer::Writer;
-
-/// How long a connection waits for a lock before SQLITE_BUSY: only another process (a
-/// `syncgate migrate`, a backup) can hold one, since this one writes from one thread.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a request waits for a free read connection.
-const READ_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a store operation failed. Never carries a row's content.
 #[derive(Debug, Clone)]
@@ -83,208 +73,101 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> StoreError {
-        let duplicate = matches!(
-            &e,
-            rusqlite::Error::SqliteFailure(f, _)
-                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-                    || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
-        );
-        if duplicate {
-            StoreError::Duplicate(e.to_string())
-        } else {
-            StoreError::Failed(e.to_string())
-        }
-    }
-}
-
 impl From<r2d2::Error> for StoreError {
     fn from(_: r2d2::Error) -> StoreError {
         StoreError::Busy
     }
 }
 
-/// The open database: the read pool, the writer, and the retention thread if rows expire. A
-/// cheap handle: clones share them (a stream keeps its turn after its handler returned).
+/// The open database, whichever backend it is. A cheap handle: clones share it (a stream
+/// keeps its turn after its handler returned).
 #[derive(Clone)]
 pub(crate) struct Store {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    reads: r2d2::Pool<SqliteConnectionManager>,
-    writer: Arc<Writer>,
-    retention: Option<Retention>,
+    backend: Backend,
     metrics: StoreMetrics,
 }
 
-/// Settings every connection gets. WAL is a property of the file, set once at open.
-fn prepare(conn: &Connection) -> rusqlite::Result<()> {
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(())
-}
-
-/// Opens (creating if needed) and migrates the database file for `syncgate migrate`,
-/// `usage` and `serve`.
-pub(crate) fn open_migrated(path: &Path) -> anyhow::Result<(Connection, migrate::Migrated)> {
-    let mut conn = Connection::open(path)
-        .with_context(|| format!("cannot open the database {}", path.display()))?;
-    prepare(&conn)?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .with_context(|| format!("cannot use the database {}", path.display()))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        anyhow::bail!(
-            "the database {} cannot use WAL mode (got {mode}); is it on a network filesystem?",
-            path.display()
-        );
-    }
-    let migrated = migrate::migrate(&mut conn)
-        .with_context(|| format!("cannot migrate the database {}", path.display()))?;
-    Ok((conn, migrated))
-}
-
-/// Opens an existing database read-only, refusing one from a newer syncgate.
-pub(crate) fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
-    // SQLite would say only "unable to open database file".
-    if !path.is_file() {
-        anyhow::bail!("no database at {}", path.display());
-    }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .with_context(|| format!("cannot open the database {}", path.display()))?;
-    prepare(&conn)?;
-    let version = migrate::version(&conn)?;
-    migrate::check_not_newer(version)?;
-    if version == 0 {
-        anyhow::bail!(
-            "{} holds no syncgate data (run `syncgate migrate --db {}` or start the server)",
-            path.display(),
-            path.display()
-        );
-    }
-    Ok(conn)
+/// The backend behind a store; every family function matches on it.
+pub(crate) enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Pg),
 }
 
 impl Store {
-    /// Opens the file, applies migrations and starts the writer and, when `retention_days`
-    /// is above 0, the thread that deletes request-log rows older than that.
+    /// Opens the database `db` names, applies migrations and starts its writer and, when
+    /// `retention_days` is above 0, the thread that deletes request-log rows older than that.
     pub(crate) fn open(
-        path: &Path,
+        db: &Database,
         config: &StoreConfig,
         retention_days: u64,
         metrics: StoreMetrics,
     ) -> anyhow::Result<Store> {
-        let (conn, migrated) = open_migrated(path)?;
-        if migrated.from != migrated.to {
-            log::info!(
-                "database {} schema {} -> {}",
-                path.display(),
-                migrated.from,
-                migrated.to
-            );
-        }
-        let manager = SqliteConnectionManager::file(path).with_init(|c| {
-            prepare(c)?;
-            // Reads only: a bug here cannot write behind the writer's back.
-            c.pragma_update(None, "query_only", "ON")
-        });
-        let reads = r2d2::Pool::builder()
-            .max_size(config.read_pool as u32)
-            .min_idle(Some(1))
-            .connection_timeout(READ_WAIT)
-            .build(manager)
-            .with_context(|| format!("cannot open read connections to {}", path.display()))?;
-        let writer = Arc::new(
-            Writer::spawn(conn, config, metrics.clone())
-                .context("cannot start the database writer")?,
-        );
-        let retention = (retention_days > 0)
-            .then(|| Retention::spawn(Arc::clone(&writer), retention_days, metrics.clone()))
-            .transpose()
-            .context("cannot start the retention thread")?;
+        let backend = match db {
+            Database::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(
+                path,
+                config,
+                retention_days,
+                metrics.clone(),
+            )?),
+            Database::Postgres(pg) => Backend::Postgres(postgres::Pg::open(
+                pg,
+                config,
+                retention_days,
+                metrics.clone(),
+            )?),
+        };
         Ok(Store {
-            inner: Arc::new(Inner {
-                reads,
-                writer,
-                retention,
-                metrics,
-            }),
+            inner: Arc::new(Inner { backend, metrics }),
         })
     }
 
-    /// A read connection from the pool; waits at most a few seconds for one.
-    pub(crate) fn read(&self) -> Result<Reader, StoreError> {
-        let conn = self.inner.reads.get()?;
-        self.inner.metrics.reads_in_use.inc();
-        Ok(Reader {
-            conn,
-            metrics: self.inner.metrics.clone(),
-            taken: std::time::Instant::now(),
-        })
-    }
-
-    /// Runs `read` on a pooled read connection and hands back what it found.
-    pub(crate) fn query<T>(
-        &self,
-        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let conn = self.read()?;
-        Ok(read(&conn)?)
-    }
-
-    /// The one writer: every write goes through it.
-    fn writer(&self) -> &Writer {
-        &self.inner.writer
+    /// The backend, for the family functions.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
     }
 
     /// Queues a request-log row; it never waits longer than `[store] log_overflow` allows, and
     /// a row that finds no room is dropped and counted.
     pub(crate) fn log(&self, row: requests::RequestRow) {
-        self.writer().log(row);
+        match self.backend() {
+            Backend::Sqlite(db) => db.writer().log(row),
+            Backend::Postgres(db) => db.log(row),
+        }
     }
 
     /// Sets the gauges read at scrape time.
     pub(crate) fn observe(&self) {
-        self.inner
-            .metrics
-            .queue_depth
-            .set(self.writer().queue_depth() as i64);
+        let depth = match self.backend() {
+            Backend::Sqlite(db) => db.writer().queue_depth(),
+            Backend::Postgres(db) => db.queue_depth(),
+        };
+        self.inner.metrics.queue_depth.set(depth as i64);
     }
 
-    /// Stops deleting old rows, commits what is queued and stops the writer (at shutdown).
+    /// Stops deleting old rows, writes what is queued and stops the writer (at shutdown).
     pub(crate) fn close(&self) {
-        if let Some(retention) = &self.inner.retention {
-            retention.stop();
+        match self.backend() {
+            Backend::Sqlite(db) => db.close(),
+            Backend::Postgres(db) => db.close(),
         }
-        self.writer().close();
     }
 }
 
-/// A pooled read connection; counted in `syncgate_store_read_connections_in_use`.
-pub(crate) struct Reader {
-    conn: PooledConnection<SqliteConnectionManager>,
-    metrics: StoreMetrics,
-    taken: std::time::Instant,
-}
-
-impl std::ops::Deref for Reader {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        &self.conn
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.metrics.reads_in_use.dec();
-        self.metrics
-            .read_seconds
-            .observe(self.taken.elapsed().as_secs_f64());
+/// Creates or updates the schema, for `syncgate migrate`: the versions before and after.
+pub(crate) fn migrate(db: &Database) -> anyhow::Result<(i64, i64)> {
+    match db {
+        Database::Sqlite(path) => {
+            let (_, m) = sqlite::open_migrated(path)?;
+            Ok((i64::from(m.from), i64::from(m.to)))
+        }
+        Database::Postgres(pg) => {
+            let m = postgres::open_migrated(pg)?;
+            Ok((i64::from(m.from), i64::from(m.to)))
+        }
     }
 }
 
@@ -296,6 +179,29 @@ fn join_once(slot: &std::sync::Mutex<Option<std::thread::JoinHandle<()>>>) {
         .take();
     if let Some(thread) = thread {
         let _ = thread.join();
+    }
+}
+
+/// Sends a request-log row to a backend's log queue; never waits longer than the overflow
+/// policy allows. A row that finds no room (or a writer that has stopped) is dropped and
+/// counted.
+fn queue_log_row(
+    logs: &crossbeam_channel::Sender<requests::RequestRow>,
+    overflow: crate::config::LogOverflow,
+    metrics: &StoreMetrics,
+    row: requests::RequestRow,
+) {
+    use crossbeam_channel::TrySendError;
+    let sent = match overflow {
+        crate::config::LogOverflow::Drop => logs.try_send(row).map_err(drop),
+        crate::config::LogOverflow::Block(bound) => match logs.try_send(row) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(row)) => logs.send_timeout(row, bound).map_err(drop),
+            Err(TrySendError::Disconnected(_)) => Err(()),
+        },
+    };
+    if sent.is_err() {
+        metrics.log_rows_dropped.inc();
     }
 }
 
@@ -312,18 +218,32 @@ pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// A store for the store's own behaviour tests: written once against `&Store`, so that they
-/// run against every backend the store has.
+/// Stores for the store's own behaviour tests, written once against `&Store` and run against
+/// every backend: a fresh SQLite file, and a fresh PostgreSQL database when
+/// `SYNCGATE_TEST_POSTGRES_URL` names a server (`scripts/test` starts one). Without it a run
+/// that must test everything (`CI`, `SYNCGATE_REQUIRE_ALL=1`) fails; any other skips
+/// PostgreSQL with one line.
 #[cfg(test)]
 pub(crate) mod testing {
+    use std::io::Write;
+
     use super::Store;
     use crate::config::Config;
+    use crate::database::{Database, Postgres};
     use crate::metrics::Metrics;
 
-    /// A store on a fresh SQLite file, closed and removed (with its WAL) on drop.
+    /// A store on a fresh database, closed and removed on drop.
     pub(crate) struct TempStore {
         pub(crate) store: Store,
-        path: std::path::PathBuf,
+        place: Place,
+    }
+
+    enum Place {
+        File(std::path::PathBuf),
+        Server {
+            admin: Box<postgres::Config>,
+            name: String,
+        },
     }
 
     impl std::ops::Deref for TempStore {
@@ -336,22 +256,87 @@ pub(crate) mod testing {
     impl Drop for TempStore {
         fn drop(&mut self) {
             self.store.close();
-            for suffix in ["", "-wal", "-shm"] {
-                let mut p = self.path.as_os_str().to_owned();
-                p.push(suffix);
-                let _ = std::fs::remove_file(p);
+            match &self.place {
+                Place::File(path) => {
+                    for suffix in ["", "-wal", "-shm"] {
+                        let mut p = path.as_os_str().to_owned();
+                        p.push(suffix);
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                Place::Server { admin, name } => {
+                    if let Ok(mut c) = admin.connect(postgres::NoTls) {
+                        let _ = c.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"));
+                    }
+                }
             }
         }
     }
 
+    fn open_at(db: &Database) -> Store {
+        Store::open(db, &Config::default().store, 0, Metrics::new().store).expect("a fresh store")
+    }
+
+    /// A store on a fresh SQLite file.
     pub(crate) fn open(name: &str) -> TempStore {
         let path = std::env::temp_dir().join(format!(
             "syncgate-store-{name}-{}-{}.db",
             std::process::id(),
             fastrand::u64(..)
         ));
-        let store = Store::open(&path, &Config::default().store, 0, Metrics::new().store)
-            .expect("a fresh store");
-        TempStore { store, path }
+        let store = open_at(&Database::Sqlite(path.clone()));
+        TempStore {
+            store,
+            place: Place::File(path),
+        }
+    }
+
+    /// A fresh store on every backend this run can reach.
+    pub(crate) fn stores(name: &str) -> Vec<TempStore> {
+        let mut all = vec![open(name)];
+        all.extend(postgres_store(name));
+        all
+    }
+
+    fn postgres_store(name: &str) -> Option<TempStore> {
+        let Some(url) = std::env::var("SYNCGATE_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            let must = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+                || std::env::var("SYNCGATE_REQUIRE_ALL").is_ok_and(|v| v == "1");
+            assert!(
+                !must,
+                "PostgreSQL is missing: SYNCGATE_TEST_POSTGRES_URL is not set (./scripts/test \
+                 starts a cluster and sets it)"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped the PostgreSQL half of store test {name}: SYNCGATE_TEST_POSTGRES_URL \
+                 is not set; ./scripts/test sets up everything the tests need"
+            );
+            return None;
+        };
+        let Ok(Database::Postgres(server)) = Database::parse(&url) else {
+            panic!("SYNCGATE_TEST_POSTGRES_URL is not a PostgreSQL URL");
+        };
+        let db_name = format!("sg_unit_{}_{}", std::process::id(), fastrand::u64(..));
+        let mut admin = server
+            .config
+            .connect(postgres::NoTls)
+            .expect("the test server");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .expect("a fresh database");
+        let mut config = server.config.clone();
+        config.dbname(&db_name);
+        let store = open_at(&Database::Postgres(Postgres { config }));
+        Some(TempStore {
+            store,
+            place: Place::Server {
+                admin: server.config,
+                name: db_name,
+            },
+        })
     }
 }

@@ -3,8 +3,9 @@
 //! only when `[log] bodies` is on, the bodies, cut to `[log] body_max_bytes`. Never a header.
 //! Read back newest first through the `(ts_ms, id)` indexes, and expired oldest first.
 
+use super::postgres::requests as pg;
 use super::sqlite::requests as sql;
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 
 /// One call, as logged.
 #[derive(Debug, Clone, Default)]
@@ -98,13 +99,17 @@ pub(crate) struct Page {
 /// Where row `id` stands in the newest-first order; `None` when there is no such row
 /// (never logged, or deleted by retention).
 pub(crate) fn cursor(store: &Store, id: i64) -> Result<Option<Cursor>, StoreError> {
-    let conn = store.read()?;
-    sql::cursor(&conn, id)
+    match store.backend() {
+        Backend::Sqlite(db) => sql::cursor(&*db.read()?, id),
+        Backend::Postgres(db) => db.query(|c| pg::cursor(c, id)),
+    }
 }
 
 /// The rows matching `filter`, newest first (by time, then id); a page is a range scan of an
 /// index, however large the log.
 pub(crate) fn list(store: &Store, filter: &Filter) -> Result<Page, StoreError> {
-    let conn = store.read()?;
-    sql::list(&conn, filter)
+    match store.backend() {
+        Backend::Sqlite(db) => sql::list(&*db.read()?, filter),
+        Backend::Postgres(db) => db.query(|c| pg::list(c, filter)),
+    }
 }

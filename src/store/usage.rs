@@ -3,11 +3,11 @@
 
 use std::fmt::Write as _;
 
-use std::path::Path;
-
+use super::postgres::usage as pg;
 use super::requests::TimeRange;
 use super::sqlite::usage as sql;
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
+use crate::database::Database;
 
 /// What the totals are grouped by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,19 +83,37 @@ pub(crate) fn summarise(
     group_by: GroupBy,
     range: TimeRange,
 ) -> Result<Vec<Totals>, StoreError> {
-    let conn = store.read()?;
-    sql::summarise(&conn, group_by, range)
+    match store.backend() {
+        Backend::Sqlite(db) => sql::summarise(&*db.read()?, group_by, range),
+        Backend::Postgres(db) => db.query(|c| pg::summarise(c, group_by, range)),
+    }
 }
 
-/// The same totals from a database file opened read-only, for `syncgate usage`: a file from a
-/// newer syncgate, or one that holds no syncgate data, is refused.
-pub(crate) fn summarise_file(
-    path: &Path,
+/// The same totals for `syncgate usage`, read without migrating anything: a SQLite file is
+/// opened read-only; a database from a newer syncgate, or one that holds no syncgate data,
+/// is refused.
+pub(crate) fn summarise_at(
+    db: &Database,
     group_by: GroupBy,
     range: TimeRange,
 ) -> anyhow::Result<Vec<Totals>> {
-    let conn = super::open_read_only(path)?;
-    Ok(sql::summarise(&conn, group_by, range)?)
+    match db {
+        Database::Sqlite(path) => {
+            let conn = super::sqlite::open_read_only(path)?;
+            Ok(sql::summarise(&conn, group_by, range)?)
+        }
+        Database::Postgres(target) => {
+            let mut client = super::postgres::connect(target)?;
+            let version = super::postgres::migrate::version(&mut client)?;
+            super::postgres::migrate::check_not_newer(version)?;
+            if version == 0 {
+                anyhow::bail!(
+                    "{db} holds no syncgate data (run `syncgate migrate` or start the server)"
+                );
+            }
+            Ok(pg::summarise(&mut client, group_by, range)?)
+        }
+    }
 }
 
 /// The totals as a text table with aligned columns, for a terminal.

@@ -14,9 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{
-    select, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError,
-};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::requests;
@@ -170,19 +168,7 @@ impl Writer {
     /// Queues a request-log row; never waits longer than the overflow policy allows. A row
     /// that finds no room is dropped and counted.
     pub(crate) fn log(&self, row: RequestRow) {
-        let sent = match self.overflow {
-            LogOverflow::Drop => self.logs.try_send(row).map_err(|e| match e {
-                TrySendError::Full(_) | TrySendError::Disconnected(_) => (),
-            }),
-            LogOverflow::Block(bound) => match self.logs.try_send(row) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(row)) => self.logs.send_timeout(row, bound).map_err(drop),
-                Err(TrySendError::Disconnected(_)) => Err(()),
-            },
-        };
-        if sent.is_err() {
-            self.metrics.log_rows_dropped.inc();
-        }
+        crate::store::queue_log_row(&self.logs, self.overflow, &self.metrics, row);
     }
 
     /// Rows and writes waiting for the writer.

@@ -1,23 +1,24 @@
 //! Retention: the `sg-retention` thread deletes request-log rows older than
 //! `[log] retention_days`, once at start and then every hour. It deletes a few hundred rows per
-//! acknowledged write, with a pause between, so the writer never holds the write lock for long
-//! and request-log rows keep flowing while a large backlog is cleared.
+//! write, with a pause between, so no write holds its locks for long and request-log rows keep
+//! flowing while a large backlog is cleared. The backend says how one batch is deleted.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::requests;
-use super::writer::Writer;
+use super::{now_ms, StoreError};
 use crate::metrics::StoreMetrics;
-use crate::store::{now_ms, StoreError};
 use crate::time::MS_PER_DAY;
 
 /// Rows deleted per write: small enough that a batch commits in milliseconds.
-const BATCH_ROWS: usize = 500;
+pub(crate) const BATCH_ROWS: usize = 500;
+
+/// Deletes at most `limit` request-log rows logged before `cutoff_ms`, oldest first, in one
+/// write; returns how many.
+pub(crate) type Expire = Box<dyn Fn(i64, usize) -> Result<usize, StoreError> + Send>;
 /// Between two batches, so the writer's other work goes first.
 const BATCH_PAUSE: Duration = Duration::from_millis(20);
 /// Between two sweeps.
@@ -31,15 +32,15 @@ pub(crate) struct Retention {
 }
 
 impl Retention {
-    /// Starts deleting rows older than `retention_days` days through `writer`.
+    /// Starts deleting rows older than `retention_days` days with `expire`.
     pub(crate) fn spawn(
-        writer: Arc<Writer>,
+        expire: Expire,
         retention_days: u64,
         metrics: StoreMetrics,
     ) -> std::io::Result<Retention> {
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let sweeper = Sweeper {
-            writer,
+            expire,
             retention_days,
             keep_ms: i64::try_from(retention_days)
                 .unwrap_or(i64::MAX)
@@ -64,13 +65,13 @@ impl Retention {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        crate::store::join_once(&self.thread);
+        super::join_once(&self.thread);
     }
 }
 
 /// The thread's state.
 struct Sweeper {
-    writer: Arc<Writer>,
+    expire: Expire,
     retention_days: u64,
     keep_ms: i64,
     stopped: Receiver<()>,
@@ -121,18 +122,9 @@ impl Sweeper {
         }
     }
 
-    /// One acknowledged write deleting at most [`BATCH_ROWS`] rows; returns how many it did.
+    /// One write deleting at most [`BATCH_ROWS`] rows; returns how many it did.
     fn delete_batch(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
-        let deleted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&deleted);
-        self.writer.write(Box::new(move |conn| {
-            count.store(
-                requests::expire(conn, cutoff_ms, BATCH_ROWS)?,
-                Ordering::SeqCst,
-            );
-            Ok(())
-        }))?;
-        Ok(deleted.load(Ordering::SeqCst))
+        (self.expire)(cutoff_ms, BATCH_ROWS)
     }
 
     /// Waits `pause`, returning early with true once [`Retention::stop`] is called.

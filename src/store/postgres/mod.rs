@@ -1,0 +1,190 @@
+//! The PostgreSQL backend, for several instances sharing one database. Reads and acknowledged
+//! writes run on an r2d2 pool of blocking `postgres` clients, a write in its own transaction,
+//! answered after its COMMIT (PostgreSQL takes concurrent writers itself). Request-log rows go
+//! to one log-writer thread that copies them in batches. Every call is bounded: a connect
+//! timeout, keepalives and a statement timeout on each connection (`database.rs`), and the
+//! pool's checkout timeout. Its SQL is one file per table family, like SQLite's.
+//! Choices and figures: docs/decisions/0003-postgresql-store.md.
+
+pub(super) mod conversations;
+pub(super) mod jobs;
+pub(super) mod keys;
+pub(crate) mod migrate;
+pub(super) mod requests;
+pub(super) mod usage;
+mod writer;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Transaction};
+
+use super::requests::RequestRow;
+use super::retention::{Expire, Retention};
+use super::StoreError;
+use crate::config::StoreConfig;
+use crate::database::Postgres;
+use crate::metrics::StoreMetrics;
+use writer::LogWriter;
+
+/// How long a call waits for a free connection before it is answered busy.
+const CHECKOUT_WAIT: Duration = Duration::from_secs(5);
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        // The server's message alone: never the statement's parameters.
+        let why = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_string());
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            StoreError::Duplicate(why)
+        } else {
+            StoreError::Failed(why)
+        }
+    }
+}
+
+/// Makes the pool's connections (no TLS yet: `sslmode=require` is refused at connect).
+pub(crate) struct Manager {
+    config: Box<postgres::Config>,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Client;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Client, postgres::Error> {
+        self.config.connect(NoTls)
+    }
+
+    fn is_valid(&self, conn: &mut Client) -> Result<(), postgres::Error> {
+        conn.simple_query("").map(drop)
+    }
+
+    fn has_broken(&self, conn: &mut Client) -> bool {
+        conn.is_closed()
+    }
+}
+
+pub(crate) type Pool = r2d2::Pool<Manager>;
+
+/// The open database: the pool, the log writer, and the retention thread if rows expire.
+pub(crate) struct Pg {
+    pool: Pool,
+    log: LogWriter,
+    retention: Option<Retention>,
+    metrics: StoreMetrics,
+}
+
+/// Connects, for `migrate` and `usage`: an error names the host and port, never the password.
+pub(crate) fn connect(db: &Postgres) -> anyhow::Result<Client> {
+    db.config
+        .connect(NoTls)
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", db.endpoint()))
+}
+
+/// Connects and migrates, for `syncgate migrate` and start-up.
+pub(crate) fn open_migrated(db: &Postgres) -> anyhow::Result<migrate::Migrated> {
+    let mut client = connect(db)?;
+    migrate::migrate(&mut client)
+        .with_context(|| format!("cannot migrate the database at {}", db.endpoint()))
+}
+
+impl Pg {
+    /// Connects, migrates, fills the pool and starts the log writer and, when
+    /// `retention_days` is above 0, the thread that deletes request-log rows older than that.
+    pub(crate) fn open(
+        db: &Postgres,
+        config: &StoreConfig,
+        retention_days: u64,
+        metrics: StoreMetrics,
+    ) -> anyhow::Result<Pg> {
+        let migrated = open_migrated(db)?;
+        if migrated.from != migrated.to {
+            log::info!(
+                "database {} schema {} -> {}",
+                db.endpoint(),
+                migrated.from,
+                migrated.to
+            );
+        }
+        let pool = r2d2::Pool::builder()
+            .max_size(config.read_pool as u32)
+            .min_idle(Some(1))
+            .connection_timeout(CHECKOUT_WAIT)
+            .build(Manager {
+                config: db.config.clone(),
+            })
+            .with_context(|| format!("cannot open connections to {}", db.endpoint()))?;
+        let log = LogWriter::spawn(pool.clone(), config, metrics.clone())
+            .context("cannot start the database log writer")?;
+        let expire: Expire = {
+            let pool = pool.clone();
+            Box::new(move |cutoff_ms, limit| {
+                let mut conn = pool.get().map_err(|_| StoreError::Busy)?;
+                Ok(requests::expire(&mut *conn, cutoff_ms, limit)?)
+            })
+        };
+        let retention = (retention_days > 0)
+            .then(|| Retention::spawn(expire, retention_days, metrics.clone()))
+            .transpose()
+            .context("cannot start the retention thread")?;
+        Ok(Pg {
+            pool,
+            log,
+            retention,
+            metrics,
+        })
+    }
+
+    /// Runs `read` on a pooled connection and hands back what it found.
+    pub(crate) fn query<T>(
+        &self,
+        read: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
+        self.metrics.reads_in_use.inc();
+        let taken = Instant::now();
+        let found = read(&mut conn);
+        self.metrics.reads_in_use.dec();
+        self.metrics
+            .read_seconds
+            .observe(taken.elapsed().as_secs_f64());
+        Ok(found?)
+    }
+
+    /// Runs `write` in a transaction of its own and returns what it returned once committed.
+    pub(crate) fn write<T>(
+        &self,
+        write: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
+        let mut tx = conn.transaction()?;
+        let value = write(&mut tx)?;
+        tx.commit()?;
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(value)
+    }
+
+    /// Queues a request-log row for the log writer.
+    pub(crate) fn log(&self, row: RequestRow) {
+        self.log.log(row);
+    }
+
+    /// Rows waiting for the log writer.
+    pub(crate) fn queue_depth(&self) -> usize {
+        self.log.queue_depth()
+    }
+
+    /// Stops deleting old rows and copies what is queued before the log writer stops.
+    pub(crate) fn close(&self) {
+        if let Some(retention) = &self.retention {
+            retention.stop();
+        }
+        self.log.close();
+    }
+}
