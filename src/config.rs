@@ -293,10 +293,11 @@ pub(crate) struct Capacity {
     pub(crate) ready_high_water: f64,
 }
 
-/// The SQLite store: its read pool and its one writer.
+/// The store: its connection pool and its writer.
 #[derive(Debug, Clone)]
 pub(crate) struct StoreConfig {
-    /// Read connections at most (r2d2 pool). Default 8.
+    /// Pooled connections at most: SQLite's reads, or PostgreSQL's reads and acknowledged
+    /// writes. Default 8.
     pub(crate) read_pool: usize,
     /// Acknowledged writes (conversation turns) waiting for the writer, at most. Default 1024.
     pub(crate) write_queue: usize,
