@@ -133,8 +133,9 @@ pub(crate) struct StoreMetrics {
 }
 
 /// Every `kind` of `syncgate_store_errors_total`: the writer's queue or the read pool stayed
-/// full, the store was closing, the database refused.
-pub(crate) const STORE_ERROR_KINDS: &[&str] = &["busy", "closed", "failed"];
+/// full, the store was closing, the database server could not be reached, the database
+/// refused.
+pub(crate) const STORE_ERROR_KINDS: &[&str] = &["busy", "closed", "unavailable", "failed"];
 
 /// Calls per batch: one up to far beyond the default `[batch] max_items` of 64.
 const BATCH_ITEM_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];

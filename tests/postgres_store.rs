@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -131,4 +131,65 @@ fn an_unreachable_database_stops_start_up_naming_host_and_port_but_not_the_passw
         exit.stderr
     );
     assert!(!all_output(&exit).contains("hunter2"), "{}", exit.stderr);
+}
+
+/// The database stops under a running server and comes back (issue 14): calls that need it
+/// are answered `503 store_unavailable` at once instead of hanging, `/readyz` says so, `/v1`
+/// calls that need no acknowledged write go on, and the server recovers by itself when the
+/// database is back, with no restart.
+#[test]
+fn the_database_going_away_answers_503_keeps_v1_working_and_recovers_without_a_restart() {
+    let Some(cluster) = PgCluster::start() else {
+        return;
+    };
+    let gw = Server::start(&["--db", &cluster.url()]);
+    let create = || post_json(gw.addr, "/api/conversations", r#"{"title":"t"}"#);
+    assert_eq!(get(gw.addr, "/readyz").status, 200);
+    assert_eq!(create().status, 201, "{}", gw.log());
+
+    let stopped = Instant::now();
+    cluster.stop();
+    let noticed = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        get(gw.addr, "/readyz").status == 503
+    });
+    let readyz_after = stopped.elapsed();
+    assert!(
+        noticed,
+        "/readyz never said the database was gone:\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        get(gw.addr, "/readyz").json()["status"],
+        "store_unavailable"
+    );
+    let asked = Instant::now();
+    let refused = create();
+    let refused_in = asked.elapsed();
+    assert_error(&refused, 503, None, Some("store_unavailable"));
+    assert!(
+        refused.header("retry-after").is_some(),
+        "{}",
+        refused.describe()
+    );
+    assert!(refused_in < Duration::from_secs(1), "took {refused_in:?}");
+    assert_ok(
+        &chat(gw.addr, "still here"),
+        "a /v1 call while the database is down",
+    );
+
+    let restarted = Instant::now();
+    cluster.start_again();
+    let back = poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        get(gw.addr, "/readyz").status == 200
+    });
+    let recovered_in = restarted.elapsed();
+    assert!(back, "/readyz never recovered:\n{}", gw.log());
+    assert_eq!(create().status, 201, "{}", gw.log());
+    eprintln!(
+        "database down: /readyz 503 after {:.2} s, a store call refused in {:.0} ms, \
+         ready again {:.2} s after the database restarted",
+        readyz_after.as_secs_f64(),
+        refused_in.as_secs_f64() * 1000.0,
+        recovered_in.as_secs_f64()
+    );
 }

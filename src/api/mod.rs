@@ -452,7 +452,9 @@ impl ApiError {
             | ApiError::ModelNotFound(_)
             | ApiError::NotFound { .. } => 404,
             ApiError::Store(e) => match e {
-                crate::store::StoreError::Busy | crate::store::StoreError::Closed => 503,
+                crate::store::StoreError::Busy
+                | crate::store::StoreError::Closed
+                | crate::store::StoreError::Unavailable => 503,
                 crate::store::StoreError::Failed(_) | crate::store::StoreError::Duplicate(_) => 500,
             },
             ApiError::JobsFull { .. } => 503,
@@ -625,9 +627,11 @@ impl ApiError {
             ApiError::Draining
             | ApiError::JobsFull { .. }
             | ApiError::TooManyConnections
-            | ApiError::Store(crate::store::StoreError::Busy | crate::store::StoreError::Closed) => {
-                response.with_header("retry-after", "1".to_string())
-            }
+            | ApiError::Store(
+                crate::store::StoreError::Busy
+                | crate::store::StoreError::Closed
+                | crate::store::StoreError::Unavailable,
+            ) => response.with_header("retry-after", "1".to_string()),
             ApiError::Denied(crate::auth::Denied::Limited(refusal)) => {
                 let mut response =
                     response.with_header("retry-after", refusal.retry_after_secs().to_string());

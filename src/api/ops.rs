@@ -15,8 +15,9 @@ pub(crate) fn answer(state: &State, route: Route) -> Response {
     }
 }
 
-/// 503 while draining or while the queue is at or above its high-water mark, so a load
-/// balancer sends new work elsewhere before this instance has to refuse it.
+/// 503 while draining, while the queue is at or above its high-water mark, or while the
+/// database cannot be reached, so a load balancer sends new work elsewhere before this
+/// instance has to refuse it.
 fn readyz(state: &State) -> Response {
     let depth = state.queue_len();
     let capacity = state.config.capacity.queue;
@@ -25,6 +26,8 @@ fn readyz(state: &State) -> Response {
         (503, "draining")
     } else if depth as f64 >= high_water {
         (503, "queue_high_water")
+    } else if !state.store.is_available() {
+        (503, "store_unavailable")
     } else {
         (200, "ready")
     };

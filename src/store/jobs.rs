@@ -122,6 +122,16 @@ pub(crate) enum Cancelled {
     NotFound,
 }
 
+/// The error a job is failed with when it was started `max_attempts` times without finishing.
+pub(crate) fn attempts_exhausted(attempts: u32, max_attempts: u32) -> Value {
+    serde_json::json!({
+        "message": format!("the job was started {attempts} times without finishing \
+                            (max_attempts {max_attempts})"),
+        "type": "server_error",
+        "code": "attempts_exhausted",
+    })
+}
+
 /// Adds a job unless its idempotency key names one already or `max_queued` jobs are active
 /// (counted in the same transaction, so the capacity is exact); acknowledged once committed.
 pub(crate) fn submit(

@@ -27,6 +27,9 @@ pub(crate) enum StoreError {
     Busy,
     /// The store is shutting down.
     Closed,
+    /// The database server cannot be reached (PostgreSQL down or cut off); calls fail at once
+    /// until a probe reaches it again.
+    Unavailable,
     /// The database refused: a constraint, I/O, a full disk.
     Failed(String),
     /// The database refused a row whose unique key another row has (an idempotent repeat
@@ -45,6 +48,7 @@ impl StoreError {
         match self {
             StoreError::Busy => "busy",
             StoreError::Closed => "closed",
+            StoreError::Unavailable => "unavailable",
             StoreError::Failed(_) | StoreError::Duplicate(_) => "failed",
         }
     }
@@ -54,6 +58,7 @@ impl StoreError {
         match self {
             StoreError::Busy => "store_busy",
             StoreError::Closed => "draining",
+            StoreError::Unavailable => "store_unavailable",
             StoreError::Failed(_) | StoreError::Duplicate(_) => "store_error",
         }
     }
@@ -64,6 +69,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Busy => write!(f, "the database is busy"),
             StoreError::Closed => write!(f, "the database is closed"),
+            StoreError::Unavailable => write!(f, "the database cannot be reached"),
             StoreError::Failed(why) | StoreError::Duplicate(why) => {
                 write!(f, "database error: {why}")
             }
@@ -92,6 +98,8 @@ struct Inner {
 }
 
 /// The backend behind a store; every family function matches on it.
+// One per process, behind the store's Arc: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     Sqlite(sqlite::Sqlite),
     Postgres(postgres::Pg),
@@ -139,6 +147,15 @@ impl Store {
         }
     }
 
+    /// Whether the database answered its last probe (SQLite, a local file, always does): what
+    /// `/readyz` reports, read without touching the database.
+    pub(crate) fn is_available(&self) -> bool {
+        match self.backend() {
+            Backend::Sqlite(_) => true,
+            Backend::Postgres(db) => db.is_available(),
+        }
+    }
+
     /// Sets the gauges read at scrape time.
     pub(crate) fn observe(&self) {
         let depth = match self.backend() {
@@ -168,6 +185,42 @@ pub(crate) fn migrate(db: &Database) -> anyhow::Result<(i64, i64)> {
             let m = postgres::open_migrated(pg)?;
             Ok((i64::from(m.from), i64::from(m.to)))
         }
+    }
+}
+
+/// A background thread of the store (retention, the PostgreSQL probe and log writer) that runs
+/// until told to stop: [`Background::stop`] drops the sender of the receiver the thread waits
+/// on, which ends its waits at once, then joins it.
+pub(crate) struct Background {
+    stop: std::sync::Mutex<Option<crossbeam_channel::Sender<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Background {
+    /// Starts `run` on a thread named `name`; it receives the stop signal's receiver.
+    pub(crate) fn spawn(
+        name: &str,
+        run: impl FnOnce(crossbeam_channel::Receiver<()>) + Send + 'static,
+    ) -> std::io::Result<Background> {
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || run(stopped))?;
+        Ok(Background {
+            stop: std::sync::Mutex::new(Some(stop)),
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Tells the thread to stop and waits for it. Idempotent.
+    pub(crate) fn stop(&self) {
+        drop(
+            self.stop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+        join_once(&self.thread);
     }
 }
 

@@ -3,13 +3,11 @@
 //! write, with a pause between, so no write holds its locks for long and request-log rows keep
 //! flowing while a large backlog is cleared. The backend says how one batch is deleted.
 
-use std::sync::{Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::{now_ms, StoreError};
+use super::{now_ms, Background, StoreError};
 use crate::metrics::StoreMetrics;
 use crate::time::MS_PER_DAY;
 
@@ -24,12 +22,8 @@ const BATCH_PAUSE: Duration = Duration::from_millis(20);
 /// Between two sweeps.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
-/// The running retention thread; stopped by [`Retention::stop`] (or by dropping it).
-pub(crate) struct Retention {
-    /// Dropped to stop the thread: its waits end at once when this side disconnects.
-    stop: Mutex<Option<Sender<()>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
+/// The running retention thread; stopped by [`Retention::stop`].
+pub(crate) struct Retention(Background);
 
 impl Retention {
     /// Starts deleting rows older than `retention_days` days with `expire`.
@@ -38,34 +32,25 @@ impl Retention {
         retention_days: u64,
         metrics: StoreMetrics,
     ) -> std::io::Result<Retention> {
-        let (stop, stopped) = crossbeam_channel::bounded(0);
-        let sweeper = Sweeper {
-            expire,
-            retention_days,
-            keep_ms: i64::try_from(retention_days)
-                .unwrap_or(i64::MAX)
-                .saturating_mul(MS_PER_DAY),
-            stopped,
-            metrics,
-        };
-        let thread = thread::Builder::new()
-            .name("sg-retention".into())
-            .spawn(move || sweeper.run())?;
-        Ok(Retention {
-            stop: Mutex::new(Some(stop)),
-            thread: Mutex::new(Some(thread)),
+        let keep_ms = i64::try_from(retention_days)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(MS_PER_DAY);
+        Background::spawn("sg-retention", move |stopped| {
+            Sweeper {
+                expire,
+                retention_days,
+                keep_ms,
+                stopped,
+                metrics,
+            }
+            .run();
         })
+        .map(Retention)
     }
 
     /// Stops the thread between two batches and waits for it. Idempotent.
     pub(crate) fn stop(&self) {
-        drop(
-            self.stop
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
-        super::join_once(&self.thread);
+        self.0.stop();
     }
 }
 

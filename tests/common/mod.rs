@@ -23,6 +23,9 @@ mod postgres;
 // Only the PostgreSQL store's tests use it.
 #[allow(unused_imports)]
 pub use postgres::*;
+mod pg_cluster;
+#[allow(unused_imports)]
+pub use pg_cluster::*;
 
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_syncgate");

@@ -5,7 +5,9 @@
 use postgres::{GenericClient, Row, Transaction};
 use serde_json::Value;
 
-use crate::store::jobs::{Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES};
+use crate::store::jobs::{
+    attempts_exhausted, Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES,
+};
 
 type Result<T> = std::result::Result<T, postgres::Error>;
 
@@ -83,12 +85,7 @@ pub(crate) fn claim(
         let attempts = row.get::<_, i32>(1).max(0) as u32;
         let max_attempts = row.get::<_, i32>(2).max(0) as u32;
         if attempts >= max_attempts {
-            let error = serde_json::json!({
-                "message": format!("the job was started {attempts} times without finishing \
-                                    (max_attempts {max_attempts})"),
-                "type": "server_error",
-                "code": "attempts_exhausted",
-            });
+            let error = attempts_exhausted(attempts, max_attempts);
             tx.execute(
                 "UPDATE jobs SET status = 'failed', error = coalesce(error, $2), \
                  finished_ms = $3, lease_until_ms = NULL WHERE id = $1",

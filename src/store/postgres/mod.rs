@@ -10,6 +10,7 @@ pub(super) mod conversations;
 pub(super) mod jobs;
 pub(super) mod keys;
 pub(crate) mod migrate;
+mod probe;
 pub(super) mod requests;
 pub(super) mod usage;
 mod writer;
@@ -26,6 +27,7 @@ use super::StoreError;
 use crate::config::StoreConfig;
 use crate::database::Postgres;
 use crate::metrics::StoreMetrics;
+use probe::Probe;
 use writer::LogWriter;
 
 /// How long a call waits for a free connection before it is answered busy.
@@ -72,6 +74,7 @@ pub(crate) type Pool = r2d2::Pool<Manager>;
 /// The open database: the pool, the log writer, and the retention thread if rows expire.
 pub(crate) struct Pg {
     pool: Pool,
+    probe: Probe,
     log: LogWriter,
     retention: Option<Retention>,
     metrics: StoreMetrics,
@@ -117,7 +120,9 @@ impl Pg {
                 config: db.config.clone(),
             })
             .with_context(|| format!("cannot open connections to {}", db.endpoint()))?;
-        let log = LogWriter::spawn(pool.clone(), config, metrics.clone())
+        let probe =
+            Probe::spawn(pool.clone(), db.endpoint()).context("cannot start the database probe")?;
+        let log = LogWriter::spawn(pool.clone(), probe.flag(), config, metrics.clone())
             .context("cannot start the database log writer")?;
         let expire: Expire = {
             let pool = pool.clone();
@@ -132,10 +137,40 @@ impl Pg {
             .context("cannot start the retention thread")?;
         Ok(Pg {
             pool,
+            probe,
             log,
             retention,
             metrics,
         })
+    }
+
+    /// Whether the database answered its last probe.
+    pub(crate) fn is_available(&self) -> bool {
+        self.probe.is_up()
+    }
+
+    /// A pooled connection, or at once `Unavailable` while the database cannot be reached.
+    fn connection(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
+        if !self.probe.is_up() {
+            return Err(StoreError::Unavailable);
+        }
+        self.pool.get().map_err(|_| {
+            if self.probe.is_up() {
+                StoreError::Busy
+            } else {
+                StoreError::Unavailable
+            }
+        })
+    }
+
+    /// A failed call's error; a connection that died with it means the database is gone.
+    fn failed(&self, e: postgres::Error) -> StoreError {
+        if e.is_closed() {
+            self.probe.lost();
+            StoreError::Unavailable
+        } else {
+            StoreError::from(e)
+        }
     }
 
     /// Runs `read` on a pooled connection and hands back what it found.
@@ -143,7 +178,7 @@ impl Pg {
         &self,
         read: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
+        let mut conn = self.connection()?;
         self.metrics.reads_in_use.inc();
         let taken = Instant::now();
         let found = read(&mut conn);
@@ -151,7 +186,7 @@ impl Pg {
         self.metrics
             .read_seconds
             .observe(taken.elapsed().as_secs_f64());
-        Ok(found?)
+        found.map_err(|e| self.failed(e))
     }
 
     /// Runs `write` in a transaction of its own and returns what it returned once committed.
@@ -160,10 +195,14 @@ impl Pg {
         write: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
-        let mut conn = self.pool.get().map_err(|_| StoreError::Busy)?;
-        let mut tx = conn.transaction()?;
-        let value = write(&mut tx)?;
-        tx.commit()?;
+        let mut conn = self.connection()?;
+        let value = (|| {
+            let mut tx = conn.transaction()?;
+            let value = write(&mut tx)?;
+            tx.commit()?;
+            Ok(value)
+        })()
+        .map_err(|e| self.failed(e))?;
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -186,5 +225,6 @@ impl Pg {
             retention.stop();
         }
         self.log.close();
+        self.probe.stop();
     }
 }

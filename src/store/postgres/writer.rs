@@ -4,52 +4,54 @@
 //! arrive it copies them every `log_flush`; at close it copies what is queued, then stops.
 
 use std::io::Write;
-use std::sync::{Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
 use super::Pool;
 use crate::config::{LogOverflow, StoreConfig};
 use crate::metrics::StoreMetrics;
 use crate::store::requests::RequestRow;
+use crate::store::Background;
 
 /// The senders' side of the log writer, shared by every thread.
 pub(super) struct LogWriter {
     logs: Sender<RequestRow>,
     overflow: LogOverflow,
     metrics: StoreMetrics,
-    /// Dropped to stop the thread, which then copies what is queued.
-    stop: Mutex<Option<Sender<()>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Told to stop, the thread copies what is queued, then ends.
+    thread: Background,
 }
 
 impl LogWriter {
     pub(super) fn spawn(
         pool: Pool,
+        available: Arc<AtomicBool>,
         config: &StoreConfig,
         metrics: StoreMetrics,
     ) -> std::io::Result<LogWriter> {
         let (logs, inbox) = crossbeam_channel::bounded(config.log_queue);
-        let (stop, stopped) = crossbeam_channel::bounded(0);
-        let copier = Copier {
-            pool,
-            inbox,
-            stopped,
-            flush: config.log_flush,
-            batch_max: config.batch_max,
-            metrics: metrics.clone(),
-        };
-        let thread = thread::Builder::new()
-            .name("sg-log-writer".into())
-            .spawn(move || copier.run())?;
+        let (flush, batch_max) = (config.log_flush, config.batch_max);
+        let copier_metrics = metrics.clone();
+        let thread = Background::spawn("sg-log-writer", move |stopped| {
+            Copier {
+                pool,
+                available,
+                inbox,
+                stopped,
+                flush,
+                batch_max,
+                metrics: copier_metrics,
+            }
+            .run();
+        })?;
         Ok(LogWriter {
             logs,
             overflow: config.log_overflow,
             metrics,
-            stop: Mutex::new(Some(stop)),
-            thread: Mutex::new(Some(thread)),
+            thread,
         })
     }
 
@@ -63,19 +65,15 @@ impl LogWriter {
 
     /// Copies what is queued and stops the thread. Idempotent.
     pub(super) fn close(&self) {
-        drop(
-            self.stop
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
-        crate::store::join_once(&self.thread);
+        self.thread.stop();
     }
 }
 
 /// The thread's state.
 struct Copier {
     pool: Pool,
+    /// The probe's verdict: while the database cannot be reached, a batch waits for it.
+    available: Arc<AtomicBool>,
     inbox: Receiver<RequestRow>,
     stopped: Receiver<()>,
     flush: Duration,
@@ -112,25 +110,50 @@ impl Copier {
         }
     }
 
-    /// Copies one batch in one transaction; a batch that fails is dropped and counted.
+    /// Copies one batch in one transaction. While the database cannot be reached the batch
+    /// waits for it (and newer rows wait in the bounded queue, then are dropped and counted
+    /// there); a batch the database refuses, or one still waiting at close, is dropped and
+    /// counted.
     fn copy(&self, rows: &[RequestRow]) {
-        let started = Instant::now();
-        match self.try_copy(rows) {
-            Ok(()) => {
-                self.metrics.batch_rows.observe(rows.len() as f64);
-                self.metrics
-                    .commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                log::error!("database copy of {} log rows failed: {e}", rows.len());
-                self.metrics.log_rows_dropped.inc_by(rows.len() as u64);
+        loop {
+            let started = Instant::now();
+            match self.try_copy(rows) {
+                Ok(()) => {
+                    self.metrics.batch_rows.observe(rows.len() as f64);
+                    self.metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return;
+                }
+                Err(_) if self.database_is_away() => {}
+                Err(e) => {
+                    log::error!("database copy of {} log rows failed: {e}", rows.len());
+                    self.metrics.log_rows_dropped.inc_by(rows.len() as u64);
+                    return;
+                }
             }
         }
     }
 
+    /// After a failed copy: whether the database cannot be reached (the probe, given a moment
+    /// to notice a database that just went away, says so), in which case it has waited a
+    /// little for it to come back. False when told to stop meanwhile.
+    fn database_is_away(&self) -> bool {
+        let away = !self.available.load(Ordering::SeqCst)
+            || (self.pause(Duration::from_millis(1500)) && !self.available.load(Ordering::SeqCst));
+        away && self.pause(Duration::from_millis(250))
+    }
+
+    /// Waits `pause`; false when told to stop meanwhile.
+    fn pause(&self, pause: Duration) -> bool {
+        matches!(
+            self.stopped.recv_timeout(pause),
+            Err(RecvTimeoutError::Timeout)
+        )
+    }
+
     fn try_copy(&self, rows: &[RequestRow]) -> anyhow::Result<()> {
-        let mut conn = self.pool.get()?;
+        let mut conn = self.pool.get_timeout(Duration::from_secs(1))?;
         let mut tx = conn.transaction()?;
         let mut sink = tx.copy_in(super::requests::COPY_SQL)?;
         let mut text = Vec::with_capacity(rows.len() * 256);

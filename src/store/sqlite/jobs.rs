@@ -4,7 +4,9 @@
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
 
-use crate::store::jobs::{Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES};
+use crate::store::jobs::{
+    attempts_exhausted, Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES,
+};
 
 /// Adds a job unless its idempotency key names one already or the table is at capacity
 /// (counted in the same transaction, so the capacity is exact).
@@ -84,12 +86,7 @@ pub(crate) fn claim(
             return Ok(None);
         };
         if attempts >= max_attempts {
-            let error = serde_json::json!({
-                "message": format!("the job was started {attempts} times without finishing \
-                                    (max_attempts {max_attempts})"),
-                "type": "server_error",
-                "code": "attempts_exhausted",
-            });
+            let error = attempts_exhausted(attempts, max_attempts);
             conn.prepare_cached(
                 "UPDATE jobs SET status = 'failed', error = coalesce(error, ?2), \
                  finished_ms = ?3, lease_until_ms = NULL WHERE id = ?1",

@@ -1,0 +1,76 @@
+//! Whether the database can be reached: the `sg-db-probe` thread asks it `SELECT 1` every
+//! second on a pooled connection. While it cannot, calls that need the database fail at once
+//! with `store_unavailable` instead of each waiting out the pool's timeout, `/readyz` says so,
+//! and the log writer holds its batch; the first probe that gets through ends all of that, so
+//! the server recovers by itself.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::Pool;
+use crate::store::Background;
+
+/// Between two probes.
+const EVERY: Duration = Duration::from_secs(1);
+/// How long one probe may wait for a connection.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// The probe's verdict, shared with every caller, and its thread.
+pub(super) struct Probe {
+    up: Arc<AtomicBool>,
+    thread: Background,
+}
+
+impl Probe {
+    /// Starts probing; the database counts as reachable (it was, a moment ago, at open).
+    pub(super) fn spawn(pool: Pool, endpoint: String) -> std::io::Result<Probe> {
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&up);
+        let thread = Background::spawn("sg-db-probe", move |stopped| {
+            run(&pool, &flag, &stopped, &endpoint);
+        })?;
+        Ok(Probe { up, thread })
+    }
+
+    /// A handle on the verdict, for the log writer.
+    pub(super) fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.up)
+    }
+
+    pub(super) fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Marks the database unreachable at once (a call found its connection dead); the next
+    /// probe that gets through marks it back.
+    pub(super) fn lost(&self) {
+        self.up.store(false, Ordering::SeqCst);
+    }
+
+    pub(super) fn stop(&self) {
+        self.thread.stop();
+    }
+}
+
+fn run(pool: &Pool, up: &AtomicBool, stopped: &Receiver<()>, endpoint: &str) {
+    loop {
+        let reachable = pool
+            .get_timeout(PROBE_WAIT)
+            .is_ok_and(|mut conn| conn.simple_query("SELECT 1").is_ok());
+        let was = up.swap(reachable, Ordering::SeqCst);
+        match (was, reachable) {
+            (true, false) => log::warn!(
+                "database {endpoint} cannot be reached: calls that need it get 503 \
+                 store_unavailable until it answers again"
+            ),
+            (false, true) => log::info!("database {endpoint} answers again"),
+            _ => {}
+        }
+        if !matches!(stopped.recv_timeout(EVERY), Err(RecvTimeoutError::Timeout)) {
+            return;
+        }
+    }
+}
