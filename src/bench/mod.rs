@@ -88,6 +88,10 @@ pub(crate) struct BenchArgs {
     /// Draw latency and throughput against concurrency as SVG to FILE.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+    /// A PostgreSQL server (postgres://…) to measure in the writer scenario beside SQLite, in a
+    /// scratch database the bench makes there and drops (the role needs CREATEDB).
+    #[arg(long, value_name = "URL", value_parser = crate::database::Database::parse)]
+    db: Option<crate::database::Database>,
 }
 
 /// Set by SIGINT/SIGTERM: every wait of the bench checks it and unwinds, so the guards stop
@@ -107,6 +111,8 @@ pub(crate) struct Bench {
     streams: usize,
     /// Latency-0 runs at each concurrency, for the SVG.
     points: Vec<svg::Point>,
+    /// The PostgreSQL server `--db` names, measured beside SQLite.
+    postgres: Option<crate::database::Postgres>,
 }
 
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -141,7 +147,19 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let total_phases = selected.iter().map(|s| s.phases()).sum();
+    let postgres = match &args.db {
+        None => None,
+        Some(crate::database::Database::Postgres(pg)) => Some(pg.clone()),
+        Some(crate::database::Database::Sqlite(_)) => {
+            anyhow::bail!("--db names a PostgreSQL server to measure; SQLite is always measured")
+        }
+    };
+    let pg_phases = if postgres.is_some() && selected.contains(&Scenario::Writer) {
+        store::POSTGRES_PHASES
+    } else {
+        0
+    };
+    let total_phases = selected.iter().map(|s| s.phases()).sum::<u64>() + pg_phases;
     let bar =
         ProgressBar::with_draw_target(Some(total_phases), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
@@ -156,6 +174,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         clients,
         streams,
         points: Vec::new(),
+        postgres,
     };
 
     // Read before any load: the load average says how busy the machine already was.

@@ -1,7 +1,8 @@
 //! The `writer` scenario: the database writer on its own, in this process, against the way it
 //! replaces (a transaction per row, from many threads at once), on the same disk in the same
 //! run. Two kinds of write: request-log rows (no one waits; the log's `synchronous = NORMAL`)
-//! and acknowledged writes (the caller waits for the commit; `synchronous = FULL`).
+//! and acknowledged writes (the caller waits for the commit; `synchronous = FULL`). With
+//! `--db postgres://…` the same two, through the store's API, on PostgreSQL too.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,7 +50,12 @@ pub(crate) fn writer(b: &mut Bench) -> anyhow::Result<Outcome> {
     let per_ack = per_row(&scratch.db("per-row-ack"), window, ACK_THREADS, "FULL")?;
     b.bar.inc(1);
 
-    let json = json!({
+    let postgres = match b.postgres.clone() {
+        Some(pg) => Some(postgres_rates(b, &pg, window)?),
+        None => None,
+    };
+
+    let mut json = json!({
         "log_rows_per_s": grouped.per_s(),
         "log_rows_per_s_transaction_per_row": per_row_log.per_s(),
         "log_rows_per_batch": grouped.per_batch(),
@@ -60,7 +66,7 @@ pub(crate) fn writer(b: &mut Bench) -> anyhow::Result<Outcome> {
         "log_threads": LOG_THREADS,
         "acknowledged_threads": ACK_THREADS,
     });
-    let rows = vec![
+    let mut rows = vec![
         Row::info(
             "request-log rows/s, group commit",
             format!(
@@ -81,7 +87,124 @@ pub(crate) fn writer(b: &mut Bench) -> anyhow::Result<Outcome> {
             ),
         ),
     ];
+    if let Some((log, acks)) = postgres {
+        json["postgres"] = json!({
+            "log_rows_per_s": log.per_s(),
+            "log_rows_per_batch": log.per_batch(),
+            "acknowledged_per_s": acks.per_s(),
+        });
+        rows.push(Row::info(
+            "PostgreSQL: request-log rows/s (COPY)",
+            format!("{:.0} ({:.0} rows a batch)", log.per_s(), log.per_batch()),
+        ));
+        rows.push(Row::info(
+            "PostgreSQL: acknowledged writes/s",
+            format!("{:.0} (a transaction each)", acks.per_s()),
+        ));
+    }
     Ok(Outcome::new("writer", json, rows))
+}
+
+/// Phases the PostgreSQL half adds to the writer scenario.
+pub(crate) const POSTGRES_PHASES: u64 = 2;
+
+/// Request-log rows and acknowledged writes per second on PostgreSQL, through the store's API
+/// (as a server writes them), in a scratch database made for the run and dropped after it.
+fn postgres_rates(
+    b: &mut Bench,
+    server: &crate::database::Postgres,
+    window: Duration,
+) -> anyhow::Result<(Rate, Rate)> {
+    let name = format!("syncgate_bench_{}", std::process::id());
+    let mut admin = store::postgres::connect(server)?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"))
+        .with_context(|| format!("cannot make the scratch database {name}"))?;
+    let mut config = server.config.clone();
+    config.dbname(&name);
+    let db = crate::database::Database::Postgres(crate::database::Postgres { config });
+    let measured = (|| {
+        b.phase(format!(
+            "writer: PostgreSQL request-log rows from {LOG_THREADS} threads"
+        ));
+        let log = postgres_log_rows(&db, window)?;
+        b.bar.inc(1);
+        b.phase(format!(
+            "writer: PostgreSQL acknowledged writes from {ACK_THREADS} threads"
+        ));
+        let acks = postgres_acknowledged(&db, window)?;
+        b.bar.inc(1);
+        Ok((log, acks))
+    })();
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    measured
+}
+
+/// Rows queued from [`LOG_THREADS`] threads for `window`, timed until the log writer has
+/// copied the last of them (it drains its queue at close).
+fn postgres_log_rows(db: &crate::database::Database, window: Duration) -> anyhow::Result<Rate> {
+    let metrics = Metrics::new();
+    let store = store::Store::open(db, &config(Durability::Full), 0, metrics.store.clone())?;
+    let queued = AtomicU64::new(0);
+    let started = Instant::now();
+    run_for(window, LOG_THREADS, |t, stop| {
+        let mut i = (t as u64) << 40;
+        while !stop.load(Ordering::Relaxed) {
+            store.log(sample_row(i));
+            i += 1;
+            queued.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    store.close();
+    let took = started.elapsed();
+    let dropped = metrics.store.log_rows_dropped.get();
+    anyhow::ensure!(dropped == 0, "{dropped} log rows were dropped");
+    Ok(Rate {
+        rows: queued.into_inner(),
+        transactions: metrics.store.batch_rows.get_sample_count(),
+        took,
+        busy: 0,
+    })
+}
+
+/// Conversations created by [`ACK_THREADS`] threads for `window`, each waiting for its commit.
+fn postgres_acknowledged(
+    db: &crate::database::Database,
+    window: Duration,
+) -> anyhow::Result<Rate> {
+    let metrics = Metrics::new();
+    let mut config = config(Durability::Full);
+    config.read_pool = ACK_THREADS;
+    let store = store::Store::open(db, &config, 0, metrics.store.clone())?;
+    let acked = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let started = Instant::now();
+    run_for(window, ACK_THREADS, |_, stop| {
+        while !stop.load(Ordering::Relaxed) {
+            let conversation = store::conversations::Conversation {
+                id: store::new_id("conv"),
+                title: Some("bench".into()),
+                model: None,
+                system: None,
+                created_ms: store::now_ms(),
+            };
+            match store::conversations::create(&store, conversation, None) {
+                Ok(_) => acked.fetch_add(1, Ordering::Relaxed),
+                Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    });
+    let took = started.elapsed();
+    store.close();
+    let failed = failed.into_inner();
+    anyhow::ensure!(failed == 0, "{failed} acknowledged writes failed");
+    let rows = acked.into_inner();
+    Ok(Rate {
+        rows,
+        transactions: rows,
+        took,
+        busy: 0,
+    })
 }
 
 fn busy_note(busy: u64) -> String {
