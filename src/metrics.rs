@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -530,6 +531,53 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// A histogram's cumulative bucket counts, summed over its label values (all providers, say):
+/// one per finite upper bound, then the total (the `+Inf` bucket). With `bounds`, for
+/// quantiles over a window of two such readings (the console's `/api/status`).
+pub(crate) fn cumulative_buckets(collector: &dyn Collector, bounds: &mut Vec<f64>) -> Vec<u64> {
+    let mut counts: Vec<u64> = Vec::new();
+    bounds.clear();
+    for family in collector.collect() {
+        for metric in family.get_metric() {
+            let histogram = metric.get_histogram();
+            let buckets = histogram.get_bucket();
+            if counts.is_empty() {
+                counts = vec![0; buckets.len() + 1];
+                bounds.extend(buckets.iter().map(|b| b.upper_bound()));
+            }
+            for (sum, bucket) in counts.iter_mut().zip(buckets) {
+                *sum += bucket.cumulative_count();
+            }
+            if let Some(total) = counts.last_mut() {
+                *total += histogram.get_sample_count();
+            }
+        }
+    }
+    counts
+}
+
+/// The sum of a counter family's series whose `label` value passes `keep`.
+pub(crate) fn counter_sum(
+    counters: &IntCounterVec,
+    label: &str,
+    keep: impl Fn(&str) -> bool,
+) -> u64 {
+    let mut sum = 0.0;
+    for family in counters.collect() {
+        for metric in family.get_metric() {
+            let value = metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == label)
+                .map_or("", |l| l.value());
+            if keep(value) {
+                sum += metric.get_counter().get_value();
+            }
+        }
+    }
+    sum as u64
 }
 
 /// A status code as three ASCII digits, without allocating.
