@@ -92,7 +92,7 @@
       show("latency_window", Math.round(latency.window_s) + " s");
       ["overhead", "upstream"].forEach(function (kind) {
         ["p50", "p95", "p99", "count"].forEach(function (q) {
-          show(kind + "_" + q, kind + q && q === "count" ? latency[kind][q] : fixed(latency[kind][q]));
+          show(kind + "_" + q, q === "count" ? latency[kind][q] : fixed(latency[kind][q]));
         });
       });
     }
@@ -121,6 +121,11 @@
     if (n > 0) {
       since = history.t_ms[n - 1];
     }
+  }
+
+  // The charts' width in samples: the last minute at first, growing to the whole ring.
+  function span(n) {
+    return Math.min(history.capacity, Math.max(60, n));
   }
 
   // One chart: each series a line over the last 15 minutes, the y axis from 0 to the largest.
@@ -152,8 +157,8 @@
     ctx.font = (11 * ratio) + "px sans-serif";
     ctx.fillText(String(Number(max.toFixed(2))), 2, pad - 4 * ratio);
     ctx.fillText("0", 2, height - pad);
-    const slots = history.capacity;
     const n = history.t_ms.length;
+    const slots = span(n);
     names.forEach(function (name, i) {
       const values = history[name];
       ctx.strokeStyle = css.getPropertyValue(colors[i]).trim() || "#000";
@@ -195,6 +200,8 @@
       document.getElementById("key-form").hidden = true;
       render(status);
       merge(status.history);
+      const slots = span(history.t_ms.length);
+      show("chart_span", slots >= 120 ? Math.round(slots / 60) + " min" : slots + " s");
       draw("chart-load", ["workers_busy", "queue_depth"], ["--s1", "--s2"]);
       draw("chart-rates", ["requests_per_s", "shed_per_s"], ["--s3", "--s4"]);
       polls += 1;

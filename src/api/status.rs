@@ -51,8 +51,9 @@ struct Reading {
     upstream: Vec<u64>,
 }
 
-#[derive(Default)]
 struct Ring {
+    /// Zero counts at start: the baseline of every window until the ring holds a full one.
+    origin: Reading,
     samples: VecDeque<Sample>,
     /// The last `LATENCY_WINDOW_S + 1` readings, oldest first.
     readings: VecDeque<Reading>,
@@ -61,9 +62,40 @@ struct Ring {
 }
 
 /// The last 15 minutes, one sample a second, in bounded memory (docs/capacity.md).
-#[derive(Default)]
 pub(crate) struct History {
     ring: Mutex<Ring>,
+}
+
+impl Default for History {
+    fn default() -> History {
+        let origin = Reading {
+            at: Instant::now(),
+            requests: 0,
+            shed: [0; 4],
+            overhead: Vec::new(),
+            upstream: Vec::new(),
+        };
+        History {
+            ring: Mutex::new(Ring {
+                origin,
+                samples: VecDeque::with_capacity(HISTORY_SAMPLES),
+                readings: VecDeque::with_capacity(LATENCY_WINDOW_S + 1),
+                overhead_bounds: Vec::new(),
+                upstream_bounds: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl Ring {
+    /// The reading `seconds` samples before the newest, or the zero at start while the ring
+    /// is younger than that.
+    fn before(&self, seconds: usize) -> &Reading {
+        match self.readings.len().checked_sub(seconds + 1) {
+            Some(i) => &self.readings[i],
+            None => &self.origin,
+        }
+    }
 }
 
 impl History {
@@ -97,13 +129,9 @@ pub(crate) fn record(state: &State) {
         upstream: cumulative_buckets(&m.upstream_duration, &mut upstream_bounds),
     };
     let mut ring = state.history.ring();
-    let (requests_per_s, shed_per_s) = match ring.readings.back() {
-        Some(last) => {
-            let rates = rates(last, &reading);
-            (rates.0, rates.1.iter().sum())
-        }
-        None => (0.0, 0.0),
-    };
+    let last = ring.readings.back().unwrap_or(&ring.origin);
+    let (requests_per_s, shed) = rates(last, &reading);
+    let shed_per_s: f64 = shed.iter().sum();
     let sample = Sample {
         t_ms: crate::store::now_ms(),
         workers_busy: clamp(m.workers_busy.get()),
@@ -244,9 +272,9 @@ fn status(state: &State, since: i64) -> Value {
         "latency_ms": Value::Null,
         "history": history(&ring, since),
     });
-    let readings = &ring.readings;
-    if let (Some(newest), Some(oldest)) = (readings.back(), readings.front()) {
-        let from = &readings[readings.len().saturating_sub(RATE_WINDOW_S + 1)];
+    if let Some(newest) = ring.readings.back() {
+        let from = ring.before(RATE_WINDOW_S);
+        let oldest = ring.before(LATENCY_WINDOW_S);
         let (requests, shed) = rates(from, newest);
         let round = |x: f64| (x * 100.0).round() / 100.0;
         let by_reason: Map<String, Value> = SHED_REASONS
