@@ -627,6 +627,8 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
     browser.screenshot(&shot);
     println!("screenshot: {}", shot.display());
 
+    // A marker proves the console log is read at all, so its emptiness of errors means something.
+    browser.eval("console.info('syncgate-console-test-marker'); return null;");
     let problems = browser.eval("return document.documentElement.dataset.problems || '0';");
     let page_errors = browser.text_of("#page-errors");
     assert_eq!(
@@ -645,6 +647,36 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
         })
         .collect();
     assert!(bad.is_empty(), "console errors or CSP reports: {bad:#?}");
+    assert!(
+        log.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("syncgate-console-test-marker"))),
+        "the marker is not in the browser's log: {log:#?}"
+    );
+
+    // And the page does see a violation: an inline script added now is refused by the CSP,
+    // reported to the page and to the log.
+    browser.eval(
+        "const s = document.createElement('script'); s.textContent = 'window.ran = 1'; \
+         document.body.appendChild(s); return null;",
+    );
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            browser.eval("return document.documentElement.dataset.problems || '0';") == "1"
+        }),
+        "no violation recorded: {}",
+        browser.text_of("#page-errors")
+    );
+    assert_eq!(browser.eval("return window.ran === undefined;"), true);
+    assert!(browser.text_of("#page-errors").contains("script-src"));
+    let log = browser.console_log();
+    assert!(
+        log.iter().any(|e| e["level"] == "SEVERE"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Content Security Policy"))),
+        "the violation is not in the browser's log: {log:#?}"
+    );
     // The queued call outlives the client's read timeout; how the held calls end is not
     // what this test is about.
     for h in held {

@@ -270,7 +270,7 @@ fn status(state: &State, since: i64) -> Value {
         },
         "rates": Value::Null,
         "latency_ms": Value::Null,
-        "history": history(&ring, since),
+        "history": history_json(&ring, since),
     });
     if let Some(newest) = ring.readings.back() {
         let from = ring.before(RATE_WINDOW_S);
@@ -297,7 +297,7 @@ fn status(state: &State, since: i64) -> Value {
 }
 
 /// The samples after `since`, one array per series (compact, and ready to draw).
-fn history(ring: &Ring, since: i64) -> Value {
+fn history_json(ring: &Ring, since: i64) -> Value {
     let newer: Vec<&Sample> = ring.samples.iter().filter(|s| s.t_ms > since).collect();
     let column = |f: fn(&Sample) -> Value| newer.iter().map(|s| f(s)).collect::<Vec<_>>();
     json!({
@@ -338,6 +338,32 @@ mod tests {
     fn the_ring_keeps_fifteen_minutes_and_a_sample_stays_small() {
         assert_eq!(std::mem::size_of::<Sample>(), 32);
         assert_eq!(HISTORY_SAMPLES, 15 * 60);
+    }
+
+    #[test]
+    fn a_full_ring_and_its_answer_stay_small() {
+        let history = History::default();
+        let mut ring = history.ring();
+        for i in 0..HISTORY_SAMPLES as i64 {
+            ring.samples.push_back(Sample {
+                t_ms: 1_796_290_430_159 + i * 1000,
+                workers_busy: 512,
+                queue_depth: 1024,
+                connections: 2048,
+                requests_per_s: 1234.56,
+                shed_per_s: 12.34,
+            });
+        }
+        let reading = std::mem::size_of::<Reading>() + (18 + 19) * 8;
+        let held =
+            HISTORY_SAMPLES * std::mem::size_of::<Sample>() + (LATENCY_WINDOW_S + 1) * reading;
+        let answer = history_json(&ring, i64::MIN).to_string().len();
+        println!(
+            "ring: {held} bytes ({reading} a reading); a whole history answered: {answer} bytes"
+        );
+        assert!(held < 64 * 1024, "{held}");
+        assert!(answer < 64 * 1024, "{answer}");
+        assert_eq!(history_json(&ring, i64::MAX)["t_ms"], json!([]));
     }
 
     #[test]
