@@ -65,6 +65,7 @@
     show("updated", new Date(s.time_ms).toLocaleTimeString());
     show("workers_busy", s.workers.busy);
     show("workers_total", s.workers.total);
+    show("streams_open", s.streams_open);
     show("queue_depth", s.queue.depth);
     show("queue_capacity", s.queue.capacity);
     show("retry_after", s.retry_after_s + " s");

@@ -138,6 +138,7 @@ fn status_has_its_shape_and_the_poll_is_not_logged_or_counted_as_a_request() {
         }
     ));
     assert_eq!(s["workers"], json!({"busy": 0, "total": 3}), "{s:#}");
+    assert_eq!(s["streams_open"], 0, "{s:#}");
     assert_eq!(s["queue"], json!({"depth": 0, "capacity": 5}), "{s:#}");
     assert_eq!(s["ready"], json!({"ok": true, "status": "ready"}), "{s:#}");
     assert_eq!(s["open_access"], true);
@@ -284,6 +285,61 @@ fn status_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full() {
     for h in held {
         let _ = h.join();
     }
+}
+
+#[test]
+fn status_shows_streams_and_provider_calls_in_flight_and_upstream_latency() {
+    // A stream of 6 events 500 ms apart: about 3 s on the wire.
+    let up = Server::start_mock_upstream(&["--stream-chunks", "4", "--stream-interval-ms", "500"]);
+    let toml = format!(
+        "[[providers]]\nname = \"up\"\ntype = \"openai\"\nbase_url = \"http://{}/v1\"\n\
+         max_concurrency = 4\n\n[[models]]\nname = \"m\"\ntargets = [\"up/upstream-model\"]\n",
+        up.addr
+    );
+    let gw = Server::start_with_config(&toml, &[]);
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let addr = gw.addr;
+    let streaming = thread::spawn(move || {
+        let r = send(
+            addr,
+            &post_req(
+                "/v1/chat/completions",
+                &body.to_string(),
+                &[("Connection", "close")],
+            ),
+        );
+        r.status
+    });
+    let mut s = Value::Null;
+    let seen = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        s = status(gw.addr);
+        s["streams_open"] == 1
+    });
+    assert!(seen, "no stream in flight: {s:#}\n{}", gw.log());
+    assert_eq!(s["workers"]["busy"], 1, "{s:#}");
+    let up_provider = s["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "up")
+        .cloned();
+    assert_eq!(
+        up_provider,
+        Some(json!({"name": "up", "in_flight": 1, "max_concurrency": 4})),
+        "{s:#}"
+    );
+    assert_eq!(streaming.join().unwrap(), 200);
+    let done = poll_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        s = status(gw.addr);
+        s["streams_open"] == 0 && s["latency_ms"]["upstream"]["count"] == 1
+    });
+    assert!(done, "{s:#}");
+    let p50 = s["latency_ms"]["upstream"]["p50"].as_f64().unwrap();
+    assert!(
+        (1000.0..=10000.0).contains(&p50),
+        "upstream p50 {p50} ms: {s:#}"
+    );
 }
 
 #[test]

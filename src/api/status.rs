@@ -259,6 +259,7 @@ fn status(state: &State, since: i64) -> Value {
         "ready": {"ok": ready_status == 200, "status": readiness},
         "draining": state.is_draining(),
         "workers": {"busy": m.workers_busy.get(), "total": capacity.workers},
+        "streams_open": m.streams_open.get(),
         "queue": {"depth": state.queue_len(), "capacity": capacity.queue},
         "connections": {"open": m.connections_open.get(), "max": capacity.max_connections},
         "retry_after_s": state.retry_after_s(),

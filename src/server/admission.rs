@@ -230,7 +230,11 @@ pub(crate) fn respond(
     if !streamed {
         settle(request);
     }
-    let (bytes, keep_alive, note) = match write_response(&mut stream, response, &meta) {
+    let written = {
+        let _open = streamed.then(|| crate::metrics::Raised::new(&state.metrics.streams_open));
+        write_response(&mut stream, response, &meta)
+    };
+    let (bytes, keep_alive, note) = match written {
         Ok(w) => (w.bytes, w.keep_alive, ""),
         Err(_) => (0, false, " client-gone"),
     };
