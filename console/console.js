@@ -32,6 +32,8 @@
   SERIES.forEach(function (name) { history[name] = []; });
   let since = null;
   let polls = 0;
+  // Polling pauses while the page waits for a key, and starts again when one is given.
+  let waitingForKey = false;
 
   function show(field, value) {
     const text = value === null || value === undefined ? "–" : String(value);
@@ -188,6 +190,7 @@
       const url = since === null ? "/api/status" : "/api/status?since=" + since;
       const response = await fetch(url, { headers: authHeaders(), cache: "no-store" });
       if (response.status === 401) {
+        waitingForKey = true;
         document.getElementById("key-form").hidden = false;
         problem(sessionStorage.getItem(KEY) ? "That key was refused." : "");
         return;
@@ -210,7 +213,9 @@
     } catch (e) {
       problem("cannot reach the server: " + e.message);
     } finally {
-      setTimeout(poll, REFRESH_MS);
+      if (!waitingForKey) {
+        setTimeout(poll, REFRESH_MS);
+      }
     }
   }
 
@@ -224,6 +229,10 @@
     }
     since = null;
     SERIES.forEach(function (name) { history[name] = []; });
+    if (waitingForKey) {
+      waitingForKey = false;
+      poll();
+    }
   });
 
   poll();

@@ -532,6 +532,33 @@ impl Browser {
         entries.as_array().cloned().unwrap_or_default()
     }
 
+    /// The WebDriver id of the first element matching `selector`.
+    fn element(&self, selector: &str) -> String {
+        let found = self.session_call(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": selector})),
+        );
+        found["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {selector}: {found}"))
+            .to_string()
+    }
+
+    fn type_into(&self, selector: &str, text: &str) {
+        let id = self.element(selector);
+        self.session_call(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({"text": text})),
+        );
+    }
+
+    fn click(&self, selector: &str) {
+        let id = self.element(selector);
+        self.session_call("POST", &format!("/element/{id}/click"), Some(json!({})));
+    }
+
     fn screenshot(&self, path: &std::path::Path) {
         let png = self.session_call("GET", "/screenshot", None);
         let bytes = decode_base64(png.as_str().expect("base64 text"));
@@ -738,4 +765,89 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
     for h in held {
         let _ = h.join();
     }
+}
+
+#[test]
+fn the_status_page_asks_for_a_key_once_keys_exist_and_shows_the_status_with_it() {
+    let Some(chromium) = require(
+        "chromium",
+        "chromium",
+        find_program("chromium", &["/usr/bin/chromium"]),
+    ) else {
+        return;
+    };
+    let Some(chromedriver) = require(
+        "chromedriver",
+        "chromium-driver",
+        find_program("chromedriver", &["/usr/bin/chromedriver"]),
+    ) else {
+        return;
+    };
+    let gw = Server::start_with_env(&["--workers", "3"], &[("SYNCGATE_ADMIN_KEY", ADMIN)]);
+    let made = send(
+        gw.addr,
+        &post_req(
+            "/admin/keys",
+            r#"{"name": "console"}"#,
+            &[
+                ("Authorization", &format!("Bearer {ADMIN}")),
+                ("Connection", "close"),
+            ],
+        ),
+    );
+    assert_eq!(made.status, 201, "{}", made.describe());
+    let key = made.json()["key"].as_str().unwrap().to_string();
+
+    let browser = Browser::start(&chromium, &chromedriver);
+    browser.open(&format!("http://{}/console/", gw.addr));
+    let form_shown = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        browser.eval("return getComputedStyle(document.getElementById('key-form')).display;")
+            != "none"
+    });
+    assert!(form_shown, "the page did not ask for a key");
+    // Long enough for two more polls, were the page still polling without a key.
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(browser.text_of("[data-field=workers_total]"), "–");
+    browser.type_into("#key-input", &key);
+    browser.click("#key-form button");
+    let shown = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        browser.text_of("[data-field=workers_total]") == "3"
+    });
+    assert!(
+        shown,
+        "the status did not appear with the key\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        browser.eval("return sessionStorage.getItem('syncgate.key');"),
+        json!(key),
+        "the key is kept in this tab's sessionStorage"
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('open-banner').hidden;"),
+        true,
+        "no development-mode banner once keys exist"
+    );
+    assert_eq!(
+        browser.eval("return getComputedStyle(document.getElementById('key-form')).display;"),
+        "none"
+    );
+    // The 401 before the key was given is the only thing the browser may have logged.
+    let log = browser.console_log();
+    let bad: Vec<&Value> = log
+        .iter()
+        .filter(|e| {
+            (e["level"] == "SEVERE" || e["level"] == "WARNING")
+                && !e["message"].as_str().is_some_and(|m| m.contains("401"))
+        })
+        .collect();
+    assert!(bad.is_empty(), "console errors: {bad:#?}");
+    // While it waited for the key the page stopped polling: one refused poll, not one a second.
+    let refused = log
+        .iter()
+        .filter(|e| e["message"].as_str().is_some_and(|m| m.contains("401")))
+        .count();
+    assert_eq!(refused, 1, "{log:#?}");
+    let problems = browser.eval("return document.documentElement.dataset.problems || '0';");
+    assert_eq!(problems, "0", "{}", browser.text_of("#page-errors"));
 }
