@@ -196,7 +196,11 @@ fn quantile(bounds: &[f64], old: &[u64], new: &[u64], q: f64) -> Option<f64> {
 /// p50, p95 and p99 in milliseconds over a window, and how many observations it held.
 fn quantiles_ms(bounds: &[f64], old: &[u64], new: &[u64]) -> Value {
     let ms = |q| quantile(bounds, old, new, q).map(|s| (s * 1e6).round() / 1e3);
-    let count = new.last().copied().unwrap_or(0) - old.last().copied().unwrap_or(0);
+    let count = new
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(old.last().copied().unwrap_or(0));
     json!({"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "count": count})
 }
 
