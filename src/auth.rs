@@ -237,6 +237,28 @@ impl Auth {
         Ok(Caller::Key { key, permit })
     }
 
+    /// Decides a read of the server's own status (`/api/status`): open mode, the admin key, or
+    /// a key that is neither revoked nor expired. Its limits are not charged: a console polling
+    /// once a second must not eat the key's requests per minute.
+    pub(crate) fn verify(&self, request: &Request, now_ms: i64) -> Result<(), Denied> {
+        if self.is_open() {
+            return Ok(());
+        }
+        if let (Some(admin), Some(presented)) = (&self.admin, bearer(request)) {
+            if same(&keys::hash(presented), admin) {
+                return Ok(());
+            }
+        }
+        let key = self.key_of(request)?;
+        if key.revoked {
+            return Err(Denied::Revoked);
+        }
+        if key.expires_ms.is_some_and(|at| at <= now_ms) {
+            return Err(Denied::Expired);
+        }
+        Ok(())
+    }
+
     /// Whether `key` may call `model` (for models known only after admission: a
     /// conversation's own model).
     pub(crate) fn allows_model(caller: &Caller, model: &str) -> bool {

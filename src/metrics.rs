@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -56,6 +57,8 @@ pub(crate) struct Metrics {
     pub(crate) workers_busy: IntGauge,
     /// `syncgate_workers`: worker threads; also the most concurrent streams.
     pub(crate) workers: IntGauge,
+    /// `syncgate_streams_open`: streamed answers being written, each holding its worker.
+    pub(crate) streams_open: IntGauge,
     /// `syncgate_connections_open`: open client connections (the acceptor enforces the cap on it).
     pub(crate) connections_open: IntGauge,
     /// `syncgate_connections_accepted_total`: connections accepted (refused ones included).
@@ -325,6 +328,10 @@ impl Metrics {
                 "syncgate_workers",
                 "Worker threads (also the most concurrent streams)",
             ),
+            streams_open: gauge(
+                "syncgate_streams_open",
+                "Streamed answers being written, each holding its worker",
+            ),
             connections_open: gauge("syncgate_connections_open", "Open client connections"),
             connections_accepted: IntCounter::new(
                 "syncgate_connections_accepted_total",
@@ -420,6 +427,7 @@ impl Metrics {
             Box::new(self.queue_capacity.clone()),
             Box::new(self.workers_busy.clone()),
             Box::new(self.workers.clone()),
+            Box::new(self.streams_open.clone()),
             Box::new(self.connections_open.clone()),
             Box::new(self.connections_accepted.clone()),
             Box::new(self.connections_max.clone()),
@@ -533,6 +541,69 @@ impl Metrics {
     }
 }
 
+/// A gauge raised while this is alive: lowered on drop, also when a panic unwinds past it.
+pub(crate) struct Raised<'a>(&'a IntGauge);
+
+impl Raised<'_> {
+    pub(crate) fn new(gauge: &IntGauge) -> Raised<'_> {
+        gauge.inc();
+        Raised(gauge)
+    }
+}
+
+impl Drop for Raised<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A histogram's cumulative bucket counts, summed over its label values (all providers, say):
+/// one per finite upper bound, then the total (the `+Inf` bucket). With `bounds`, for
+/// quantiles over a window of two such readings (the console's `/api/status`).
+pub(crate) fn cumulative_buckets(collector: &dyn Collector, bounds: &mut Vec<f64>) -> Vec<u64> {
+    let mut counts: Vec<u64> = Vec::new();
+    bounds.clear();
+    for family in collector.collect() {
+        for metric in family.get_metric() {
+            let histogram = metric.get_histogram();
+            let buckets = histogram.get_bucket();
+            if counts.is_empty() {
+                counts = vec![0; buckets.len() + 1];
+                bounds.extend(buckets.iter().map(|b| b.upper_bound()));
+            }
+            for (sum, bucket) in counts.iter_mut().zip(buckets) {
+                *sum += bucket.cumulative_count();
+            }
+            if let Some(total) = counts.last_mut() {
+                *total += histogram.get_sample_count();
+            }
+        }
+    }
+    counts
+}
+
+/// The sum of a counter family's series whose `label` value passes `keep`.
+pub(crate) fn counter_sum(
+    counters: &IntCounterVec,
+    label: &str,
+    keep: impl Fn(&str) -> bool,
+) -> u64 {
+    let mut sum = 0.0;
+    for family in counters.collect() {
+        for metric in family.get_metric() {
+            let value = metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == label)
+                .map_or("", |l| l.value());
+            if keep(value) {
+                sum += metric.get_counter().get_value();
+            }
+        }
+    }
+    sum as u64
+}
+
 /// A status code as three ASCII digits, without allocating.
 fn itoa_status(status: u16) -> [u8; 3] {
     let s = status.min(999);
@@ -564,6 +635,7 @@ mod tests {
             "syncgate_queue_capacity",
             "syncgate_workers_busy",
             "syncgate_workers ",
+            "syncgate_streams_open 0",
             "syncgate_connections_open",
             "syncgate_rejected_total{reason=\"queue_full\"} 1",
             "syncgate_rejected_total{reason=\"draining\"} 0",

@@ -277,7 +277,8 @@ fn debug_routes_are_absent_without_the_flag() {
 
 // --- metrics ------------------------------------------------------------------------
 
-const METRIC_NAMES: [&str; 11] = [
+const METRIC_NAMES: [&str; 12] = [
+    "syncgate_streams_open",
     "syncgate_http_requests_total",
     "syncgate_http_request_duration_seconds",
     "syncgate_queue_wait_seconds",

@@ -4,6 +4,7 @@
 mod admin;
 mod batch;
 pub(crate) mod chat;
+mod console;
 mod conversations;
 mod embeddings;
 mod jobs;
@@ -12,6 +13,7 @@ pub(crate) mod ops;
 pub(crate) mod record;
 mod relay;
 mod requests;
+pub(crate) mod status;
 mod usage;
 
 use std::fmt;
@@ -31,6 +33,10 @@ pub(crate) enum Route {
     Healthz,
     Readyz,
     Metrics,
+    /// `GET /api/status`: the console's numbers and recent history, from memory.
+    Status,
+    /// `GET /`, `/console` and `/console/…`: the console's static files.
+    Console,
     ChatCompletions,
     Embeddings,
     Models,
@@ -72,6 +78,8 @@ impl Route {
             Route::Healthz => "/healthz",
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
+            Route::Status => "/api/status",
+            Route::Console => "/console",
             Route::ChatCompletions => "/v1/chat/completions",
             Route::Embeddings => "/v1/embeddings",
             Route::Models => "/v1/models",
@@ -96,6 +104,8 @@ impl Route {
             Route::Healthz
             | Route::Readyz
             | Route::Metrics
+            | Route::Status
+            | Route::Console
             | Route::Models
             | Route::Model
             | Route::Requests
@@ -128,7 +138,10 @@ impl Route {
 
     /// Answered on the connection thread, never queued: these must work when workers cannot.
     pub(crate) fn is_fast_lane(self) -> bool {
-        matches!(self, Route::Healthz | Route::Readyz | Route::Metrics)
+        matches!(
+            self,
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::Console
+        )
     }
 }
 
@@ -148,6 +161,9 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/healthz" => &[Route::Healthz],
         "/readyz" => &[Route::Readyz],
         "/metrics" => &[Route::Metrics],
+        "/api/status" => &[Route::Status],
+        "/" | "/console" => &[Route::Console],
+        p if p.starts_with(console::HOME) => &[Route::Console],
         "/v1/chat/completions" => &[Route::ChatCompletions],
         "/v1/embeddings" => &[Route::Embeddings],
         "/v1/models" => &[Route::Models],
@@ -219,7 +235,9 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::AdminKeyCreate => admin::create_key(state, request),
         Route::AdminKeyRevoke => admin::revoke_key(state, request),
         Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
-        Route::Healthz | Route::Readyz | Route::Metrics => Ok(ops::answer(state, route)),
+        Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::Console => {
+            ops::answer(state, route, request)
+        }
     }
 }
 
@@ -432,6 +450,9 @@ pub(crate) enum ApiError {
     Draining,
     /// `max_connections` connections are already open.
     TooManyConnections,
+    /// The console or `/api/status` was asked for under a `Host` that is not this machine's
+    /// while no key is needed (DNS rebinding).
+    ForeignHost { host: String },
     /// The handler panicked; details are in the server log only.
     Internal,
 }
@@ -468,6 +489,7 @@ impl ApiError {
                 Denied::ModelNotAllowed { .. } | Denied::AdminDisabled => 403,
                 Denied::Limited(_) => 429,
             },
+            ApiError::ForeignHost { .. } => 403,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => 400,
             ApiError::Provider(e) => match e {
@@ -573,6 +595,7 @@ impl ApiError {
             ApiError::BatchPoolFull { .. } => "batch_pool_full",
             ApiError::Draining => "draining",
             ApiError::TooManyConnections => "too_many_connections",
+            ApiError::ForeignHost { .. } => "host_not_allowed",
             ApiError::Internal => "internal_error",
         }
     }
@@ -752,6 +775,11 @@ impl fmt::Display for ApiError {
             ApiError::TooManyConnections => {
                 f.write_str("server has too many open connections; retry shortly")
             }
+            ApiError::ForeignHost { host } => write!(
+                f,
+                "Host {host:?} is not this machine's; while no API key is needed the console and \
+                 /api/status answer only a loopback name or address, or the listen address"
+            ),
             ApiError::Internal => f.write_str("internal error while handling the request"),
         }
     }
@@ -798,6 +826,12 @@ mod tests {
             Route::ConversationList
         );
         assert_eq!(route("POST", "/api/batch", false).unwrap(), Route::Batch);
+        assert_eq!(route("GET", "/api/status", false).unwrap(), Route::Status);
+        for console in ["/", "/console", "/console/", "/console/console.js"] {
+            assert_eq!(route("GET", console, false).unwrap(), Route::Console);
+            assert!(route(console, "GET", false).is_err());
+        }
+        assert!(Route::Status.is_fast_lane() && Route::Console.is_fast_lane());
         let e = route("GET", "/api/batch", false).unwrap_err();
         assert!(matches!(e, ApiError::MethodNotAllowed { allow, .. } if allow == "POST"));
         assert_eq!(

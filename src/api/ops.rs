@@ -1,28 +1,30 @@
-//! The fast lane: `/healthz`, `/readyz` and `/metrics`, answered on the connection thread in
-//! microseconds, so they stay truthful while every worker is busy and the queue is full.
+//! The fast lane: `/healthz`, `/readyz`, `/metrics`, `/api/status` and the console's files,
+//! answered on the connection thread in microseconds, so they stay truthful while every worker
+//! is busy and the queue is full.
 
 use serde_json::json;
 
-use super::Route;
-use crate::http::Response;
+use super::{console, status, ApiError, Route};
+use crate::http::{Request, Response};
 use crate::server::State;
 
-pub(crate) fn answer(state: &State, route: Route) -> Response {
-    match route {
+pub(crate) fn answer(state: &State, route: Route, request: &Request) -> Result<Response, ApiError> {
+    Ok(match route {
         Route::Readyz => readyz(state),
         Route::Metrics => metrics(state),
+        Route::Status => return status::answer(state, request),
+        Route::Console => console::serve(state, request),
         _ => Response::json(200, &json!({"status": "ok"})),
-    }
+    })
 }
 
-/// 503 while draining, while the queue is at or above its high-water mark, or while the
-/// database cannot be reached, so a load balancer sends new work elsewhere before this
-/// instance has to refuse it.
-fn readyz(state: &State) -> Response {
+/// What `/readyz` says: 503 while draining, while the queue is at or above its high-water
+/// mark, or while the database cannot be reached, so a load balancer sends new work elsewhere
+/// before this instance has to refuse it.
+pub(crate) fn readiness(state: &State) -> (u16, &'static str) {
     let depth = state.queue_len();
-    let capacity = state.config.capacity.queue;
-    let high_water = state.config.capacity.ready_high_water * capacity as f64;
-    let (status, reason) = if state.is_draining() {
+    let high_water = state.config.capacity.ready_high_water * state.config.capacity.queue as f64;
+    if state.is_draining() {
         (503, "draining")
     } else if depth as f64 >= high_water {
         (503, "queue_high_water")
@@ -30,7 +32,13 @@ fn readyz(state: &State) -> Response {
         (503, "store_unavailable")
     } else {
         (200, "ready")
-    };
+    }
+}
+
+fn readyz(state: &State) -> Response {
+    let (status, reason) = readiness(state);
+    let depth = state.queue_len();
+    let capacity = state.config.capacity.queue;
     let body = json!({"status": reason, "queue_depth": depth, "queue_capacity": capacity});
     Response::json(status, &body)
 }

@@ -118,7 +118,9 @@ fn postgres_rates(
     let name = format!("syncgate_bench_{}", std::process::id());
     let mut admin = store::postgres::connect(server)?;
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"))
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
         .with_context(|| format!("cannot make the scratch database {name}"))?;
     let mut config = server.config.clone();
     config.dbname(&name);
@@ -168,10 +170,7 @@ fn postgres_log_rows(db: &crate::database::Database, window: Duration) -> anyhow
 }
 
 /// Conversations created by [`ACK_THREADS`] threads for `window`, each waiting for its commit.
-fn postgres_acknowledged(
-    db: &crate::database::Database,
-    window: Duration,
-) -> anyhow::Result<Rate> {
+fn postgres_acknowledged(db: &crate::database::Database, window: Duration) -> anyhow::Result<Rate> {
     let metrics = Metrics::new();
     let mut config = config(Durability::Full);
     config.read_pool = ACK_THREADS;

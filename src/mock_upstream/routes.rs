@@ -56,6 +56,8 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         api::Route::Healthz
         | api::Route::Readyz
         | api::Route::Metrics
+        | api::Route::Status
+        | api::Route::Console
         | api::Route::Requests
         | api::Route::Usage
         | api::Route::Batch

@@ -48,8 +48,8 @@ pub(crate) fn admit(
         }
     };
     if route.is_fast_lane() {
-        let answer = api::ops::answer(state, route);
-        return respond(state, &request, route.template(), Ok(answer), stream, None);
+        let answer = api::ops::answer(state, route, &request);
+        return respond(state, &request, route.template(), answer, stream, None);
     }
     // Who is calling is decided here, before the request takes a queue slot or reaches a
     // provider; a key's limits are charged here too.
@@ -230,7 +230,11 @@ pub(crate) fn respond(
     if !streamed {
         settle(request);
     }
-    let (bytes, keep_alive, note) = match write_response(&mut stream, response, &meta) {
+    let written = {
+        let _open = streamed.then(|| crate::metrics::Raised::new(&state.metrics.streams_open));
+        write_response(&mut stream, response, &meta)
+    };
+    let (bytes, keep_alive, note) = match written {
         Ok(w) => (w.bytes, w.keep_alive, ""),
         Err(_) => (0, false, " client-gone"),
     };
@@ -291,9 +295,10 @@ fn settle(request: &Request) {
     }
 }
 
-/// The calls the request log keeps: the API, not the fast lane or stray paths.
+/// The calls the request log keeps: the API, not the fast lane (the console's status poll
+/// included) or stray paths.
 fn is_logged_path(path: &str) -> bool {
-    path.starts_with("/v1/") || path.starts_with("/api/")
+    (path.starts_with("/v1/") || path.starts_with("/api/")) && path != "/api/status"
 }
 
 fn capped(bytes: &[u8], max: usize) -> Vec<u8> {

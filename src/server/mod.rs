@@ -40,6 +40,8 @@ pub(crate) struct State {
     pub(crate) jobs: JobBell,
     /// Where the calls of `POST /api/batch` run.
     pub(crate) batch: batch::Pool,
+    /// The last 15 minutes for the console, one sample a second (the `sg-status` thread).
+    pub(crate) history: crate::api::status::History,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -83,7 +85,8 @@ pub(crate) struct Server {
     acceptor: Acceptor,
     pool: Pool,
     batch_threads: batch::Threads,
-    key_watch: KeyWatch,
+    key_watch: Periodic,
+    sampler: Periodic,
     job_runner: Runner,
     addr: SocketAddr,
 }
@@ -164,6 +167,7 @@ impl Server {
             auth,
             jobs: JobBell::new(),
             batch,
+            history: Default::default(),
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
@@ -173,8 +177,18 @@ impl Server {
         let batch_threads =
             batch::spawn(&state, batch_tasks).context("cannot start the batch threads")?;
         let pool = Pool::spawn(&state, jobs).context("cannot start the worker threads")?;
-        let key_watch =
-            KeyWatch::spawn(Arc::clone(&state)).context("cannot start the key watcher")?;
+        let key_watch = {
+            let state = Arc::clone(&state);
+            Periodic::spawn("sg-keys", KEY_WATCH_EVERY, move || watch_keys(&state))
+                .context("cannot start the key watcher")?
+        };
+        let sampler = {
+            let state = Arc::clone(&state);
+            Periodic::spawn("sg-status", SAMPLE_EVERY, move || {
+                crate::api::status::record(&state)
+            })
+            .context("cannot start the status sampler")?
+        };
         let job_runner = Runner::spawn(&state).context("cannot start the job runner")?;
         let acceptor = Acceptor::spawn(listener, Arc::clone(&state))
             .context("cannot start the acceptor thread")?;
@@ -184,6 +198,7 @@ impl Server {
             pool,
             batch_threads,
             key_watch,
+            sampler,
             job_runner,
             addr,
         })
@@ -217,6 +232,7 @@ impl Server {
             false
         };
         self.key_watch.stop();
+        self.sampler.stop();
         // Jobs still running at the deadline keep their leases and run again after restart.
         self.job_runner.stop(deadline);
         // The request log rows still queued are committed before the process exits.
@@ -262,39 +278,51 @@ fn authorization(config: &Config, store: &Store, admin_key: Option<&str>) -> any
     Ok(auth)
 }
 
-/// The thread that notices key changes made by other processes (`syncgate keys`): it looks at
-/// the keys' generation in the file once a second.
-struct KeyWatch {
+/// How often the keyring looks for changes made by another process (`syncgate keys`).
+const KEY_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often the console's history takes a sample.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads the keyring when the keys' generation in the file moved.
+fn watch_keys(state: &State) {
+    match state.auth.refresh(&state.store) {
+        Ok(true) => log::info!(
+            "API keys changed in the database: {} active",
+            state.auth.active_keys()
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            state.metrics.store.count_error(e.kind());
+            log::warn!("cannot look for API key changes: {e}");
+        }
+    }
+}
+
+/// A thread that does one small thing every period until stopped: the key watcher and the
+/// console's sampler.
+struct Periodic {
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How often the keyring looks for changes made by another process.
-const KEY_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl KeyWatch {
-    fn spawn(state: Arc<State>) -> std::io::Result<KeyWatch> {
+impl Periodic {
+    fn spawn(
+        name: &str,
+        every: std::time::Duration,
+        mut tick: impl FnMut() + Send + 'static,
+    ) -> std::io::Result<Periodic> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::Builder::new()
-            .name("sg-keys".into())
+            .name(name.into())
             .spawn(move || {
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(KEY_WATCH_EVERY)
+                    stopped.recv_timeout(every)
                 {
-                    match state.auth.refresh(&state.store) {
-                        Ok(true) => log::info!(
-                            "API keys changed in the database: {} active",
-                            state.auth.active_keys()
-                        ),
-                        Ok(false) => {}
-                        Err(e) => {
-                            state.metrics.store.count_error(e.kind());
-                            log::warn!("cannot look for API key changes: {e}");
-                        }
-                    }
+                    tick();
                 }
             })?;
-        Ok(KeyWatch {
+        Ok(Periodic {
             stop: Some(stop),
             thread: Some(thread),
         })

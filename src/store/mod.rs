@@ -156,13 +156,21 @@ impl Store {
         }
     }
 
-    /// Sets the gauges read at scrape time.
-    pub(crate) fn observe(&self) {
-        let depth = match self.backend() {
+    /// Rows and writes waiting for the writer (on PostgreSQL, request-log rows waiting for the
+    /// log writer).
+    pub(crate) fn queue_depth(&self) -> usize {
+        match self.backend() {
             Backend::Sqlite(db) => db.writer().queue_depth(),
             Backend::Postgres(db) => db.queue_depth(),
-        };
-        self.inner.metrics.queue_depth.set(depth as i64);
+        }
+    }
+
+    /// Sets the gauges read at scrape time.
+    pub(crate) fn observe(&self) {
+        self.inner
+            .metrics
+            .queue_depth
+            .set(self.queue_depth() as i64);
     }
 
     /// Stops deleting old rows, writes what is queued and stops the writer (at shutdown).
