@@ -142,7 +142,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     // Two descriptors per client connection here (the connection and the clone kept to hang
     // up on it), the same again on the gateway's side when it is in this process's limits.
     let needed = 2 * (clients.max(streams).max(256) as u64) + 256;
-    if let Err(why) = crate::http::raise_open_files_limit(needed) {
+    if let Err(why) = crate::server::raise_open_files_limit(needed) {
         eprintln!("syncgate bench: {why}; the largest scenarios may fail to connect");
     }
 

@@ -2,8 +2,6 @@
 //! capacity contract needs (connections, head size, body size, deadlines) is ours to enforce.
 //! See docs/decisions/0001-http-front-end.md for why this is not tiny_http.
 
-mod accept;
-mod conn;
 pub(crate) mod forwarded;
 pub(crate) mod presence;
 mod read;
@@ -12,7 +10,6 @@ mod response;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-pub(crate) use accept::{fds_needed, raise_open_files_limit, Acceptor};
 pub(crate) use read::{HeadClock, ReadError, Rejection, RequestReader};
 pub(crate) use response::{write_response, Body, BodyStream, Response, WriteMeta};
 

@@ -58,7 +58,7 @@ pub(crate) struct Shared {
 /// Binds, then accepts and serves on background threads until the process exits (the mock
 /// has nothing to finish or flush, so stopping is exiting). Returns the bound address.
 pub(crate) fn start(options: Options) -> anyhow::Result<SocketAddr> {
-    match crate::http::raise_open_files_limit(MIN_OPEN_FILES) {
+    match crate::server::raise_open_files_limit(MIN_OPEN_FILES) {
         Ok(limit) => log::info!("open-files limit {limit}: about that many connections at once"),
         Err(why) => log::warn!("{why}; serving with the current open-files limit"),
     }

@@ -1,7 +1,9 @@
 //! The server: the state every thread shares, start-up (limits, listener, workers, acceptor)
 //! and graceful shutdown.
 
+mod accept;
 pub(crate) mod admission;
+mod conn;
 mod handoff;
 mod pool;
 
@@ -17,11 +19,12 @@ use crossbeam_channel::Sender;
 use crate::auth::Auth;
 use crate::batch;
 use crate::config::Config;
-use crate::http::{self, Acceptor};
 use crate::jobs::{JobBell, Runner};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::store::Store;
+pub(crate) use accept::raise_open_files_limit;
+use accept::Acceptor;
 use admission::{Job, ServiceTime};
 pub(crate) use handoff::Doorbell;
 pub(crate) use handoff::Handback;
@@ -97,8 +100,8 @@ impl Server {
         let capacity = &config.capacity;
         // Batch threads hold upstream connections as workers do.
         let threads = capacity.workers + config.batch.threads;
-        let needed = http::fds_needed(capacity.max_connections, threads);
-        let open_files = http::raise_open_files_limit(needed).map_err(|why| {
+        let needed = accept::fds_needed(capacity.max_connections, threads);
+        let open_files = raise_open_files_limit(needed).map_err(|why| {
             anyhow::anyhow!(
                 "cannot honour max_connections = {} with {} workers and {} batch threads: {why}",
                 capacity.max_connections,

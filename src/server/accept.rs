@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::conn;
+use super::{conn, State};
 use crate::api::ApiError;
-use crate::server::State;
 
 /// Stack of a connection thread. It parses heads (httparse's 100-field array is ~3 KiB),
 /// formats small responses and logs; 128 KiB leaves ample room while 1,000 idle connections
@@ -175,13 +174,13 @@ fn refuse_connection(mut stream: TcpStream, error: &ApiError) {
     if stream.set_nonblocking(true).is_err() {
         return;
     }
-    let meta = super::WriteMeta {
-        version: super::Version::Http11,
+    let meta = crate::http::WriteMeta {
+        version: crate::http::Version::Http11,
         keep_alive: false,
         request_id: None,
     };
     // A fresh socket's send buffer is empty, so this small write completes at once.
-    let _ = super::write_response(&mut stream, error.to_response(), &meta);
+    let _ = crate::http::write_response(&mut stream, error.to_response(), &meta);
     let _ = stream.shutdown(Shutdown::Write);
     // Take whatever request bytes already arrived, so closing does not turn into a reset that
     // could destroy the 503 before the client reads it.

@@ -6,8 +6,8 @@ use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use super::{HeadClock, ReadError, RequestReader};
-use crate::server::{admission, Handback, State};
+use super::{admission, Handback, State};
+use crate::http::{HeadClock, ReadError, RequestReader};
 
 /// After refusing a request we stop writing, then read and discard what the client still
 /// sends for at most this long, so that our answer is not destroyed by a TCP reset.
