@@ -117,10 +117,10 @@ fn postgres_rates(
 ) -> anyhow::Result<(Rate, Rate)> {
     let name = format!("syncgate_bench_{}", std::process::id());
     let mut admin = store::postgres::connect(server)?;
+    // Two statements, not one batch: neither may run inside a transaction.
     admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .and_then(|()| admin.batch_execute(&format!("CREATE DATABASE {name}")))
         .with_context(|| format!("cannot make the scratch database {name}"))?;
     let mut config = server.config.clone();
     config.dbname(&name);
