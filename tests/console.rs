@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -412,7 +413,7 @@ struct Browser {
     base: String,
     session: String,
     agent: ureq::Agent,
-    profile: std::path::PathBuf,
+    profile: PathBuf,
 }
 
 impl Browser {
@@ -611,20 +612,24 @@ fn base64_decodes_as_webdriver_sends_it() {
     assert_eq!(decode_base64("aGk="), b"hi");
 }
 
-#[test]
-fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
-    let Some(chromium) = require(
+/// Debian's Chromium and its WebDriver, when the machine has both (see `require`).
+fn browser() -> Option<(PathBuf, PathBuf)> {
+    let chromium = require(
         "chromium",
         "chromium",
         find_program("chromium", &["/usr/bin/chromium"]),
-    ) else {
-        return;
-    };
-    let Some(chromedriver) = require(
+    )?;
+    let chromedriver = require(
         "chromedriver",
         "chromium-driver",
         find_program("chromedriver", &["/usr/bin/chromedriver"]),
-    ) else {
+    )?;
+    Some((chromium, chromedriver))
+}
+
+#[test]
+fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
+    let Some((chromium, chromedriver)) = browser() else {
         return;
     };
     let gw = Server::start(&[
@@ -769,18 +774,7 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
 
 #[test]
 fn the_status_page_asks_for_a_key_once_keys_exist_and_shows_the_status_with_it() {
-    let Some(chromium) = require(
-        "chromium",
-        "chromium",
-        find_program("chromium", &["/usr/bin/chromium"]),
-    ) else {
-        return;
-    };
-    let Some(chromedriver) = require(
-        "chromedriver",
-        "chromium-driver",
-        find_program("chromedriver", &["/usr/bin/chromedriver"]),
-    ) else {
+    let Some((chromium, chromedriver)) = browser() else {
         return;
     };
     let gw = Server::start_with_env(&["--workers", "3"], &[("SYNCGATE_ADMIN_KEY", ADMIN)]);

@@ -110,6 +110,22 @@ pub(crate) enum RunEnd {
     Retry(Value),
 }
 
+impl RunEnd {
+    /// The job's state after this run, and the result or error it keeps: a job cancelled
+    /// while running ends cancelled, whatever its call returned.
+    pub(crate) fn outcome(
+        &self,
+        cancel_requested: bool,
+    ) -> (Status, Option<&Value>, Option<&Value>) {
+        match self {
+            _ if cancel_requested => (Status::Cancelled, None, None),
+            RunEnd::Succeeded(result) => (Status::Succeeded, Some(result), None),
+            RunEnd::Failed(error) => (Status::Failed, None, Some(error)),
+            RunEnd::Retry(error) => (Status::Queued, None, Some(error)),
+        }
+    }
+}
+
 /// What a cancellation did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cancelled {

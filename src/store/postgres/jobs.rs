@@ -139,12 +139,7 @@ pub(crate) fn finish(
         return Ok(None);
     };
     let cancel_requested: bool = held.get(0);
-    let (status, result, error) = match end {
-        _ if cancel_requested => (Status::Cancelled, None, None),
-        RunEnd::Succeeded(result) => (Status::Succeeded, Some(result), None),
-        RunEnd::Failed(error) => (Status::Failed, None, Some(error)),
-        RunEnd::Retry(error) => (Status::Queued, None, Some(error)),
-    };
+    let (status, result, error) = end.outcome(cancel_requested);
     let finished = status.is_final().then_some(now_ms);
     tx.execute(
         "UPDATE jobs SET status = $2, result = $3, error = coalesce($4, error), \

@@ -144,12 +144,7 @@ pub(crate) fn finish(
     let Some(cancel_requested) = held else {
         return Ok(None);
     };
-    let (status, result, error) = match end {
-        _ if cancel_requested => (Status::Cancelled, None, None),
-        RunEnd::Succeeded(result) => (Status::Succeeded, Some(result), None),
-        RunEnd::Failed(error) => (Status::Failed, None, Some(error)),
-        RunEnd::Retry(error) => (Status::Queued, None, Some(error)),
-    };
+    let (status, result, error) = end.outcome(cancel_requested);
     let finished = status.is_final().then_some(now_ms);
     conn.prepare_cached(
         "UPDATE jobs SET status = ?2, result = ?3, error = coalesce(?4, error), \
