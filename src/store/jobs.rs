@@ -258,6 +258,36 @@ pub(crate) fn counts(store: &Store) -> Result<Vec<(Status, i64)>, StoreError> {
 mod tests {
     use super::*;
     use crate::store::testing::stores;
+    use crate::store::Store;
+
+    #[test]
+    fn many_runners_claiming_at_once_never_take_one_job_twice() {
+        for t in stores("claims") {
+            for i in 0..40 {
+                submit(&t, new_job(&format!("j{i}"), None), 100).unwrap();
+            }
+            let store: &Store = &t;
+            let claimed = std::sync::Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| {
+                        while let Some(job) = claim(store, 10, 1_000_000).unwrap() {
+                            claimed.lock().unwrap().push(job.id);
+                        }
+                    });
+                }
+            });
+            let mut ids = claimed.into_inner().unwrap();
+            let taken = ids.len();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(
+                (taken, ids.len()),
+                (40, 40),
+                "a job was claimed twice or not at all"
+            );
+        }
+    }
 
     fn new_job(id: &str, key: Option<&str>) -> NewJob {
         NewJob {

@@ -120,6 +120,40 @@ pub(crate) fn generation(store: &Store) -> Result<i64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::stores;
+
+    #[test]
+    fn keys_are_stored_found_and_revoked_and_every_change_moves_the_generation() {
+        for t in stores("keys") {
+            let made = make(
+                NewKey {
+                    name: "ci".into(),
+                    models: Some(vec!["fast".into()]),
+                    rpm: Some(20),
+                    tpm: Some(1000),
+                    ..NewKey::default()
+                },
+                1,
+            )
+            .unwrap();
+            let before = generation(&t).unwrap();
+            let id = insert(&t, made.stored.clone()).unwrap();
+            assert_eq!(generation(&t).unwrap(), before + 1);
+            let stored = get(&t, id).unwrap().unwrap();
+            assert_eq!(stored.hash, hash(&made.secret));
+            assert_eq!(stored.models, Some(vec!["fast".to_string()]));
+            assert_eq!((stored.rpm, stored.tpm), (Some(20), Some(1000)));
+            assert_eq!(all(&t).unwrap().len(), 1);
+            assert!(revoke(&t, id, 5).unwrap());
+            assert!(
+                !revoke(&t, id, 6).unwrap(),
+                "revoking twice changes nothing"
+            );
+            assert_eq!(get(&t, id).unwrap().unwrap().revoked_ms, Some(5));
+            assert_eq!(generation(&t).unwrap(), before + 2);
+            assert!(get(&t, id + 1000).unwrap().is_none());
+        }
+    }
 
     #[test]
     fn two_keys_never_share_a_secret() {

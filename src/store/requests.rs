@@ -113,3 +113,107 @@ pub(crate) fn list(store: &Store, filter: &Filter) -> Result<Page, StoreError> {
         Backend::Postgres(db) => db.query(|c| pg::list(c, filter)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::store::testing::stores;
+    use crate::store::usage::{self, GroupBy};
+
+    fn row(i: i64) -> RequestRow {
+        RequestRow {
+            request_id: format!("r{i}"),
+            ts_ms: i * 1000,
+            method: "POST".into(),
+            route: "/v1/chat/completions".into(),
+            model: Some(if i % 2 == 0 { "even" } else { "odd" }.into()),
+            status: if i == 3 { 500 } else { 200 },
+            prompt_tokens: Some(1),
+            completion_tokens: Some(2),
+            upstream_model: Some("tab\tnewline\nreturn\rback\\slash".into()),
+            request_body: Some(b"tab\tnewline\nback\\slash".to_vec()),
+            ..RequestRow::default()
+        }
+    }
+
+    fn page(store: &Store, before: Option<Cursor>, status: Option<u16>) -> Page {
+        let filter = Filter {
+            before,
+            status,
+            limit: 2,
+            ..Filter::default()
+        };
+        list(store, &filter).unwrap()
+    }
+
+    #[test]
+    fn logged_rows_page_newest_first_filter_and_add_up_in_usage() {
+        for t in stores("log") {
+            for i in 1..=5 {
+                t.log(row(i));
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while list(
+                &t,
+                &Filter {
+                    limit: 10,
+                    ..Filter::default()
+                },
+            )
+            .unwrap()
+            .rows
+            .len()
+                < 5
+            {
+                assert!(Instant::now() < deadline, "the log rows never arrived");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let first = page(&t, None, None);
+            let ids: Vec<&str> = first
+                .rows
+                .iter()
+                .map(|l| l.row.request_id.as_str())
+                .collect();
+            assert_eq!((ids, first.has_more), (vec!["r5", "r4"], true));
+            let last = first.rows.last().unwrap();
+            let at = cursor(&t, last.id).unwrap().unwrap();
+            assert_eq!(at.ts_ms, 4000);
+            let second = page(&t, Some(at), None);
+            let ids: Vec<&str> = second
+                .rows
+                .iter()
+                .map(|l| l.row.request_id.as_str())
+                .collect();
+            assert_eq!(ids, ["r3", "r2"]);
+            let failed = page(&t, None, Some(500));
+            assert_eq!(failed.rows.len(), 1);
+            assert_eq!(
+                failed.rows[0].row.request_body.as_deref(),
+                Some(&b"tab\tnewline\nback\\slash"[..])
+            );
+            // Text and bytes with COPY's special characters come back as they went in.
+            assert_eq!(
+                failed.rows[0].row.upstream_model.as_deref(),
+                Some("tab\tnewline\nreturn\rback\\slash")
+            );
+            assert!(cursor(&t, 999_999).unwrap().is_none());
+
+            let totals = usage::summarise(&t, GroupBy::Model, TimeRange::default()).unwrap();
+            let odd = totals.iter().find(|x| x.key == "odd").unwrap();
+            assert_eq!(
+                (
+                    odd.calls,
+                    odd.errors,
+                    odd.prompt_tokens,
+                    odd.completion_tokens
+                ),
+                (3, 1, 3, 6)
+            );
+            let days = usage::summarise(&t, GroupBy::Day, TimeRange::default()).unwrap();
+            assert_eq!(days.len(), 1);
+            assert_eq!(days[0].calls, 5);
+        }
+    }
+}
