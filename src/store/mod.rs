@@ -296,7 +296,23 @@ pub(crate) mod testing {
     /// A store on a fresh database, closed and removed on drop.
     pub(crate) struct TempStore {
         pub(crate) store: Store,
+        db: Database,
         place: Place,
+    }
+
+    impl TempStore {
+        /// Closes the store and opens the same database again, deleting request-log rows
+        /// older than `retention_days` (0: none) from the start.
+        pub(crate) fn reopen(&mut self, retention_days: u64) {
+            self.store.close();
+            self.store = Store::open(
+                &self.db,
+                &Config::default().store,
+                retention_days,
+                Metrics::new().store,
+            )
+            .expect("the store again");
+        }
     }
 
     enum Place {
@@ -345,9 +361,10 @@ pub(crate) mod testing {
             std::process::id(),
             fastrand::u64(..)
         ));
-        let store = open_at(&Database::Sqlite(path.clone()));
+        let db = Database::Sqlite(path.clone());
         TempStore {
-            store,
+            store: open_at(&db),
+            db,
             place: Place::File(path),
         }
     }
@@ -391,9 +408,10 @@ pub(crate) mod testing {
             .expect("a fresh database");
         let mut config = server.config.clone();
         config.dbname(&db_name);
-        let store = open_at(&Database::Postgres(Postgres { config }));
+        let db = Database::Postgres(Postgres { config });
         Some(TempStore {
-            store,
+            store: open_at(&db),
+            db,
             place: Place::Server {
                 admin: server.config,
                 name: db_name,

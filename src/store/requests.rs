@@ -216,4 +216,38 @@ mod tests {
             assert_eq!(days[0].calls, 5);
         }
     }
+
+    #[test]
+    fn retention_deletes_only_rows_older_than_it_keeps() {
+        let day = crate::time::MS_PER_DAY;
+        let now = crate::store::now_ms();
+        for mut t in stores("retention") {
+            for (i, age_days) in [(1, 40), (2, 31), (3, 29), (4, 0)] {
+                t.log(RequestRow {
+                    ts_ms: now - age_days * day,
+                    ..row(i)
+                });
+            }
+            // Closing commits what is queued; the sweep at the next start deletes the old.
+            t.reopen(30);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let left = loop {
+                let rows = list(
+                    &t,
+                    &Filter {
+                        limit: 10,
+                        ..Filter::default()
+                    },
+                )
+                .unwrap()
+                .rows;
+                if rows.len() <= 2 || Instant::now() > deadline {
+                    break rows;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let ids: Vec<&str> = left.iter().map(|l| l.row.request_id.as_str()).collect();
+            assert_eq!(ids, ["r4", "r3"]);
+        }
+    }
 }
