@@ -60,6 +60,28 @@ fn status(addr: SocketAddr) -> Value {
 }
 
 /// Waits until the status shows every worker busy and the queue full.
+/// Takes every worker and queue slot with held calls (one at a time, so they queue in order),
+/// waits until the status shows them, then sends `refused` more that must get 503 queue_full.
+fn fill(gw: &Server, workers: u64, queue: u64, refused: usize) -> Vec<JoinHandle<u16>> {
+    let held = (0..workers + queue)
+        .map(|_| {
+            let h = chat_in_background(gw.addr);
+            thread::sleep(Duration::from_millis(50));
+            h
+        })
+        .collect();
+    wait_full(gw, workers, queue);
+    for _ in 0..refused {
+        assert_error(
+            &chat(gw.addr, "one too many"),
+            503,
+            None,
+            Some("queue_full"),
+        );
+    }
+    held
+}
+
 fn wait_full(gw: &Server, workers: u64, queue: u64) -> Value {
     let mut last = Value::Null;
     let full = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
@@ -226,22 +248,7 @@ fn status_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full() {
         "--max-queue-wait-ms",
         "30000",
     ]);
-    let held: Vec<JoinHandle<u16>> = (0..2)
-        .map(|_| {
-            let h = chat_in_background(gw.addr);
-            thread::sleep(Duration::from_millis(50));
-            h
-        })
-        .collect();
-    wait_full(&gw, 1, 1);
-    for _ in 0..3 {
-        assert_error(
-            &chat(gw.addr, "one too many"),
-            503,
-            None,
-            Some("queue_full"),
-        );
-    }
+    let held = fill(&gw, 1, 1, 3);
     let s = status(gw.addr);
     assert_eq!(s["rejected_total"]["queue_full"], 3, "{s:#}");
     assert_eq!(
@@ -668,22 +675,7 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
     assert_eq!(form, "none", "no key is asked for in development mode");
 
     // Load: both workers busy, the queue slot taken, then refusals.
-    let held: Vec<JoinHandle<u16>> = (0..3)
-        .map(|_| {
-            let h = chat_in_background(gw.addr);
-            thread::sleep(Duration::from_millis(50));
-            h
-        })
-        .collect();
-    wait_full(&gw, 2, 1);
-    for _ in 0..2 {
-        assert_error(
-            &chat(gw.addr, "one too many"),
-            503,
-            None,
-            Some("queue_full"),
-        );
-    }
+    let held = fill(&gw, 2, 1, 2);
     let mut shown = (String::new(), String::new(), String::new());
     let moved = poll_until(Duration::from_secs(6), Duration::from_millis(100), || {
         shown = (
