@@ -111,7 +111,9 @@ pub(crate) fn summarise_at(
                     "{db} holds no syncgate data (run `syncgate migrate` or start the server)"
                 );
             }
-            Ok(pg::summarise(&mut client, group_by, range)?)
+            let mut prepared = super::postgres::Prepared::default();
+            let mut session = super::postgres::Session::new(&mut client, &mut prepared);
+            Ok(pg::summarise(&mut session, group_by, range)?)
         }
     }
 }

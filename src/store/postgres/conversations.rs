@@ -1,8 +1,9 @@
 //! Conversations and their messages on PostgreSQL. Pages follow `seq`, the order rows were
 //! stored; idempotency keys are unique, so a racing twin's insert fails and it reads the winner.
 
-use postgres::{GenericClient, Row, Transaction};
+use postgres::{GenericClient, Row};
 
+use super::{Session, Tx};
 use crate::store::conversations::{Conversation, Message, Turn};
 use crate::tokens::Usage;
 
@@ -13,7 +14,7 @@ const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, model, create
      prompt_tokens, completion_tokens";
 
 pub(crate) fn insert(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     conversation: &Conversation,
     idempotency_key: Option<&str>,
 ) -> Result<()> {
@@ -32,7 +33,10 @@ pub(crate) fn insert(
     .map(drop)
 }
 
-pub(crate) fn get(c: &mut impl GenericClient, id: &str) -> Result<Option<Conversation>> {
+pub(crate) fn get(
+    c: &mut Session<'_, impl GenericClient>,
+    id: &str,
+) -> Result<Option<Conversation>> {
     Ok(c.query_opt(
         &format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1"),
         &[&id],
@@ -40,7 +44,10 @@ pub(crate) fn get(c: &mut impl GenericClient, id: &str) -> Result<Option<Convers
     .map(|r| conversation_from_row(&r)))
 }
 
-pub(crate) fn by_key(c: &mut impl GenericClient, key: &str) -> Result<Option<Conversation>> {
+pub(crate) fn by_key(
+    c: &mut Session<'_, impl GenericClient>,
+    key: &str,
+) -> Result<Option<Conversation>> {
     Ok(c.query_opt(
         &format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE idempotency_key = $1"),
         &[&key],
@@ -49,7 +56,7 @@ pub(crate) fn by_key(c: &mut impl GenericClient, key: &str) -> Result<Option<Con
 }
 
 pub(crate) fn list(
-    c: &mut impl GenericClient,
+    c: &mut Session<'_, impl GenericClient>,
     limit: u32,
     before: Option<&str>,
 ) -> Result<Option<Vec<Conversation>>> {
@@ -74,12 +81,12 @@ pub(crate) fn list(
     ))
 }
 
-pub(crate) fn delete(tx: &mut Transaction<'_>, id: &str) -> Result<bool> {
+pub(crate) fn delete(tx: &mut Tx<'_, '_>, id: &str) -> Result<bool> {
     Ok(tx.execute("DELETE FROM conversations WHERE id = $1", &[&id])? > 0)
 }
 
 pub(crate) fn newest_messages(
-    c: &mut impl GenericClient,
+    c: &mut Session<'_, impl GenericClient>,
     conversation_id: &str,
     max: usize,
 ) -> Result<Vec<Message>> {
@@ -96,7 +103,7 @@ pub(crate) fn newest_messages(
 }
 
 pub(crate) fn messages(
-    c: &mut impl GenericClient,
+    c: &mut Session<'_, impl GenericClient>,
     conversation_id: &str,
     limit: u32,
     after: Option<&str>,
@@ -126,7 +133,7 @@ pub(crate) fn messages(
 }
 
 pub(crate) fn reply_for_key(
-    c: &mut impl GenericClient,
+    c: &mut Session<'_, impl GenericClient>,
     conversation_id: &str,
     key: &str,
 ) -> Result<Option<Message>> {
@@ -140,19 +147,17 @@ pub(crate) fn reply_for_key(
     .map(|r| message_from_row(&r)))
 }
 
-pub(crate) fn insert_turn(tx: &mut Transaction<'_>, turn: &Turn) -> Result<()> {
-    let insert = tx.prepare(
-        "INSERT INTO messages (id, conversation_id, role, content, model, created_ms, \
-         incomplete, prompt_tokens, completion_tokens, idempotency_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )?;
+pub(crate) fn insert_turn(tx: &mut Tx<'_, '_>, turn: &Turn) -> Result<()> {
+    let insert = "INSERT INTO messages (id, conversation_id, role, content, model, created_ms, \
+                  incomplete, prompt_tokens, completion_tokens, idempotency_key) \
+                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
     for (m, key) in [
         (&turn.user, None),
         (&turn.reply, turn.idempotency_key.as_ref()),
     ] {
         let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         tx.execute(
-            &insert,
+            insert,
             &[
                 &m.id,
                 &m.conversation_id,

@@ -2,9 +2,10 @@
 //! transaction; a claim takes the oldest claimable job with `FOR UPDATE SKIP LOCKED`, so
 //! runners on several instances never wait for each other's claim.
 
-use postgres::{GenericClient, Row, Transaction};
+use postgres::{GenericClient, Row};
 use serde_json::Value;
 
+use super::{Session, Tx};
 use crate::store::jobs::{
     attempts_exhausted, Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES,
 };
@@ -14,11 +15,7 @@ type Result<T> = std::result::Result<T, postgres::Error>;
 /// Adds a job unless its idempotency key names one already or the table is at capacity. The
 /// count and the insert are serialised by a transaction-scoped advisory lock, so the capacity
 /// is exact across instances.
-pub(crate) fn submit(
-    tx: &mut Transaction<'_>,
-    job: &NewJob,
-    max_queued: usize,
-) -> Result<Submitted> {
+pub(crate) fn submit(tx: &mut Tx<'_, '_>, job: &NewJob, max_queued: usize) -> Result<Submitted> {
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('syncgate.jobs.submit'))",
         &[],
@@ -55,7 +52,7 @@ pub(crate) fn submit(
     Ok(Submitted::Created(job.id.clone()))
 }
 
-pub(crate) fn claimable(c: &mut impl GenericClient, now_ms: i64) -> Result<bool> {
+pub(crate) fn claimable(c: &mut Session<'_, impl GenericClient>, now_ms: i64) -> Result<bool> {
     Ok(c.query_one(
         "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' \
          OR (status = 'running' AND lease_until_ms < $1))",
@@ -67,7 +64,7 @@ pub(crate) fn claimable(c: &mut impl GenericClient, now_ms: i64) -> Result<bool>
 /// Takes the oldest job that is queued or whose lease ran out, skipping rows another runner
 /// is claiming; a job out of attempts is failed instead, and the next one looked at.
 pub(crate) fn claim(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     now_ms: i64,
     lease_until_ms: i64,
 ) -> Result<Option<Claimed>> {
@@ -109,22 +106,20 @@ pub(crate) fn claim(
 }
 
 pub(crate) fn renew(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     held: &[(String, u32)],
     lease_until_ms: i64,
 ) -> Result<()> {
-    let renew = tx.prepare(
-        "UPDATE jobs SET lease_until_ms = $3 \
-         WHERE id = $1 AND attempts = $2 AND status = 'running'",
-    )?;
+    let renew = "UPDATE jobs SET lease_until_ms = $3 \
+                 WHERE id = $1 AND attempts = $2 AND status = 'running'";
     for (id, attempt) in held {
-        tx.execute(&renew, &[id, &(*attempt as i32), &lease_until_ms])?;
+        tx.execute(renew, &[id, &(*attempt as i32), &lease_until_ms])?;
     }
     Ok(())
 }
 
 pub(crate) fn finish(
-    tx: &mut Transaction<'_>,
+    tx: &mut Tx<'_, '_>,
     id: &str,
     attempt: u32,
     end: &RunEnd,
@@ -155,7 +150,7 @@ pub(crate) fn finish(
     Ok(Some(status))
 }
 
-pub(crate) fn cancel(tx: &mut Transaction<'_>, id: &str, now_ms: i64) -> Result<Cancelled> {
+pub(crate) fn cancel(tx: &mut Tx<'_, '_>, id: &str, now_ms: i64) -> Result<Cancelled> {
     let status = tx.query_opt("SELECT status FROM jobs WHERE id = $1 FOR UPDATE", &[&id])?;
     let Some(status) = status.and_then(|r| Status::parse(r.get::<_, &str>(0))) else {
         return Ok(Cancelled::NotFound);
@@ -182,7 +177,7 @@ pub(crate) fn cancel(tx: &mut Transaction<'_>, id: &str, now_ms: i64) -> Result<
 const COLUMNS: &str = "id, status, request, metadata, model, attempts, max_attempts, result, \
                        error, cancel_requested, key_id, created_ms, started_ms, finished_ms";
 
-pub(crate) fn get(c: &mut impl GenericClient, id: &str) -> Result<Option<Job>> {
+pub(crate) fn get(c: &mut Session<'_, impl GenericClient>, id: &str) -> Result<Option<Job>> {
     Ok(
         c.query_opt(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"), &[&id])?
             .map(|r| job_from_row(&r)),
@@ -190,7 +185,7 @@ pub(crate) fn get(c: &mut impl GenericClient, id: &str) -> Result<Option<Job>> {
 }
 
 pub(crate) fn list(
-    c: &mut impl GenericClient,
+    c: &mut Session<'_, impl GenericClient>,
     status: Option<Status>,
     limit: u32,
     before: Option<&str>,
@@ -218,7 +213,7 @@ pub(crate) fn list(
     Ok(Some((jobs, more)))
 }
 
-pub(crate) fn counts(c: &mut impl GenericClient) -> Result<Vec<(Status, i64)>> {
+pub(crate) fn counts(c: &mut Session<'_, impl GenericClient>) -> Result<Vec<(Status, i64)>> {
     let mut counts: Vec<(Status, i64)> = STATUSES.iter().map(|s| (*s, 0)).collect();
     for row in c.query("SELECT status, count(*) FROM jobs GROUP BY status", &[])? {
         let name: &str = row.get(0);

@@ -1,8 +1,9 @@
 //! API keys on PostgreSQL: the `api_keys` rows and the `keys` generation, bumped in the same
 //! transaction as every change, so every instance's keyring reloads after it.
 
-use postgres::{GenericClient, Row, Transaction};
+use postgres::{GenericClient, Row};
 
+use super::{Session, Tx};
 use crate::store::keys::StoredKey;
 
 type Result<T> = std::result::Result<T, postgres::Error>;
@@ -10,7 +11,7 @@ type Result<T> = std::result::Result<T, postgres::Error>;
 const COLUMNS: &str = "id, name, prefix, hash, models, rpm, tpm, max_in_flight, expires_ms, \
                        created_ms, revoked_ms";
 
-pub(crate) fn insert(tx: &mut Transaction<'_>, key: &StoredKey) -> Result<i64> {
+pub(crate) fn insert(tx: &mut Tx<'_, '_>, key: &StoredKey) -> Result<i64> {
     let models = key
         .models
         .as_ref()
@@ -36,7 +37,7 @@ pub(crate) fn insert(tx: &mut Transaction<'_>, key: &StoredKey) -> Result<i64> {
     Ok(id)
 }
 
-pub(crate) fn revoke(tx: &mut Transaction<'_>, id: i64, at_ms: i64) -> Result<bool> {
+pub(crate) fn revoke(tx: &mut Tx<'_, '_>, id: i64, at_ms: i64) -> Result<bool> {
     let n = tx.execute(
         "UPDATE api_keys SET revoked_ms = $2 WHERE id = $1 AND revoked_ms IS NULL",
         &[&id, &at_ms],
@@ -47,7 +48,7 @@ pub(crate) fn revoke(tx: &mut Transaction<'_>, id: i64, at_ms: i64) -> Result<bo
     Ok(n > 0)
 }
 
-pub(crate) fn all(c: &mut impl GenericClient) -> Result<Vec<StoredKey>> {
+pub(crate) fn all(c: &mut Session<'_, impl GenericClient>) -> Result<Vec<StoredKey>> {
     Ok(
         c.query(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY id"), &[])?
             .iter()
@@ -56,7 +57,7 @@ pub(crate) fn all(c: &mut impl GenericClient) -> Result<Vec<StoredKey>> {
     )
 }
 
-pub(crate) fn get(c: &mut impl GenericClient, id: i64) -> Result<Option<StoredKey>> {
+pub(crate) fn get(c: &mut Session<'_, impl GenericClient>, id: i64) -> Result<Option<StoredKey>> {
     Ok(c.query_opt(
         &format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"),
         &[&id],
@@ -64,14 +65,14 @@ pub(crate) fn get(c: &mut impl GenericClient, id: i64) -> Result<Option<StoredKe
     .map(|r| key_from_row(&r)))
 }
 
-pub(crate) fn generation(c: &mut impl GenericClient) -> Result<i64> {
+pub(crate) fn generation(c: &mut Session<'_, impl GenericClient>) -> Result<i64> {
     Ok(
         c.query_one("SELECT value FROM generations WHERE name = 'keys'", &[])?
             .get(0),
     )
 }
 
-fn bump(tx: &mut Transaction<'_>) -> Result<()> {
+fn bump(tx: &mut Tx<'_, '_>) -> Result<()> {
     tx.execute(
         "UPDATE generations SET value = value + 1 WHERE name = 'keys'",
         &[],

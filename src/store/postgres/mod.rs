@@ -12,6 +12,7 @@ pub(super) mod keys;
 pub(crate) mod migrate;
 mod probe;
 pub(super) mod requests;
+mod session;
 pub(super) mod usage;
 mod writer;
 
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, NoTls};
+
+pub(crate) use session::{Prepared, Session, Tx};
 
 use super::requests::RequestRow;
 use super::retention::{Expire, Retention};
@@ -28,6 +31,7 @@ use crate::config::StoreConfig;
 use crate::database::Postgres;
 use crate::metrics::StoreMetrics;
 use probe::Probe;
+use session::Conn;
 use writer::LogWriter;
 
 /// How long a call waits for a free connection before it is answered busy.
@@ -53,18 +57,18 @@ pub(crate) struct Manager {
 }
 
 impl r2d2::ManageConnection for Manager {
-    type Connection = Client;
+    type Connection = Conn;
     type Error = postgres::Error;
 
-    fn connect(&self) -> Result<Client, postgres::Error> {
-        self.config.connect(NoTls)
+    fn connect(&self) -> Result<Conn, postgres::Error> {
+        self.config.connect(NoTls).map(Conn::new)
     }
 
-    fn is_valid(&self, conn: &mut Client) -> Result<(), postgres::Error> {
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
         conn.simple_query("").map(drop)
     }
 
-    fn has_broken(&self, conn: &mut Client) -> bool {
+    fn has_broken(&self, conn: &mut Conn) -> bool {
         conn.is_closed()
     }
 }
@@ -128,7 +132,12 @@ impl Pg {
             let pool = pool.clone();
             Box::new(move |cutoff_ms, limit| {
                 let mut conn = pool.get().map_err(|_| StoreError::Busy)?;
-                Ok(requests::expire(&mut *conn, cutoff_ms, limit)?)
+                let Conn { client, prepared } = &mut *conn;
+                Ok(requests::expire(
+                    &mut Session::new(client, prepared),
+                    cutoff_ms,
+                    limit,
+                )?)
             })
         };
         let retention = (retention_days > 0)
@@ -176,12 +185,13 @@ impl Pg {
     /// Runs `read` on a pooled connection and hands back what it found.
     pub(crate) fn query<T>(
         &self,
-        read: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+        read: impl FnOnce(&mut Session<'_, Client>) -> Result<T, postgres::Error>,
     ) -> Result<T, StoreError> {
         let mut conn = self.connection()?;
+        let Conn { client, prepared } = &mut *conn;
         self.metrics.reads_in_use.inc();
         let taken = Instant::now();
-        let found = read(&mut conn);
+        let found = read(&mut Session::new(client, prepared));
         self.metrics.reads_in_use.dec();
         self.metrics
             .read_seconds
@@ -192,13 +202,14 @@ impl Pg {
     /// Runs `write` in a transaction of its own and returns what it returned once committed.
     pub(crate) fn write<T>(
         &self,
-        write: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+        write: impl FnOnce(&mut Tx<'_, '_>) -> Result<T, postgres::Error>,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
         let mut conn = self.connection()?;
+        let Conn { client, prepared } = &mut *conn;
         let value = (|| {
-            let mut tx = conn.transaction()?;
-            let value = write(&mut tx)?;
+            let mut tx = client.transaction()?;
+            let value = write(&mut Session::new(&mut tx, prepared))?;
             tx.commit()?;
             Ok(value)
         })()

@@ -6,6 +6,7 @@ use std::io::Write;
 use postgres::types::ToSql;
 use postgres::{GenericClient, Row};
 
+use super::Session;
 use crate::store::requests::{Cursor, Filter, Logged, Page, RequestRow};
 
 type Result<T> = std::result::Result<T, postgres::Error>;
@@ -104,7 +105,7 @@ fn finite(ms: f64) -> f64 {
     }
 }
 
-pub(crate) fn cursor(c: &mut impl GenericClient, id: i64) -> Result<Option<Cursor>> {
+pub(crate) fn cursor(c: &mut Session<'_, impl GenericClient>, id: i64) -> Result<Option<Cursor>> {
     Ok(
         c.query_opt("SELECT ts_ms FROM requests WHERE id = $1", &[&id])?
             .map(|r| Cursor {
@@ -115,7 +116,7 @@ pub(crate) fn cursor(c: &mut impl GenericClient, id: i64) -> Result<Option<Curso
 }
 
 /// The rows matching `filter`, newest first (by time, then id): a range scan of one index.
-pub(crate) fn list(c: &mut impl GenericClient, filter: &Filter) -> Result<Page> {
+pub(crate) fn list(c: &mut Session<'_, impl GenericClient>, filter: &Filter) -> Result<Page> {
     let (since, mut until) = filter.range.bounds();
     if let Some(before) = filter.before {
         until = until.min(before.ts_ms.saturating_add(1));
@@ -186,7 +187,11 @@ fn read_row(r: &Row) -> Logged {
 }
 
 /// Deletes at most `batch` of the oldest rows logged before `cutoff_ms`; returns how many.
-pub(crate) fn expire(c: &mut impl GenericClient, cutoff_ms: i64, batch: usize) -> Result<usize> {
+pub(crate) fn expire(
+    c: &mut Session<'_, impl GenericClient>,
+    cutoff_ms: i64,
+    batch: usize,
+) -> Result<usize> {
     let n = c.execute(
         "DELETE FROM requests WHERE id IN \
          (SELECT id FROM requests WHERE ts_ms < $1 ORDER BY ts_ms LIMIT $2)",

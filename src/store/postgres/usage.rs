@@ -2,12 +2,13 @@
 
 use postgres::GenericClient;
 
+use super::Session;
 use crate::store::requests::TimeRange;
 use crate::store::usage::{GroupBy, Totals};
 use crate::time;
 
 pub(crate) fn summarise(
-    c: &mut impl GenericClient,
+    c: &mut Session<'_, impl GenericClient>,
     group_by: GroupBy,
     range: TimeRange,
 ) -> Result<Vec<Totals>, postgres::Error> {
