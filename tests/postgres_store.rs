@@ -7,6 +7,10 @@
 
 mod common;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -137,59 +141,214 @@ fn an_unreachable_database_stops_start_up_naming_host_and_port_but_not_the_passw
 /// are answered `503 store_unavailable` at once instead of hanging, `/readyz` says so, `/v1`
 /// calls that need no acknowledged write go on, and the server recovers by itself when the
 /// database is back, with no restart.
+/// What the callers of the database-down test saw.
+#[derive(Default)]
+struct Seen {
+    /// Conversations answered 201: acknowledged, so they must survive.
+    created: Vec<String>,
+    /// Request ids of /v1 calls answered 200: their log rows must land or be counted dropped.
+    chats: Vec<String>,
+    /// Store calls refused with 503 store_unavailable and a Retry-After.
+    refused: usize,
+    /// Anything else: a wrong status, a missing header, a broken connection.
+    unexpected: Vec<String>,
+    /// The longest any one call took.
+    slowest: Duration,
+}
+
+/// Callers that create conversations and call /v1 until `stop`, each call on its own
+/// connection, recording what came back.
+fn load(
+    addr: std::net::SocketAddr,
+    seen: &Arc<Mutex<Seen>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<thread::JoinHandle<()>> {
+    (0..6)
+        .map(|n| {
+            let (seen, stop) = (Arc::clone(seen), Arc::clone(stop));
+            thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let started = Instant::now();
+                    let chat_id = format!("down-{n}-{i}");
+                    let raw = if n < 4 {
+                        post_req(
+                            "/api/conversations",
+                            &format!(r#"{{"title":"load {n} {i}"}}"#),
+                            &[("Connection", "close")],
+                        )
+                    } else {
+                        chat_req(
+                            "under load",
+                            &[("X-Request-Id", &chat_id), ("Connection", "close")],
+                        )
+                    };
+                    let answer = try_send(addr, &raw);
+                    let took = started.elapsed();
+                    let mut seen = seen.lock().unwrap();
+                    seen.slowest = seen.slowest.max(took);
+                    match answer {
+                        Ok(r) if r.status == 201 && n < 4 => seen
+                            .created
+                            .push(r.json()["id"].as_str().unwrap().to_string()),
+                        Ok(r) if r.status == 200 && n >= 4 => seen.chats.push(chat_id),
+                        Ok(r)
+                            if r.status == 503
+                                && n < 4
+                                && r.json()["error"]["code"] == "store_unavailable"
+                                && r.header("retry-after").is_some() =>
+                        {
+                            seen.refused += 1
+                        }
+                        Ok(r) => seen.unexpected.push(r.describe()),
+                        Err(e) => seen.unexpected.push(format!("call {n}/{i}: {e}")),
+                    }
+                    drop(seen);
+                    // Paced, so the rows to check at the end stay a few thousand.
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every request id in the request log, page by page.
+fn logged_request_ids(addr: std::net::SocketAddr) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut before = String::new();
+    loop {
+        let page = get(addr, &format!("/api/requests?limit=1000{before}")).json();
+        let rows = page["data"].as_array().cloned().unwrap_or_default();
+        ids.extend(
+            rows.iter()
+                .filter_map(|r| r["request_id"].as_str().map(str::to_string)),
+        );
+        match rows.last() {
+            Some(last) if page["has_more"] == true => before = format!("&before={}", last["id"]),
+            _ => return ids,
+        }
+    }
+}
+
 #[test]
-fn the_database_going_away_answers_503_keeps_v1_working_and_recovers_without_a_restart() {
+fn the_database_stopped_under_load_loses_no_acknowledged_write_and_recovers_without_a_restart() {
     let Some(cluster) = PgCluster::start() else {
         return;
     };
     let gw = Server::start(&["--db", &cluster.url()]);
-    let create = || post_json(gw.addr, "/api/conversations", r#"{"title":"t"}"#);
     assert_eq!(get(gw.addr, "/readyz").status, 200);
-    assert_eq!(create().status, 201, "{}", gw.log());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers = load(gw.addr, &seen, &stop);
+    let counts = || {
+        let s = seen.lock().unwrap();
+        (s.created.len(), s.chats.len(), s.refused)
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        assert!(
+            poll_until(Duration::from_secs(15), Duration::from_millis(20), done),
+            "{what} never happened; seen so far {:?}:\n{}",
+            counts(),
+            gw.log()
+        );
+    };
+    wait("20 conversations before the stop", &|| counts().0 >= 20);
 
     let stopped = Instant::now();
     cluster.stop();
-    let noticed = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        get(gw.addr, "/readyz").status == 503
-    });
+    wait("/readyz 503", &|| get(gw.addr, "/readyz").status == 503);
     let readyz_after = stopped.elapsed();
-    assert!(
-        noticed,
-        "/readyz never said the database was gone:\n{}",
-        gw.log()
-    );
     assert_eq!(
         get(gw.addr, "/readyz").json()["status"],
         "store_unavailable"
     );
     let asked = Instant::now();
-    let refused = create();
+    let refused = post_json(gw.addr, "/api/conversations", r#"{"title":"t"}"#);
     let refused_in = asked.elapsed();
     assert_error(&refused, 503, None, Some("store_unavailable"));
-    assert!(
-        refused.header("retry-after").is_some(),
-        "{}",
-        refused.describe()
-    );
     assert!(refused_in < Duration::from_secs(1), "took {refused_in:?}");
-    assert_ok(
-        &chat(gw.addr, "still here"),
-        "a /v1 call while the database is down",
-    );
+    let (_, chats_before, refused_before) = counts();
+    wait("20 refusals and 5 /v1 answers while down", &|| {
+        let (_, chats, refused) = counts();
+        refused >= refused_before + 20 && chats >= chats_before + 5
+    });
 
     let restarted = Instant::now();
     cluster.start_again();
-    let back = poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
+    wait("/readyz 200 again", &|| {
         get(gw.addr, "/readyz").status == 200
     });
     let recovered_in = restarted.elapsed();
-    assert!(back, "/readyz never recovered:\n{}", gw.log());
-    assert_eq!(create().status, 201, "{}", gw.log());
+    let created_back = counts().0;
+    wait("20 conversations after the restart", &|| {
+        counts().0 >= created_back + 20
+    });
+    stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for caller in callers {
+        while !caller.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "a caller is stuck:\n{}",
+                gw.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        caller.join().unwrap();
+    }
+
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.unexpected.is_empty(),
+        "unexpected answers: {:#?}\n{}",
+        seen.unexpected,
+        gw.log()
+    );
+    assert!(
+        seen.slowest < Duration::from_secs(10),
+        "a call took {:?}",
+        seen.slowest
+    );
+    for id in &seen.created {
+        let found = get(gw.addr, &format!("/api/conversations/{id}"));
+        assert_eq!(found.status, 200, "acknowledged conversation {id} is gone");
+    }
+    // The /v1 calls made while the database was down wait in the log queue; each lands in
+    // the request log once it is back, or is counted dropped.
+    let mut logged = 0;
+    let mut dropped = 0.0;
+    let settled = poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        dropped = metric_value(
+            &scrape(gw.addr),
+            "syncgate_store_log_rows_dropped_total",
+            &[],
+        )
+        .unwrap_or(0.0);
+        let found = logged_request_ids(gw.addr);
+        logged = seen.chats.iter().filter(|id| found.contains(*id)).count();
+        logged as f64 + dropped >= seen.chats.len() as f64
+    });
+    assert!(
+        settled,
+        "{} /v1 calls answered, {logged} logged, {dropped} rows counted dropped",
+        seen.chats.len()
+    );
+    let busy = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        metric_value(&scrape(gw.addr), "syncgate_workers_busy", &[]) == Some(0.0)
+    });
+    assert!(busy, "a worker is still busy:\n{}", scrape(gw.addr));
     eprintln!(
-        "database down: /readyz 503 after {:.2} s, a store call refused in {:.0} ms, \
-         ready again {:.2} s after the database restarted",
+        "database down under load: /readyz 503 after {:.2} s, a store call refused in {:.0} ms, \
+         ready again {:.2} s after the database restarted; {} conversations acknowledged (all \
+         found), {} refused with 503, {} /v1 answers ({logged} logged, {dropped} dropped), the \
+         slowest call {:.0} ms",
         readyz_after.as_secs_f64(),
         refused_in.as_secs_f64() * 1000.0,
-        recovered_in.as_secs_f64()
+        recovered_in.as_secs_f64(),
+        seen.created.len(),
+        seen.refused,
+        seen.chats.len(),
+        seen.slowest.as_secs_f64() * 1000.0
     );
 }

@@ -16,6 +16,8 @@ mod session;
 pub(super) mod usage;
 mod writer;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -75,6 +77,33 @@ impl r2d2::ManageConnection for Manager {
 
 pub(crate) type Pool = r2d2::Pool<Manager>;
 
+/// Whether `e` says the connection is gone rather than that the statement failed: closed, cut
+/// mid-call (an I/O error), or ended by the server (SQLSTATE class 08, connection exception;
+/// 57P, the server shutting down or restarting).
+fn connection_lost(e: &postgres::Error) -> bool {
+    let cut = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let ended = e
+        .code()
+        .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"));
+    e.is_closed() || cut || ended
+}
+
+/// The pool's failures to open a connection: one that finds the database gone marks it
+/// unreachable at once, before the next probe. Logged at debug: the probe says it once.
+#[derive(Debug)]
+struct ConnectErrors {
+    up: Arc<AtomicBool>,
+}
+
+impl r2d2::HandleError<postgres::Error> for ConnectErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        if connection_lost(&error) {
+            self.up.store(false, Ordering::SeqCst);
+        }
+        log::debug!("database connection: {error}");
+    }
+}
+
 /// The open database: the pool, the log writer, and the retention thread if rows expire.
 pub(crate) struct Pg {
     pool: Pool,
@@ -116,16 +145,20 @@ impl Pg {
                 migrated.to
             );
         }
+        let up = Arc::new(AtomicBool::new(true));
         let pool = r2d2::Pool::builder()
             .max_size(config.read_pool as u32)
             .min_idle(Some(1))
             .connection_timeout(CHECKOUT_WAIT)
+            .error_handler(Box::new(ConnectErrors {
+                up: Arc::clone(&up),
+            }))
             .build(Manager {
                 config: db.config.clone(),
             })
             .with_context(|| format!("cannot open connections to {}", db.endpoint()))?;
-        let probe =
-            Probe::spawn(pool.clone(), db.endpoint()).context("cannot start the database probe")?;
+        let probe = Probe::spawn(pool.clone(), up, db.endpoint())
+            .context("cannot start the database probe")?;
         let log = LogWriter::spawn(pool.clone(), probe.flag(), config, metrics.clone())
             .context("cannot start the database log writer")?;
         let expire: Expire = {
@@ -174,7 +207,7 @@ impl Pg {
 
     /// A failed call's error; a connection that died with it means the database is gone.
     fn failed(&self, e: postgres::Error) -> StoreError {
-        if e.is_closed() {
+        if connection_lost(&e) {
             self.probe.lost();
             StoreError::Unavailable
         } else {

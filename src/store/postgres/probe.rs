@@ -25,9 +25,13 @@ pub(super) struct Probe {
 }
 
 impl Probe {
-    /// Starts probing; the database counts as reachable (it was, a moment ago, at open).
-    pub(super) fn spawn(pool: Pool, endpoint: String) -> std::io::Result<Probe> {
-        let up = Arc::new(AtomicBool::new(true));
+    /// Starts probing, keeping the verdict in `up` (true at open: the database answered a
+    /// moment ago). The pool's error handler clears `up` too, as a connection attempt fails.
+    pub(super) fn spawn(
+        pool: Pool,
+        up: Arc<AtomicBool>,
+        endpoint: String,
+    ) -> std::io::Result<Probe> {
         let flag = Arc::clone(&up);
         let thread = Background::spawn("sg-db-probe", move |stopped| {
             run(&pool, &flag, &stopped, &endpoint);
