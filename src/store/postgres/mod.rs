@@ -12,6 +12,7 @@ pub(super) mod keys;
 pub(crate) mod migrate;
 mod probe;
 pub(super) mod requests;
+pub(crate) mod tls;
 pub(super) mod usage;
 mod writer;
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, Transaction};
 
 use super::requests::RequestRow;
 use super::retention::{Expire, Retention};
@@ -28,6 +29,7 @@ use crate::config::StoreConfig;
 use crate::database::Postgres;
 use crate::metrics::StoreMetrics;
 use probe::Probe;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use writer::LogWriter;
 
 /// How long a call waits for a free connection before it is answered busy.
@@ -47,9 +49,10 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-/// Makes the pool's connections (no TLS yet: `sslmode=require` is refused at connect).
+/// Makes the pool's connections, over TLS as `sslmode` says (`tls.rs`).
 pub(crate) struct Manager {
     config: Box<postgres::Config>,
+    tls: MakeRustlsConnect,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -57,7 +60,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Client, postgres::Error> {
-        self.config.connect(NoTls)
+        self.config.connect(self.tls.clone())
     }
 
     fn is_valid(&self, conn: &mut Client) -> Result<(), postgres::Error> {
@@ -83,7 +86,7 @@ pub(crate) struct Pg {
 /// Connects, for `migrate` and `usage`: an error names the host and port, never the password.
 pub(crate) fn connect(db: &Postgres) -> anyhow::Result<Client> {
     db.config
-        .connect(NoTls)
+        .connect(tls::connector(db)?)
         .with_context(|| format!("cannot connect to PostgreSQL at {}", db.endpoint()))
 }
 
@@ -118,6 +121,7 @@ impl Pg {
             .connection_timeout(CHECKOUT_WAIT)
             .build(Manager {
                 config: db.config.clone(),
+                tls: tls::connector(db)?,
             })
             .with_context(|| format!("cannot open connections to {}", db.endpoint()))?;
         let probe =
