@@ -163,7 +163,7 @@ impl fmt::Display for NotTrusted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the server's certificate is not trusted by {} ({})",
+            "the server's certificate is not trusted by {}: {}",
             self.from, self.cause
         )
     }
