@@ -1,6 +1,7 @@
 //! Where the store lives, as `--db` says: a SQLite file (a path, or `sqlite:PATH`) or a
 //! PostgreSQL server (`postgres://…`, `postgresql://…`, or libpq's `key=value` words). Shown
-//! only with its password masked, so it can be logged and put in errors.
+//! only with its password masked, so it can be logged and put in errors. `sslmode` and
+//! `sslrootcert` are read here, as libpq reads them: the driver knows only three of the modes.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -22,6 +23,69 @@ pub(crate) enum Database {
 #[derive(Clone)]
 pub(crate) struct Postgres {
     pub(crate) config: Box<postgres::Config>,
+    /// How the connection uses TLS; the driver's own mode is set from it.
+    pub(crate) ssl_mode: SslMode,
+    /// `sslrootcert`: a PEM file of the CA certificates to trust; `None` trusts webpki-roots.
+    pub(crate) ssl_root_cert: Option<PathBuf>,
+}
+
+/// libpq's `sslmode`, all of it that means something without client certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, with any certificate; plain otherwise. The default.
+    Prefer,
+    /// TLS or no connection; the certificate is checked only when `sslrootcert` names CAs
+    /// (then as `VerifyCa`), as libpq does.
+    Require,
+    /// TLS with a certificate signed by a trusted CA, for whatever host it names.
+    VerifyCa,
+    /// TLS with a certificate signed by a trusted CA and naming the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    const ALL: [SslMode; 5] = [
+        SslMode::Disable,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
+    fn parse(value: &str) -> Result<SslMode, String> {
+        SslMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == value)
+            .ok_or_else(|| {
+                format!(
+                    "sslmode must be disable, prefer, require, verify-ca or verify-full, \
+                     not {value:?}"
+                )
+            })
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// The driver's mode: it asks for TLS, and gives up without it, as this says.
+    fn driver(self) -> postgres::config::SslMode {
+        match self {
+            SslMode::Disable => postgres::config::SslMode::Disable,
+            SslMode::Prefer => postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                postgres::config::SslMode::Require
+            }
+        }
+    }
 }
 
 impl Database {
@@ -41,8 +105,14 @@ impl Database {
         if !is_postgres(text) {
             return Ok(Database::Sqlite(PathBuf::from(text)));
         }
+        let (rest, tls) = take_tls(text);
+        let ssl_mode = match tls.mode {
+            Some(mode) => SslMode::parse(&mode)?,
+            None => SslMode::Prefer,
+        };
+        let ssl_root_cert = tls.root_cert.filter(|p| !p.is_empty()).map(PathBuf::from);
         // The driver's own message may quote the text it could not parse: never echo it.
-        let mut config: postgres::Config = text
+        let mut config: postgres::Config = rest
             .parse()
             .map_err(|_| "is not a valid PostgreSQL URL or connection string".to_string())?;
         if config.get_hosts().is_empty() {
@@ -60,10 +130,72 @@ impl Database {
         if config.get_options().is_none() {
             config.options(&format!("-c statement_timeout={STATEMENT_TIMEOUT_MS}"));
         }
+        config.ssl_mode(ssl_mode.driver());
         Ok(Database::Postgres(Postgres {
             config: Box::new(config),
+            ssl_mode,
+            ssl_root_cert,
         }))
     }
+}
+
+/// `sslmode` and `sslrootcert` as written (the last of each wins, as in libpq).
+#[derive(Default)]
+struct TlsWords {
+    mode: Option<String>,
+    root_cert: Option<String>,
+}
+
+impl TlsWords {
+    /// Keeps `value` if `key` is one of ours; whether it was.
+    fn take(&mut self, key: &str, value: String) -> bool {
+        match key {
+            "sslmode" => self.mode = Some(value),
+            "sslrootcert" => self.root_cert = Some(value),
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// Takes `sslmode` and `sslrootcert` out of a URL's query or libpq's words, for the driver,
+/// which refuses the verify modes and does not know `sslrootcert`: the rest, and those two.
+fn take_tls(text: &str) -> (String, TlsWords) {
+    let mut tls = TlsWords::default();
+    if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+        let rest: Vec<&str> = text
+            .split_whitespace()
+            .filter(|word| {
+                let (key, value) = word.split_once('=').unwrap_or((word, ""));
+                let value = value.trim_matches('\'');
+                !tls.take(key, value.to_string())
+            })
+            .collect();
+        return (rest.join(" "), tls);
+    }
+    // The query starts at the first `?` after the user and password, as the driver reads it.
+    let after_user = text.find('@').map_or(0, |at| at + 1);
+    let Some(question) = text[after_user..].find('?').map(|q| after_user + q) else {
+        return (text.to_string(), tls);
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let rest: Vec<&str> = text[question + 1..]
+        .split('&')
+        .filter(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            !tls.take(&decode(key), decode(value))
+        })
+        .collect();
+    let mut url = text[..question].to_string();
+    if !rest.is_empty() {
+        url.push('?');
+        url.push_str(&rest.join("&"));
+    }
+    (url, tls)
 }
 
 /// Whether `--db` names a PostgreSQL server rather than a file.
@@ -80,6 +212,7 @@ fn is_postgres(text: &str) -> bool {
         "user",
         "password",
         "sslmode",
+        "sslrootcert",
         "options",
         "connect_timeout",
         "application_name",
@@ -125,7 +258,11 @@ impl fmt::Display for Database {
                 } else {
                     "@"
                 };
-                write!(f, "postgres://{user}{secret}{at}{}", pg.endpoint())
+                write!(f, "postgres://{user}{secret}{at}{}", pg.endpoint())?;
+                if pg.ssl_mode != SslMode::Prefer {
+                    write!(f, "?sslmode={}", pg.ssl_mode.as_str())?;
+                }
+                Ok(())
             }
         }
     }
@@ -178,6 +315,94 @@ mod tests {
                 assert!(shown.contains("sg:***@db.example:6543/gateway"), "{shown}");
             }
         }
+    }
+
+    fn server(text: &str) -> Postgres {
+        match Database::parse(text) {
+            Ok(Database::Postgres(pg)) => pg,
+            Ok(Database::Sqlite(_)) => panic!("{text} is a server"),
+            Err(e) => panic!("{text}: {e}"),
+        }
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_read_from_urls_and_words_and_kept_from_the_driver() {
+        use postgres::config::SslMode as Driver;
+        for (text, mode, driver, root) in [
+            ("postgres://sg@db:5432/g", SslMode::Prefer, Driver::Prefer, None),
+            (
+                "postgres://sg@db/g?sslmode=disable",
+                SslMode::Disable,
+                Driver::Disable,
+                None,
+            ),
+            (
+                "postgresql://sg:pw@db/g?application_name=gw&sslmode=require",
+                SslMode::Require,
+                Driver::Require,
+                None,
+            ),
+            (
+                "postgres://sg@db/g?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem",
+                SslMode::VerifyCa,
+                Driver::Require,
+                Some("/etc/ca dir/ca.pem"),
+            ),
+            (
+                "postgres://sg@db/g?sslrootcert=/etc/ca.pem&application_name=gw&sslmode=verify-full",
+                SslMode::VerifyFull,
+                Driver::Require,
+                Some("/etc/ca.pem"),
+            ),
+            (
+                "host=db user=sg sslmode=verify-full sslrootcert='/etc/ca.pem' dbname=g",
+                SslMode::VerifyFull,
+                Driver::Require,
+                Some("/etc/ca.pem"),
+            ),
+            ("host=db sslmode=prefer dbname=g", SslMode::Prefer, Driver::Prefer, None),
+        ] {
+            let pg = server(text);
+            assert_eq!(pg.ssl_mode, mode, "{text}");
+            assert_eq!(pg.config.get_ssl_mode(), driver, "{text}");
+            assert_eq!(pg.ssl_root_cert, root.map(PathBuf::from), "{text}");
+            assert_eq!(pg.config.get_dbname(), Some("g"), "{text}");
+            if text.contains("application_name") {
+                assert_eq!(pg.config.get_application_name(), Some("gw"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_refused_naming_the_modes_but_not_the_password() {
+        for text in [
+            "postgres://sg:s3cret-pw@db/g?sslmode=verify_full",
+            "host=db password=s3cret-pw sslmode=allow",
+        ] {
+            let err = Database::parse(text).unwrap_err();
+            assert!(
+                err.contains("sslmode must be disable, prefer, require, verify-ca or verify-full"),
+                "{err}"
+            );
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_sslmode_is_shown_and_the_password_still_is_not() {
+        let db = Database::parse(
+            "postgres://sg:s3cret-pw@db:6543/g?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .unwrap();
+        for shown in [db.to_string(), format!("{db:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(
+                shown.contains("postgres://sg:***@db:6543/g?sslmode=verify-full"),
+                "{shown}"
+            );
+        }
+        let plain = Database::parse("postgres://sg:s3cret-pw@db:6543/g").unwrap();
+        assert_eq!(plain.to_string(), "postgres://sg:***@db:6543/g");
     }
 
     #[test]

@@ -74,7 +74,7 @@ struct KeysArgs {
         hide_env_values = true,
         value_name = "PATH|URL",
         default_value = "./syncgate.db",
-        value_parser = Database::parse
+        value_parser = DbParser
     )]
     db: Database,
     #[command(subcommand)]
@@ -120,7 +120,7 @@ struct DbArgs {
         hide_env_values = true,
         value_name = "PATH|URL",
         default_value = "./syncgate.db",
-        value_parser = Database::parse
+        value_parser = DbParser
     )]
     db: Database,
 }
@@ -138,6 +138,32 @@ struct UsageArgs {
     /// Only calls logged before this time: unix seconds or RFC 3339.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<i64>,
+}
+
+/// `--db` (or `SYNCGATE_DB`) read by `Database::parse`. Not a plain function parser: clap
+/// quotes a refused value in its error, and a database URL may hold a password.
+#[derive(Clone)]
+struct DbParser;
+
+impl clap::builder::TypedValueParser for DbParser {
+    type Value = Database;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Database, clap::Error> {
+        let refuse = |why: &str| {
+            let arg = arg.map_or_else(|| "--db".to_string(), ToString::to_string);
+            let message = format!(
+                "invalid value for '{arg}' (not repeated: it may hold a password): {why}\n"
+            );
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("is not UTF-8"))?;
+        Database::parse(text).map_err(|why| refuse(&why))
+    }
 }
 
 /// An instant on the command line, as unix ms.

@@ -122,9 +122,9 @@ fn postgres_rates(
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .and_then(|()| admin.batch_execute(&format!("CREATE DATABASE {name}")))
         .with_context(|| format!("cannot make the scratch database {name}"))?;
-    let mut config = server.config.clone();
-    config.dbname(&name);
-    let db = crate::database::Database::Postgres(crate::database::Postgres { config });
+    let mut scratch = server.clone();
+    scratch.config.dbname(&name);
+    let db = crate::database::Database::Postgres(scratch);
     let measured = (|| {
         b.phase(format!(
             "writer: PostgreSQL request-log rows from {LOG_THREADS} threads"

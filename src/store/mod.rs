@@ -292,6 +292,7 @@ pub(crate) mod testing {
     use crate::config::Config;
     use crate::database::{Database, Postgres};
     use crate::metrics::Metrics;
+    use crate::store::postgres::tls;
 
     /// A store on a fresh database, closed and removed on drop.
     pub(crate) struct TempStore {
@@ -317,10 +318,7 @@ pub(crate) mod testing {
 
     enum Place {
         File(std::path::PathBuf),
-        Server {
-            admin: Box<postgres::Config>,
-            name: String,
-        },
+        Server { admin: Postgres, name: String },
     }
 
     impl std::ops::Deref for TempStore {
@@ -342,7 +340,8 @@ pub(crate) mod testing {
                     }
                 }
                 Place::Server { admin, name } => {
-                    if let Ok(mut c) = admin.connect(postgres::NoTls) {
+                    let tls = tls::connector(admin).expect("a TLS connector");
+                    if let Ok(mut c) = admin.config.connect(tls) {
                         let _ = c.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"));
                     }
                 }
@@ -399,21 +398,19 @@ pub(crate) mod testing {
             panic!("SYNCGATE_TEST_POSTGRES_URL is not a PostgreSQL URL");
         };
         let db_name = format!("sg_unit_{}_{}", std::process::id(), fastrand::u64(..));
-        let mut admin = server
-            .config
-            .connect(postgres::NoTls)
-            .expect("the test server");
+        let tls = tls::connector(&server).expect("a TLS connector");
+        let mut admin = server.config.connect(tls).expect("the test server");
         admin
             .batch_execute(&format!("CREATE DATABASE {db_name}"))
             .expect("a fresh database");
-        let mut config = server.config.clone();
-        config.dbname(&db_name);
-        let db = Database::Postgres(Postgres { config });
+        let mut fresh = server.clone();
+        fresh.config.dbname(&db_name);
+        let db = Database::Postgres(fresh);
         Some(TempStore {
             store: open_at(&db),
             db,
             place: Place::Server {
-                admin: server.config,
+                admin: server,
                 name: db_name,
             },
         })

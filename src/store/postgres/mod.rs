@@ -13,6 +13,7 @@ pub(crate) mod migrate;
 mod probe;
 pub(super) mod requests;
 mod session;
+pub(crate) mod tls;
 pub(super) mod usage;
 mod writer;
 
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 pub(crate) use session::{Prepared, Session, Tx};
 
@@ -34,6 +35,7 @@ use crate::database::Postgres;
 use crate::metrics::StoreMetrics;
 use probe::Probe;
 use session::Conn;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use writer::LogWriter;
 
 /// How long a call waits for a free connection before it is answered busy.
@@ -53,9 +55,10 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-/// Makes the pool's connections (no TLS yet: `sslmode=require` is refused at connect).
+/// Makes the pool's connections, over TLS as `sslmode` says (`tls.rs`).
 pub(crate) struct Manager {
     config: Box<postgres::Config>,
+    tls: MakeRustlsConnect,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -63,7 +66,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<Conn, postgres::Error> {
-        self.config.connect(NoTls).map(Conn::new)
+        self.config.connect(self.tls.clone()).map(Conn::new)
     }
 
     fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
@@ -116,7 +119,7 @@ pub(crate) struct Pg {
 /// Connects, for `migrate` and `usage`: an error names the host and port, never the password.
 pub(crate) fn connect(db: &Postgres) -> anyhow::Result<Client> {
     db.config
-        .connect(NoTls)
+        .connect(tls::connector(db)?)
         .with_context(|| format!("cannot connect to PostgreSQL at {}", db.endpoint()))
 }
 
@@ -155,6 +158,7 @@ impl Pg {
             }))
             .build(Manager {
                 config: db.config.clone(),
+                tls: tls::connector(db)?,
             })
             .with_context(|| format!("cannot open connections to {}", db.endpoint()))?;
         let probe = Probe::spawn(pool.clone(), up, db.endpoint())
