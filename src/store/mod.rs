@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::config::StoreConfig;
 use crate::database::Database;
 use crate::metrics::StoreMetrics;
+pub(crate) use retention::Keep;
 pub(crate) use sqlite::writer::Writer;
 
 /// Why a store operation failed. Never carries a row's content.
@@ -107,26 +108,21 @@ pub(crate) enum Backend {
 
 impl Store {
     /// Opens the database `db` names, applies migrations and starts its writer and, when
-    /// `retention_days` is above 0, the thread that deletes request-log rows older than that.
+    /// `keep` lets anything expire, the thread that deletes request-log rows and finished jobs
+    /// older than it keeps them.
     pub(crate) fn open(
         db: &Database,
         config: &StoreConfig,
-        retention_days: u64,
+        keep: Keep,
         metrics: StoreMetrics,
     ) -> anyhow::Result<Store> {
         let backend = match db {
-            Database::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(
-                path,
-                config,
-                retention_days,
-                metrics.clone(),
-            )?),
-            Database::Postgres(pg) => Backend::Postgres(postgres::Pg::open(
-                pg,
-                config,
-                retention_days,
-                metrics.clone(),
-            )?),
+            Database::Sqlite(path) => {
+                Backend::Sqlite(sqlite::Sqlite::open(path, config, keep, metrics.clone())?)
+            }
+            Database::Postgres(pg) => {
+                Backend::Postgres(postgres::Pg::open(pg, config, keep, metrics.clone())?)
+            }
         };
         Ok(Store {
             inner: Arc::new(Inner { backend, metrics }),
@@ -288,7 +284,7 @@ pub(crate) fn new_id(prefix: &str) -> String {
 pub(crate) mod testing {
     use std::io::Write;
 
-    use super::Store;
+    use super::{Keep, Store};
     use crate::config::Config;
     use crate::database::{Database, Postgres};
     use crate::metrics::Metrics;
@@ -301,14 +297,14 @@ pub(crate) mod testing {
     }
 
     impl TempStore {
-        /// Closes the store and opens the same database again, deleting request-log rows
-        /// older than `retention_days` (0: none) from the start.
-        pub(crate) fn reopen(&mut self, retention_days: u64) {
+        /// Closes the store and opens the same database again, deleting from the start what
+        /// `keep` says is old.
+        pub(crate) fn reopen(&mut self, keep: Keep) {
             self.store.close();
             self.store = Store::open(
                 &self.db,
                 &Config::default().store,
-                retention_days,
+                keep,
                 Metrics::new().store,
             )
             .expect("the store again");
@@ -351,7 +347,13 @@ pub(crate) mod testing {
     }
 
     fn open_at(db: &Database) -> Store {
-        Store::open(db, &Config::default().store, 0, Metrics::new().store).expect("a fresh store")
+        Store::open(
+            db,
+            &Config::default().store,
+            Keep::default(),
+            Metrics::new().store,
+        )
+        .expect("a fresh store")
     }
 
     /// A store on a fresh SQLite file.

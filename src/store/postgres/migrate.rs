@@ -6,11 +6,18 @@
 use postgres::Client;
 
 /// Every migration, numbered from 1 without gaps; the number is the file's `NNNN` prefix.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_initial",
-    include_str!("../../../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_initial",
+        include_str!("../../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "0002_jobs_finished",
+        include_str!("../../../migrations/postgres/0002_jobs_finished.sql"),
+    ),
+];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.
 const LOCK_KEY: i64 = 0x7379_6e63_6761_7465; // "syncgate"
@@ -30,6 +37,11 @@ pub(crate) struct Migrated {
 /// Brings the schema up to date in one transaction under the advisory lock: a second instance
 /// waits for the first, then finds nothing to do.
 pub(crate) fn migrate(client: &mut Client) -> anyhow::Result<Migrated> {
+    migrate_up_to(client, latest())
+}
+
+/// Applies the migrations after the database's version, up to `target`, in one transaction.
+fn migrate_up_to(client: &mut Client, target: i32) -> anyhow::Result<Migrated> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
     let tracked: bool = tx
@@ -48,7 +60,8 @@ pub(crate) fn migrate(client: &mut Client) -> anyhow::Result<Migrated> {
         )?
         .get(0);
     check_not_newer(from)?;
-    for (number, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > from) {
+    let wanted = MIGRATIONS.iter().filter(|m| m.0 > from && m.0 <= target);
+    for (number, name, sql) in wanted {
         tx.batch_execute(sql)
             .map_err(|e| anyhow::anyhow!("migration {name} failed: {e}"))?;
         tx.execute(
@@ -59,7 +72,7 @@ pub(crate) fn migrate(client: &mut Client) -> anyhow::Result<Migrated> {
     tx.commit()?;
     Ok(Migrated {
         from,
-        to: from.max(latest()),
+        to: from.max(target.min(latest())),
     })
 }
 

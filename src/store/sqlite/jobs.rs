@@ -185,6 +185,19 @@ pub(crate) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> rusqlite::Resu
     })
 }
 
+/// Deletes at most `batch` of the jobs that finished (succeeded, failed, cancelled) before
+/// `cutoff_ms`, oldest first; returns how many. Queued and running jobs have no finish time and
+/// are never touched. Bounded so one call holds the write lock only briefly (retention calls it
+/// in a loop).
+pub(crate) fn expire(conn: &Connection, cutoff_ms: i64, batch: usize) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM jobs WHERE seq IN \
+         (SELECT seq FROM jobs WHERE finished_ms < ?1 \
+          AND status NOT IN ('queued', 'running') ORDER BY finished_ms LIMIT ?2)",
+    )?
+    .execute(params![cutoff_ms, batch as i64])
+}
+
 const COLUMNS: &str = "id, status, request, metadata, model, attempts, max_attempts, result, \
                        error, cancel_requested, key_id, created_ms, started_ms, finished_ms";
 

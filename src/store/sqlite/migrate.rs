@@ -22,6 +22,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
         "0003_jobs",
         include_str!("../../../migrations/sqlite/0003_jobs.sql"),
     ),
+    (
+        4,
+        "0004_jobs_finished",
+        include_str!("../../../migrations/sqlite/0004_jobs_finished.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -39,9 +44,15 @@ pub(crate) struct Migrated {
 /// Brings the schema up to date. Each migration commits with its version number, so a
 /// crash between two leaves a database that the next start continues from.
 pub(crate) fn migrate(conn: &mut Connection) -> anyhow::Result<Migrated> {
+    migrate_up_to(conn, latest())
+}
+
+/// Applies the migrations after the database's version, up to `target`.
+fn migrate_up_to(conn: &mut Connection, target: u32) -> anyhow::Result<Migrated> {
     let from = version(conn)?;
     check_not_newer(from)?;
-    for (number, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > from) {
+    let wanted = MIGRATIONS.iter().filter(|m| m.0 > from && m.0 <= target);
+    for (number, name, sql) in wanted {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Another process may have migrated while we waited for the write lock.
         let now: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
