@@ -174,3 +174,102 @@ impl Sweeper {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use crossbeam_channel::Sender;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// Each batch the backend was asked for: of which rows, and how many it deleted.
+    type Asked = Arc<Mutex<Vec<(Rows, usize)>>>;
+
+    /// A sweeper whose backend has `log` request-log rows and `jobs` finished jobs to delete,
+    /// recording each batch asked for; the sender keeps its stop channel open (dropped, it
+    /// would read as "stop").
+    fn sweeper(log: usize, jobs: usize) -> (Sweeper, Asked, Sender<()>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let left = Mutex::new([log, jobs]);
+        let expire: Expire = {
+            let asked = Arc::clone(&asked);
+            Box::new(move |rows, _cutoff_ms, limit| {
+                let mut left = left.lock().unwrap();
+                let slot = &mut left[usize::from(rows == Rows::Jobs)];
+                let n = (*slot).min(limit);
+                *slot -= n;
+                asked.lock().unwrap().push((rows, n));
+                Ok(n)
+            })
+        };
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let keep = Keep {
+            log_days: 30,
+            jobs_days: 7,
+        };
+        let sweeper = Sweeper {
+            expire,
+            expiring: keep.expiring(),
+            stopped,
+            metrics: Metrics::new().store,
+        };
+        (sweeper, asked, stop)
+    }
+
+    #[test]
+    fn a_sweep_deletes_batch_after_batch_until_one_comes_back_short() {
+        let (s, asked, _stop) = sweeper(1200, 0);
+        assert_eq!(s.sweep(Rows::Log, 30), (1200, true));
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [(Rows::Log, 500), (Rows::Log, 500), (Rows::Log, 200)]
+        );
+        assert_eq!(s.metrics.log_rows_expired.get(), 1200);
+        assert_eq!(s.metrics.jobs_expired.get(), 0);
+    }
+
+    #[test]
+    fn finished_jobs_are_swept_by_the_same_loop_and_counted_apart() {
+        let (s, asked, _stop) = sweeper(3, 1000);
+        assert_eq!(s.expiring, [(Rows::Log, 30), (Rows::Jobs, 7)]);
+        assert_eq!(s.sweep(Rows::Jobs, 7), (1000, true));
+        // A full last batch needs one more look to know nothing is left.
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [(Rows::Jobs, 500), (Rows::Jobs, 500), (Rows::Jobs, 0)]
+        );
+        assert_eq!(s.metrics.jobs_expired.get(), 1000);
+        assert_eq!(s.metrics.log_rows_expired.get(), 0);
+    }
+
+    #[test]
+    fn only_kinds_kept_for_a_limited_time_expire() {
+        let jobs_only = Keep {
+            log_days: 0,
+            jobs_days: 7,
+        };
+        assert_eq!(jobs_only.expiring(), [(Rows::Jobs, 7)]);
+        assert!(Keep::default().expiring().is_empty());
+        let nothing =
+            Box::new(|_, _, _| -> Result<usize, StoreError> { panic!("nothing expires") });
+        let metrics = Metrics::new().store;
+        assert!(Retention::spawn(nothing, Keep::default(), metrics)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_closed_store_ends_the_sweep() {
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let s = Sweeper {
+            expire: Box::new(|_, _, _| Err(StoreError::Closed)),
+            expiring: vec![(Rows::Log, 1)],
+            stopped,
+            metrics: Metrics::new().store,
+        };
+        assert_eq!(s.sweep(Rows::Log, 1), (0, false));
+        drop(stop);
+    }
+}
