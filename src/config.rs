@@ -134,6 +134,7 @@ struct RawJobs {
     lease_ms: Option<u64>,
     max_queued: Option<usize>,
     max_attempts: Option<u32>,
+    retention_days: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -343,6 +344,9 @@ pub(crate) struct JobsConfig {
     pub(crate) max_queued: usize,
     /// Runs of one job at most (crashes and lost leases count); then it fails. Default 3.
     pub(crate) max_attempts: u32,
+    /// Finished jobs (succeeded, failed, cancelled) are deleted in the background this many
+    /// days after they finished; 0 keeps them. Default 7.
+    pub(crate) retention_days: u64,
 }
 
 /// `POST /api/batch` and the pool of threads its calls run on.
@@ -434,6 +438,7 @@ impl Default for Config {
                 lease: Duration::from_millis(30_000),
                 max_queued: 10_000,
                 max_attempts: 3,
+                retention_days: 7,
             },
             batch: BatchConfig {
                 max_items: 64,
@@ -669,6 +674,7 @@ impl Config {
                 ),
                 1,
             )? as u32,
+            retention_days: j.retention_days.unwrap_or(d.jobs.retention_days),
         };
         let max_history_messages = at_least(
             "conversations.max_history_messages",
@@ -993,6 +999,16 @@ mod tests {
         };
         let c = parse(file, &over).unwrap();
         assert_eq!((c.capacity.workers, c.capacity.queue), (7, 9));
+    }
+
+    #[test]
+    fn finished_jobs_are_kept_seven_days_unless_the_file_says_otherwise() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!(c.jobs.retention_days, 7);
+        let c = parse("[jobs]\nretention_days = 0\n", &Overrides::default()).unwrap();
+        assert_eq!(c.jobs.retention_days, 0, "0 keeps finished jobs");
+        let c = parse("[jobs]\nretention_days = 90\n", &Overrides::default()).unwrap();
+        assert_eq!((c.jobs.retention_days, c.log.retention_days), (90, 30));
     }
 
     #[test]

@@ -355,7 +355,7 @@ fn keys(args: &KeysArgs) -> anyhow::Result<ExitCode> {
     let store = store::Store::open(
         &args.db,
         &Config::default().store,
-        0,
+        store::Keep::default(),
         metrics::Metrics::new().store,
     )?;
     let done = keys_action(&store, &args.action);

@@ -125,6 +125,8 @@ pub(crate) struct StoreMetrics {
     pub(crate) log_rows_dropped: IntCounter,
     /// `syncgate_store_log_rows_expired_total`: request-log rows deleted by retention.
     pub(crate) log_rows_expired: IntCounter,
+    /// `syncgate_store_jobs_expired_total`: finished jobs deleted by retention.
+    pub(crate) jobs_expired: IntCounter,
     /// `syncgate_store_read_connections_in_use`: read connections taken from the pool.
     pub(crate) reads_in_use: IntGauge,
     /// `syncgate_store_read_seconds`: how long a read connection was held, its queries included.
@@ -180,6 +182,11 @@ impl StoreMetrics {
             log_rows_expired: IntCounter::new(
                 "syncgate_store_log_rows_expired_total",
                 "Request-log rows deleted for being older than [log] retention_days",
+            )
+            .expect("valid metric"),
+            jobs_expired: IntCounter::new(
+                "syncgate_store_jobs_expired_total",
+                "Finished jobs deleted for having finished more than [jobs] retention_days ago",
             )
             .expect("valid metric"),
             reads_in_use: IntGauge::new(
@@ -455,6 +462,7 @@ impl Metrics {
             Box::new(self.store.queue_depth.clone()),
             Box::new(self.store.log_rows_dropped.clone()),
             Box::new(self.store.log_rows_expired.clone()),
+            Box::new(self.store.jobs_expired.clone()),
             Box::new(self.store.reads_in_use.clone()),
             Box::new(self.store.read_seconds.clone()),
             Box::new(self.store.errors.clone()),

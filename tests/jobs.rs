@@ -309,3 +309,73 @@ fn accepted_jobs_survive_kill_9(db_path: &str) {
         accepted.len()
     );
 }
+
+/// Issue 14, point 4: finished jobs are deleted `[jobs] retention_days` after they finished;
+/// a deleted job is unknown (404) and the others stay.
+#[test]
+fn a_job_finished_longer_ago_than_retention_days_is_deleted_and_answers_404() {
+    const DAY_MS: i64 = 86_400_000;
+    let up = Server::start_mock_upstream(&[]);
+    let db = TempDb::new();
+    let toml = gateway_toml(up.addr, "retention_days = 7");
+    let args = ["--db", &db.path_str()];
+    let gw = Server::start_with_config(&toml, &args);
+    let mut ids = Vec::new();
+    for text in ["old", "recent"] {
+        let r = submit(gw.addr, text, None);
+        assert_eq!(r.status, 202, "{}", r.describe());
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let j = wait_for(gw.addr, id, Duration::from_secs(10), |j| {
+            j["status"] == "succeeded"
+        });
+        assert_eq!(j["status"], "succeeded", "{j}");
+    }
+    let mut gw = gw;
+    gw.signal(libc::SIGTERM);
+    assert!(gw
+        .wait_exit(Duration::from_secs(15))
+        .is_some_and(|s| s.success()));
+    // The first finished eight days ago; the second six.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let conn = rusqlite::Connection::open(&db.path).expect("open");
+    for (id, days) in [(&ids[0], 8), (&ids[1], 6)] {
+        conn.execute(
+            "UPDATE jobs SET finished_ms = ?2 WHERE id = ?1",
+            rusqlite::params![id, now - days * DAY_MS],
+        )
+        .expect("age the job");
+    }
+    drop(conn);
+
+    let gw = Server::start_with_config(&toml, &args);
+    let gone = || get(gw.addr, &format!("/api/jobs/{}", ids[0])).status == 404;
+    assert!(
+        poll_until(Duration::from_secs(10), Duration::from_millis(25), gone),
+        "the old job is still there: {}\n{}",
+        get(gw.addr, &format!("/api/jobs/{}", ids[0])).describe(),
+        gw.log()
+    );
+    assert_error(
+        &get(gw.addr, &format!("/api/jobs/{}", ids[0])),
+        404,
+        None,
+        None,
+    );
+    assert_eq!(job(gw.addr, &ids[1])["status"], "succeeded");
+    let expired = metric_value(&scrape(gw.addr), "syncgate_store_jobs_expired_total", &[]);
+    assert_eq!(expired, Some(1.0));
+    let logged = || {
+        gw.log()
+            .contains("retention: deleted 1 finished jobs older than 7 days")
+    };
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(20), logged),
+        "expected the deletion to be logged with its count\n{}",
+        gw.log()
+    );
+}

@@ -146,7 +146,12 @@ fn postgres_rates(
 /// copied the last of them (it drains its queue at close).
 fn postgres_log_rows(db: &crate::database::Database, window: Duration) -> anyhow::Result<Rate> {
     let metrics = Metrics::new();
-    let store = store::Store::open(db, &config(Durability::Full), 0, metrics.store.clone())?;
+    let store = store::Store::open(
+        db,
+        &config(Durability::Full),
+        store::Keep::default(),
+        metrics.store.clone(),
+    )?;
     let queued = AtomicU64::new(0);
     let started = Instant::now();
     run_for(window, LOG_THREADS, |t, stop| {
@@ -174,7 +179,7 @@ fn postgres_acknowledged(db: &crate::database::Database, window: Duration) -> an
     let metrics = Metrics::new();
     let mut config = config(Durability::Full);
     config.read_pool = ACK_THREADS;
-    let store = store::Store::open(db, &config, 0, metrics.store.clone())?;
+    let store = store::Store::open(db, &config, store::Keep::default(), metrics.store.clone())?;
     let acked = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
     let started = Instant::now();

@@ -129,7 +129,10 @@ impl Server {
         let store = Store::open(
             &config.db,
             &config.store,
-            config.log.retention_days,
+            crate::store::Keep {
+                log_days: config.log.retention_days,
+                jobs_days: config.jobs.retention_days,
+            },
             metrics.store.clone(),
         )?;
         let shape = match &config.db {

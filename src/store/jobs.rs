@@ -254,6 +254,19 @@ pub(crate) fn counts(store: &Store) -> Result<Vec<(Status, i64)>, StoreError> {
     }
 }
 
+/// Deletes at most `limit` jobs that finished before `cutoff_ms`, oldest first, as one batch
+/// of the retention thread does; returns how many. Test-only: the thread is started before the
+/// store exists and calls the backend's SQL directly.
+#[cfg(test)]
+pub(crate) fn expire(store: &Store, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::expire(conn, cutoff_ms, limit)),
+        Backend::Postgres(db) => db.write(|tx| pg::expire(tx, cutoff_ms, limit)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +373,119 @@ mod tests {
             assert_eq!(cancel(&t, "zz".into(), 4).unwrap(), Cancelled::NotFound);
             let counts = counts(&t).unwrap();
             assert!(counts.contains(&(Status::Cancelled, 2)), "{counts:?}");
+        }
+    }
+
+    /// Claims the next job, which must be `id`, at `at_ms`.
+    fn claim_next(store: &Store, id: &str, at_ms: i64) -> u32 {
+        let job = claim(store, at_ms, at_ms + 1_000_000).unwrap().unwrap();
+        assert_eq!(job.id, id, "claimed out of order");
+        job.attempt
+    }
+
+    /// Jobs in every state: three finished long ago (at 100, 200 and 300 ms), one finished
+    /// recently (at 10,000 ms), and a queued, a running and a re-queued one, all created at 1 ms.
+    fn jobs_in_every_state(store: &Store) {
+        for id in [
+            "done",
+            "failed",
+            "cancelled",
+            "recent",
+            "running",
+            "retried",
+            "queued",
+        ] {
+            submit(store, new_job(id, None), 100).unwrap();
+        }
+        let ok = RunEnd::Succeeded(serde_json::json!({"ok": true}));
+        let bad = RunEnd::Failed(serde_json::json!({"code": "bad"}));
+        let again = RunEnd::Retry(serde_json::json!({"code": "later"}));
+        assert_eq!(
+            cancel(store, "cancelled".into(), 300).unwrap(),
+            Cancelled::Now
+        );
+        let a = claim_next(store, "done", 10);
+        finish(store, "done".into(), a, ok.clone(), 100).unwrap();
+        let a = claim_next(store, "failed", 10);
+        finish(store, "failed".into(), a, bad, 200).unwrap();
+        let a = claim_next(store, "recent", 10);
+        finish(store, "recent".into(), a, ok, 10_000).unwrap();
+        claim_next(store, "running", 10);
+        let a = claim_next(store, "retried", 10);
+        assert_eq!(
+            finish(store, "retried".into(), a, again, 20).unwrap(),
+            Some(Status::Queued)
+        );
+    }
+
+    fn left(store: &Store) -> Vec<String> {
+        let (jobs, _) = list(store, None, 100, None).unwrap().unwrap();
+        let mut ids: Vec<String> = jobs.into_iter().map(|j| j.id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn expiry_deletes_only_jobs_finished_before_the_cutoff_oldest_first_in_bounded_batches() {
+        for t in stores("jobs-expire") {
+            jobs_in_every_state(&t);
+            // Two a batch: the two oldest first, then the last old one, then nothing.
+            assert_eq!(expire(&t, 5_000, 2).unwrap(), 2);
+            assert!(get(&t, "done").unwrap().is_none() && get(&t, "failed").unwrap().is_none());
+            assert!(
+                get(&t, "cancelled").unwrap().is_some(),
+                "the oldest go first"
+            );
+            assert_eq!(expire(&t, 5_000, 2).unwrap(), 1);
+            assert_eq!(expire(&t, 5_000, 2).unwrap(), 0);
+            assert_eq!(left(&t), ["queued", "recent", "retried", "running"]);
+            // However late the cutoff, a queued or running job is never deleted.
+            assert_eq!(expire(&t, i64::MAX, 500).unwrap(), 1);
+            assert_eq!(left(&t), ["queued", "retried", "running"]);
+            let counts = counts(&t).unwrap();
+            assert!(
+                counts.contains(&(Status::Queued, 2)) && counts.contains(&(Status::Running, 1)),
+                "{counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_deletes_jobs_finished_longer_ago_than_it_keeps_and_counts_them() {
+        let day = crate::time::MS_PER_DAY;
+        let now = crate::store::now_ms();
+        for mut t in stores("jobs-retention") {
+            for (id, finished_days_ago) in [("a", 30), ("b", 8), ("c", 6), ("d", 0)] {
+                submit(&t, new_job(id, None), 100).unwrap();
+                cancel(&t, id.into(), now - finished_days_ago * day).unwrap();
+            }
+            for id in ["running", "queued"] {
+                let job = new_job(id, None);
+                let long_ago = now - 90 * day;
+                submit(
+                    &t,
+                    NewJob {
+                        created_ms: long_ago,
+                        ..job
+                    },
+                    100,
+                )
+                .unwrap();
+            }
+            // Its lease ran out 80 days ago, but it is running until a runner takes it again.
+            claim_next(&t, "running", now - 80 * day);
+            t.reopen(crate::store::Keep {
+                log_days: 0,
+                jobs_days: 7,
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while t.metrics.jobs_expired.get() < 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert_eq!(left(&t), ["c", "d", "queued", "running"]);
+            assert_eq!(t.metrics.jobs_expired.get(), 2);
+            assert_eq!(t.metrics.log_rows_expired.get(), 0);
+            assert!(get(&t, "a").unwrap().is_none(), "a deleted job is unknown");
         }
     }
 }

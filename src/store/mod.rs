@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::config::StoreConfig;
 use crate::database::Database;
 use crate::metrics::StoreMetrics;
+pub(crate) use retention::Keep;
 pub(crate) use sqlite::writer::Writer;
 
 /// Why a store operation failed. Never carries a row's content.
@@ -107,26 +108,21 @@ pub(crate) enum Backend {
 
 impl Store {
     /// Opens the database `db` names, applies migrations and starts its writer and, when
-    /// `retention_days` is above 0, the thread that deletes request-log rows older than that.
+    /// `keep` lets anything expire, the thread that deletes request-log rows and finished jobs
+    /// older than it keeps them.
     pub(crate) fn open(
         db: &Database,
         config: &StoreConfig,
-        retention_days: u64,
+        keep: Keep,
         metrics: StoreMetrics,
     ) -> anyhow::Result<Store> {
         let backend = match db {
-            Database::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(
-                path,
-                config,
-                retention_days,
-                metrics.clone(),
-            )?),
-            Database::Postgres(pg) => Backend::Postgres(postgres::Pg::open(
-                pg,
-                config,
-                retention_days,
-                metrics.clone(),
-            )?),
+            Database::Sqlite(path) => {
+                Backend::Sqlite(sqlite::Sqlite::open(path, config, keep, metrics.clone())?)
+            }
+            Database::Postgres(pg) => {
+                Backend::Postgres(postgres::Pg::open(pg, config, keep, metrics.clone())?)
+            }
         };
         Ok(Store {
             inner: Arc::new(Inner { backend, metrics }),
@@ -288,32 +284,17 @@ pub(crate) fn new_id(prefix: &str) -> String {
 pub(crate) mod testing {
     use std::io::Write;
 
-    use super::Store;
+    use super::{Keep, Store};
     use crate::config::Config;
     use crate::database::{Database, Postgres};
-    use crate::metrics::Metrics;
+    use crate::metrics::{Metrics, StoreMetrics};
     use crate::store::postgres::tls;
 
-    /// A store on a fresh database, closed and removed on drop.
-    pub(crate) struct TempStore {
-        pub(crate) store: Store,
+    /// A fresh database, not opened yet (for tests of what opening does: migrations), removed
+    /// on drop. [`TempDb::open`] opens a store on it.
+    pub(crate) struct TempDb {
         db: Database,
         place: Place,
-    }
-
-    impl TempStore {
-        /// Closes the store and opens the same database again, deleting request-log rows
-        /// older than `retention_days` (0: none) from the start.
-        pub(crate) fn reopen(&mut self, retention_days: u64) {
-            self.store.close();
-            self.store = Store::open(
-                &self.db,
-                &Config::default().store,
-                retention_days,
-                Metrics::new().store,
-            )
-            .expect("the store again");
-        }
     }
 
     enum Place {
@@ -321,16 +302,32 @@ pub(crate) mod testing {
         Server { admin: Postgres, name: String },
     }
 
-    impl std::ops::Deref for TempStore {
-        type Target = Store;
-        fn deref(&self) -> &Store {
-            &self.store
+    impl TempDb {
+        /// What `--db` would name.
+        pub(crate) fn database(&self) -> &Database {
+            &self.db
+        }
+
+        /// Opens a store on it, migrating it, with nothing expiring.
+        pub(crate) fn open(self) -> TempStore {
+            let metrics = Metrics::new().store;
+            let store = Store::open(
+                &self.db,
+                &Config::default().store,
+                Keep::default(),
+                metrics.clone(),
+            )
+            .expect("a store on the test database");
+            TempStore {
+                store,
+                metrics,
+                db: self,
+            }
         }
     }
 
-    impl Drop for TempStore {
+    impl Drop for TempDb {
         fn drop(&mut self) {
-            self.store.close();
             match &self.place {
                 Place::File(path) => {
                     for suffix in ["", "-wal", "-shm"] {
@@ -349,33 +346,77 @@ pub(crate) mod testing {
         }
     }
 
-    fn open_at(db: &Database) -> Store {
-        Store::open(db, &Config::default().store, 0, Metrics::new().store).expect("a fresh store")
+    /// A store on a fresh database, closed and removed on drop.
+    pub(crate) struct TempStore {
+        pub(crate) store: Store,
+        /// The store's metrics (shared handles: what the store counts shows here).
+        pub(crate) metrics: StoreMetrics,
+        // Dropped after the store is closed.
+        db: TempDb,
     }
 
-    /// A store on a fresh SQLite file.
-    pub(crate) fn open(name: &str) -> TempStore {
+    impl TempStore {
+        /// What `--db` would name.
+        pub(crate) fn database(&self) -> &Database {
+            self.db.database()
+        }
+
+        /// Closes the store and opens the same database again, deleting from the start what
+        /// `keep` says is old.
+        pub(crate) fn reopen(&mut self, keep: Keep) {
+            self.store.close();
+            self.metrics = Metrics::new().store;
+            self.store = Store::open(
+                &self.db.db,
+                &Config::default().store,
+                keep,
+                self.metrics.clone(),
+            )
+            .expect("the store again");
+        }
+    }
+
+    impl std::ops::Deref for TempStore {
+        type Target = Store;
+        fn deref(&self) -> &Store {
+            &self.store
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            self.store.close();
+        }
+    }
+
+    /// A fresh SQLite file (none yet: SQLite makes it when it is first opened).
+    pub(crate) fn sqlite_db(name: &str) -> TempDb {
         let path = std::env::temp_dir().join(format!(
             "syncgate-store-{name}-{}-{}.db",
             std::process::id(),
             fastrand::u64(..)
         ));
-        let db = Database::Sqlite(path.clone());
-        TempStore {
-            store: open_at(&db),
-            db,
+        TempDb {
+            db: Database::Sqlite(path.clone()),
             place: Place::File(path),
         }
+    }
+
+    /// A store on a fresh SQLite file.
+    pub(crate) fn open(name: &str) -> TempStore {
+        sqlite_db(name).open()
     }
 
     /// A fresh store on every backend this run can reach.
     pub(crate) fn stores(name: &str) -> Vec<TempStore> {
         let mut all = vec![open(name)];
-        all.extend(postgres_store(name));
+        all.extend(postgres_db(name).map(TempDb::open));
         all
     }
 
-    fn postgres_store(name: &str) -> Option<TempStore> {
+    /// A fresh, empty PostgreSQL database when `SYNCGATE_TEST_POSTGRES_URL` names a server;
+    /// `None` (with one line on stderr) when it does not and the run need not test everything.
+    pub(crate) fn postgres_db(name: &str) -> Option<TempDb> {
         let Some(url) = std::env::var("SYNCGATE_TEST_POSTGRES_URL")
             .ok()
             .filter(|u| !u.is_empty())
@@ -405,14 +446,101 @@ pub(crate) mod testing {
             .expect("a fresh database");
         let mut fresh = server.clone();
         fresh.config.dbname(&db_name);
-        let db = Database::Postgres(fresh);
-        Some(TempStore {
-            store: open_at(&db),
-            db,
+        Some(TempDb {
+            db: Database::Postgres(fresh),
             place: Place::Server {
                 admin: server,
                 name: db_name,
             },
         })
+    }
+
+    /// The rows each backend's migration tests write into an older schema, in its own SQL:
+    /// a logged call `req-old` (model `m`, status 200, at 1,000 ms), conversation `conv_old`
+    /// (title `old`) with the user message `msg_old` (`hello`), and, from the version that has
+    /// their tables, the key `old-key` (hash of 32 sevens) and the jobs `job_old_done`
+    /// (succeeded at 1 ms with result `{"id":"x"}`) and `job_old_queued`.
+    pub(crate) struct Seeded {
+        pub(crate) keys: bool,
+        pub(crate) jobs: bool,
+    }
+
+    /// Checks, through the family functions, that a database seeded as [`Seeded`] and then
+    /// migrated to the latest schema kept every row, and that the latest schema works:
+    /// finished jobs expire, old and new alike, and queued ones stay.
+    pub(crate) fn assert_seeded_rows_kept(store: &Store, seeded: Seeded) {
+        use super::{conversations, jobs, keys, requests};
+        let filter = requests::Filter {
+            limit: 10,
+            ..requests::Filter::default()
+        };
+        let logged = requests::list(store, &filter).unwrap().rows;
+        let calls: Vec<_> = logged
+            .iter()
+            .map(|l| {
+                (
+                    l.row.request_id.as_str(),
+                    l.row.model.as_deref(),
+                    l.row.status,
+                )
+            })
+            .collect();
+        assert_eq!(calls, [("req-old", Some("m"), 200)]);
+        let conv = conversations::get(store, "conv_old").unwrap();
+        assert_eq!(conv.and_then(|c| c.title).as_deref(), Some("old"));
+        let messages = conversations::messages(store, "conv_old", 10, None)
+            .unwrap()
+            .unwrap()
+            .items;
+        let texts: Vec<_> = messages
+            .iter()
+            .map(|m| (m.id.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(texts, [("msg_old", "hello")]);
+        let names: Vec<_> = keys::all(store)
+            .unwrap()
+            .into_iter()
+            .map(|k| (k.name, k.hash))
+            .collect();
+        let want_keys = if seeded.keys {
+            vec![("old-key".to_string(), [7u8; 32])]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(names, want_keys);
+        if seeded.jobs {
+            let done = jobs::get(store, "job_old_done").unwrap().unwrap();
+            assert_eq!(
+                (done.status, done.result, done.finished_ms),
+                (
+                    jobs::Status::Succeeded,
+                    Some(serde_json::json!({"id": "x"})),
+                    Some(1)
+                )
+            );
+            let queued = jobs::get(store, "job_old_queued").unwrap().unwrap();
+            assert_eq!(queued.status, jobs::Status::Queued);
+        }
+        let new = jobs::NewJob {
+            id: "job_new".into(),
+            request: serde_json::json!({"model": "m", "messages": []}),
+            metadata: None,
+            model: "m".into(),
+            max_attempts: 1,
+            idempotency_key: None,
+            key_id: None,
+            created_ms: 1,
+        };
+        jobs::submit(store, new, 100).unwrap();
+        assert_eq!(
+            jobs::cancel(store, "job_new".into(), 1).unwrap(),
+            jobs::Cancelled::Now
+        );
+        let finished = 1 + usize::from(seeded.jobs);
+        assert_eq!(jobs::expire(store, 2, 10).unwrap(), finished);
+        assert!(jobs::get(store, "job_new").unwrap().is_none());
+        if seeded.jobs {
+            assert!(jobs::get(store, "job_old_queued").unwrap().is_some());
+        }
     }
 }

@@ -229,7 +229,10 @@ mod tests {
                 });
             }
             // Closing commits what is queued; the sweep at the next start deletes the old.
-            t.reopen(30);
+            t.reopen(crate::store::Keep {
+                log_days: 30,
+                jobs_days: 0,
+            });
             let deadline = Instant::now() + Duration::from_secs(10);
             let left = loop {
                 let rows = list(

@@ -174,6 +174,23 @@ pub(crate) fn cancel(tx: &mut Tx<'_, '_>, id: &str, now_ms: i64) -> Result<Cance
     })
 }
 
+/// Deletes at most `batch` of the jobs that finished (succeeded, failed, cancelled) before
+/// `cutoff_ms`, oldest first; returns how many. Queued and running jobs have no finish time and
+/// are never touched.
+pub(crate) fn expire(
+    c: &mut Session<'_, impl GenericClient>,
+    cutoff_ms: i64,
+    batch: usize,
+) -> Result<usize> {
+    let n = c.execute(
+        "DELETE FROM jobs WHERE seq IN \
+         (SELECT seq FROM jobs WHERE finished_ms < $1 \
+          AND status NOT IN ('queued', 'running') ORDER BY finished_ms LIMIT $2)",
+        &[&cutoff_ms, &(batch as i64)],
+    )?;
+    Ok(n as usize)
+}
+
 const COLUMNS: &str = "id, status, request, metadata, model, attempts, max_attempts, result, \
                        error, cancel_requested, key_id, created_ms, started_ms, finished_ms";
 

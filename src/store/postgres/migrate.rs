@@ -6,11 +6,18 @@
 use postgres::Client;
 
 /// Every migration, numbered from 1 without gaps; the number is the file's `NNNN` prefix.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_initial",
-    include_str!("../../../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_initial",
+        include_str!("../../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "0002_jobs_finished",
+        include_str!("../../../migrations/postgres/0002_jobs_finished.sql"),
+    ),
+];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.
 const LOCK_KEY: i64 = 0x7379_6e63_6761_7465; // "syncgate"
@@ -30,6 +37,17 @@ pub(crate) struct Migrated {
 /// Brings the schema up to date in one transaction under the advisory lock: a second instance
 /// waits for the first, then finds nothing to do.
 pub(crate) fn migrate(client: &mut Client) -> anyhow::Result<Migrated> {
+    migrate_up_to(client, latest())
+}
+
+/// Brings the schema up to version `target` only: the tests make older schemas with it.
+#[cfg(test)]
+pub(crate) fn migrate_to(client: &mut Client, target: i32) -> anyhow::Result<Migrated> {
+    migrate_up_to(client, target)
+}
+
+/// Applies the migrations after the database's version, up to `target`, in one transaction.
+fn migrate_up_to(client: &mut Client, target: i32) -> anyhow::Result<Migrated> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])?;
     let tracked: bool = tx
@@ -48,7 +66,8 @@ pub(crate) fn migrate(client: &mut Client) -> anyhow::Result<Migrated> {
         )?
         .get(0);
     check_not_newer(from)?;
-    for (number, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > from) {
+    let wanted = MIGRATIONS.iter().filter(|m| m.0 > from && m.0 <= target);
+    for (number, name, sql) in wanted {
         tx.batch_execute(sql)
             .map_err(|e| anyhow::anyhow!("migration {name} failed: {e}"))?;
         tx.execute(
@@ -59,7 +78,7 @@ pub(crate) fn migrate(client: &mut Client) -> anyhow::Result<Migrated> {
     tx.commit()?;
     Ok(Migrated {
         from,
-        to: from.max(latest()),
+        to: from.max(target.min(latest())),
     })
 }
 
@@ -90,4 +109,195 @@ pub(crate) fn check_not_newer(version: i32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::database::Database;
+    use crate::store::testing;
+
+    fn connect(db: &Database) -> Client {
+        let Database::Postgres(pg) = db else {
+            unreachable!()
+        };
+        pg.config.connect(postgres::NoTls).unwrap()
+    }
+
+    /// Versions recorded as applied, in order.
+    fn applied(client: &mut Client) -> Vec<i32> {
+        client
+            .query(
+                "SELECT version FROM syncgate_migrations ORDER BY version",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_match_the_files() {
+        for (i, (number, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*number as usize, i + 1, "{name}");
+            assert!(name.starts_with(&format!("{number:04}_")), "{name}");
+        }
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.1)).collect();
+        assert_eq!(
+            files, embedded,
+            "every file in migrations/postgres/ is embedded, in order"
+        );
+    }
+
+    #[test]
+    fn migrating_from_empty_then_again_is_a_no_op() {
+        let Some(db) = testing::postgres_db("migrate-twice") else {
+            return;
+        };
+        let mut client = connect(db.database());
+        let first = migrate(&mut client).unwrap();
+        assert_eq!(
+            first,
+            Migrated {
+                from: 0,
+                to: latest()
+            }
+        );
+        let again = migrate(&mut client).unwrap();
+        assert_eq!(
+            again,
+            Migrated {
+                from: latest(),
+                to: latest()
+            }
+        );
+        assert_eq!(applied(&mut client), (1..=latest()).collect::<Vec<_>>());
+    }
+
+    /// The rows of [`testing::Seeded`] in schema 1, which has every table.
+    fn seed(client: &mut Client) {
+        client
+            .batch_execute(
+                "INSERT INTO requests (request_id, ts_ms, method, route, model, status, \
+                 total_ms, queue_ms, upstream_ms, overhead_ms) \
+                 VALUES ('req-old', 1000, 'POST', '/v1/chat/completions', 'm', 200, 2, 0, 1, 1); \
+                 INSERT INTO conversations (id, title, created_ms) VALUES ('conv_old', 'old', 1); \
+                 INSERT INTO messages (id, conversation_id, role, content, created_ms) \
+                 VALUES ('msg_old', 'conv_old', 'user', 'hello', 1); \
+                 INSERT INTO jobs (id, status, request, model, attempts, max_attempts, result, \
+                 created_ms, started_ms, finished_ms) \
+                 VALUES ('job_old_done', 'succeeded', '{\"model\":\"m\",\"messages\":[]}', \
+                 'm', 1, 3, '{\"id\":\"x\"}', 1, 1, 1); \
+                 INSERT INTO jobs (id, status, request, model, max_attempts, created_ms) \
+                 VALUES ('job_old_queued', 'queued', '{\"model\":\"m\",\"messages\":[]}', \
+                 'm', 3, 2);",
+            )
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO api_keys (name, prefix, hash, created_ms) \
+                 VALUES ('old-key', 'sk-sg-abcdef', $1, 1)",
+                &[&[7u8; 32].as_slice()],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn every_older_schema_migrates_to_the_latest_keeping_its_rows() {
+        for version in 1..latest() {
+            let Some(db) = testing::postgres_db("upgrade") else {
+                return;
+            };
+            {
+                let mut client = connect(db.database());
+                let made = migrate_to(&mut client, version).unwrap();
+                assert_eq!(
+                    made,
+                    Migrated {
+                        from: 0,
+                        to: version
+                    }
+                );
+                assert_eq!(applied(&mut client), (1..=version).collect::<Vec<_>>());
+                seed(&mut client);
+            }
+            let t = db.open();
+            let seeded = testing::Seeded {
+                keys: true,
+                jobs: true,
+            };
+            testing::assert_seeded_rows_kept(&t, seeded);
+            let mut client = connect(t.database());
+            assert_eq!(applied(&mut client), (1..=latest()).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let Some(db) = testing::postgres_db("newer") else {
+            return;
+        };
+        let mut client = connect(db.database());
+        migrate(&mut client).unwrap();
+        client
+            .execute(
+                "INSERT INTO syncgate_migrations (version, name, applied_ms) \
+                 VALUES ($1, '9999_future', 0)",
+                &[&(latest() + 1)],
+            )
+            .unwrap();
+        let err = migrate(&mut client).unwrap_err().to_string();
+        assert!(err.contains("newer syncgate"), "{err}");
+        let Database::Postgres(pg) = db.database() else {
+            unreachable!()
+        };
+        let err = format!(
+            "{:#}",
+            crate::store::postgres::open_migrated(pg).unwrap_err()
+        );
+        assert!(
+            err.contains(&format!("schema version {}", latest() + 1)),
+            "{err}"
+        );
+        assert_eq!(
+            version(&mut client).unwrap(),
+            latest() + 1,
+            "left as it was"
+        );
+    }
+
+    #[test]
+    fn instances_migrating_a_fresh_database_at_once_apply_each_migration_once() {
+        let Some(db) = testing::postgres_db("migrate-race") else {
+            return;
+        };
+        let start = std::sync::Barrier::new(6);
+        let results: Vec<Migrated> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut client = connect(db.database());
+                        start.wait();
+                        migrate(&mut client).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let first = results.iter().filter(|m| m.from == 0).count();
+        assert_eq!(first, 1, "exactly one migrated: {results:?}");
+        assert!(results.iter().all(|m| m.to == latest()), "{results:?}");
+        assert_eq!(
+            applied(&mut connect(db.database())),
+            (1..=latest()).collect::<Vec<_>>()
+        );
+    }
 }

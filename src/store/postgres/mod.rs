@@ -28,7 +28,7 @@ use postgres::Client;
 pub(crate) use session::{Prepared, Session, Tx};
 
 use super::requests::RequestRow;
-use super::retention::{Expire, Retention};
+use super::retention::{Expire, Keep, Retention, Rows};
 use super::StoreError;
 use crate::config::StoreConfig;
 use crate::database::Postgres;
@@ -131,12 +131,13 @@ pub(crate) fn open_migrated(db: &Postgres) -> anyhow::Result<migrate::Migrated> 
 }
 
 impl Pg {
-    /// Connects, migrates, fills the pool and starts the log writer and, when
-    /// `retention_days` is above 0, the thread that deletes request-log rows older than that.
+    /// Connects, migrates, fills the pool and starts the log writer and, when `keep` lets
+    /// anything expire, the thread that deletes request-log rows and finished jobs older than
+    /// it keeps them.
     pub(crate) fn open(
         db: &Postgres,
         config: &StoreConfig,
-        retention_days: u64,
+        keep: Keep,
         metrics: StoreMetrics,
     ) -> anyhow::Result<Pg> {
         let migrated = open_migrated(db)?;
@@ -167,19 +168,17 @@ impl Pg {
             .context("cannot start the database log writer")?;
         let expire: Expire = {
             let pool = pool.clone();
-            Box::new(move |cutoff_ms, limit| {
+            Box::new(move |rows, cutoff_ms, limit| {
                 let mut conn = pool.get().map_err(|_| StoreError::Busy)?;
                 let Conn { client, prepared } = &mut *conn;
-                Ok(requests::expire(
-                    &mut Session::new(client, prepared),
-                    cutoff_ms,
-                    limit,
-                )?)
+                let mut session = Session::new(client, prepared);
+                Ok(match rows {
+                    Rows::Log => requests::expire(&mut session, cutoff_ms, limit)?,
+                    Rows::Jobs => jobs::expire(&mut session, cutoff_ms, limit)?,
+                })
             })
         };
-        let retention = (retention_days > 0)
-            .then(|| Retention::spawn(expire, retention_days, metrics.clone()))
-            .transpose()
+        let retention = Retention::spawn(expire, keep, metrics.clone())
             .context("cannot start the retention thread")?;
         Ok(Pg {
             pool,

@@ -185,6 +185,21 @@ pub(crate) fn cancel(conn: &Connection, id: &str, now_ms: i64) -> rusqlite::Resu
     })
 }
 
+/// Deletes at most `batch` of the jobs that finished (succeeded, failed, cancelled) before
+/// `cutoff_ms`, oldest first; returns how many. Queued and running jobs have no finish time and
+/// are never touched. Bounded so one call holds the write lock only briefly (retention calls it
+/// in a loop).
+pub(crate) fn expire(conn: &Connection, cutoff_ms: i64, batch: usize) -> rusqlite::Result<usize> {
+    conn.prepare_cached(EXPIRE)?
+        .execute(params![cutoff_ms, batch as i64])
+}
+
+/// `NOT IN`, not `IN` the final states: SQLite would pick `jobs_status` for an `IN` list and
+/// sort, where `jobs_finished` reads the oldest in order.
+const EXPIRE: &str = "DELETE FROM jobs WHERE seq IN \
+                      (SELECT seq FROM jobs WHERE finished_ms < ?1 \
+                       AND status NOT IN ('queued', 'running') ORDER BY finished_ms LIMIT ?2)";
+
 const COLUMNS: &str = "id, status, request, metadata, model, attempts, max_attempts, result, \
                        error, cancel_requested, key_id, created_ms, started_ms, finished_ms";
 
@@ -262,4 +277,29 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Job> {
         started_ms: r.get(12)?,
         finished_ms: r.get(13)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::migrate;
+
+    #[test]
+    fn expiry_reads_the_oldest_finished_jobs_from_their_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate::migrate(&mut conn).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {EXPIRE}"))
+            .unwrap()
+            .query_map(params![0, 1], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX jobs_finished"))
+                && !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+    }
 }

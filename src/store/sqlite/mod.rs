@@ -20,7 +20,7 @@ use r2d2::PooledConnection;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
-use super::retention::{Expire, Retention};
+use super::retention::{Expire, Keep, Retention, Rows};
 use super::StoreError;
 use crate::config::StoreConfig;
 use crate::metrics::StoreMetrics;
@@ -108,12 +108,13 @@ pub(crate) fn open_read_only(path: &Path) -> anyhow::Result<Connection> {
 }
 
 impl Sqlite {
-    /// Opens the file, applies migrations and starts the writer and, when `retention_days`
-    /// is above 0, the thread that deletes request-log rows older than that.
+    /// Opens the file, applies migrations and starts the writer and, when `keep` lets
+    /// anything expire, the thread that deletes request-log rows and finished jobs older than
+    /// it keeps them.
     pub(crate) fn open(
         path: &Path,
         config: &StoreConfig,
-        retention_days: u64,
+        keep: Keep,
         metrics: StoreMetrics,
     ) -> anyhow::Result<Sqlite> {
         let (conn, migrated) = open_migrated(path)?;
@@ -142,13 +143,14 @@ impl Sqlite {
         );
         let expire: Expire = {
             let writer = Arc::clone(&writer);
-            Box::new(move |cutoff_ms, limit| {
-                writer.call(move |c| requests::expire(c, cutoff_ms, limit))
+            Box::new(move |rows, cutoff_ms, limit| {
+                writer.call(move |c| match rows {
+                    Rows::Log => requests::expire(c, cutoff_ms, limit),
+                    Rows::Jobs => jobs::expire(c, cutoff_ms, limit),
+                })
             })
         };
-        let retention = (retention_days > 0)
-            .then(|| Retention::spawn(expire, retention_days, metrics.clone()))
-            .transpose()
+        let retention = Retention::spawn(expire, keep, metrics.clone())
             .context("cannot start the retention thread")?;
         Ok(Sqlite {
             reads,
