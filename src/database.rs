@@ -203,7 +203,9 @@ fn is_postgres(text: &str) -> bool {
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         return true;
     }
-    // libpq's `host=… dbname=…` words: every word a key=value pair with a known key.
+    // libpq's `host=… dbname=…` words: the first a key=value pair with a libpq key. The driver
+    // reads the rest (quoted values included) and refuses what it does not know; a SQLite file
+    // so named can still be given as `sqlite:host=…`.
     const KEYS: &[&str] = &[
         "host",
         "hostaddr",
@@ -216,11 +218,16 @@ fn is_postgres(text: &str) -> bool {
         "options",
         "connect_timeout",
         "application_name",
+        "keepalives",
+        "keepalives_idle",
+        "target_session_attrs",
+        "channel_binding",
+        "load_balance_hosts",
+        "sslcert",
+        "sslkey",
     ];
-    text.split_whitespace().all(|word| {
-        word.split_once('=')
-            .is_some_and(|(key, _)| KEYS.contains(&key))
-    })
+    text.split_once('=')
+        .is_some_and(|(key, _)| KEYS.contains(&key.trim()))
 }
 
 impl Postgres {
@@ -315,6 +322,23 @@ mod tests {
                 assert!(shown.contains("sg:***@db.example:6543/gateway"), "{shown}");
             }
         }
+    }
+
+    #[test]
+    fn libpq_words_are_read_by_the_driver_quotes_included_and_unknown_words_refused() {
+        let text = "host=db.example user=sg password='two words' dbname=gateway";
+        assert_eq!(server(text).config.get_password(), Some(&b"two words"[..]));
+        let shown = Database::parse(text).unwrap().to_string();
+        assert!(!shown.contains("two words"), "{shown}");
+        // A libpq key this driver cannot honour is refused, not taken for a file name.
+        let refused = Database::parse("host=db.example password=s3cret-pw sslcert=/c.pem")
+            .expect_err("client certificates are not supported");
+        assert!(!refused.contains("s3cret"), "{refused}");
+        // A file whose name only looks like words is still SQLite with `sqlite:`.
+        assert!(matches!(
+            Database::parse("sqlite:host=x.db"),
+            Ok(Database::Sqlite(_))
+        ));
     }
 
     fn server(text: &str) -> Postgres {
