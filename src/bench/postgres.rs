@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::database::{Database, Postgres};
 use crate::store;
 
-/// The server's version and where it is ("15.18 at 127.0.0.1:25432"), asked once before any
+/// The server's version and where it is ("15.18 at 127.0.0.1:5432"), asked once before any
 /// scenario runs, so a server the bench cannot reach fails the run at once.
 pub(crate) fn describe(server: &Postgres) -> anyhow::Result<String> {
     let mut client = store::postgres::connect(server)?;
@@ -20,7 +20,10 @@ pub(crate) fn describe(server: &Postgres) -> anyhow::Result<String> {
     let version: String = row.get(0);
     // "15.18 (Debian 15.18-0+deb12u1)": the number says enough.
     let version = version.split_whitespace().next().unwrap_or("?").to_string();
-    Ok(format!("{version} at {}", server.endpoint()))
+    // The server, not the database named: the bench works in databases of its own.
+    let endpoint = server.endpoint();
+    let host_port = endpoint.rsplit_once('/').map_or(&*endpoint, |(hp, _)| hp);
+    Ok(format!("{version} at {host_port}"))
 }
 
 /// An empty database on the server, dropped (with any sessions still on it) on drop.
