@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
 use super::observe::{Reported, ReportedWindow};
-use super::procs::{GatewaySpec, MockSpec};
+use super::procs::{Backend, GatewaySpec, MockSpec};
 use super::report::{ms, us, Outcome, Row};
 use super::scenarios::{chat_request, plural, warmup};
 use super::svg::Point;
@@ -24,6 +24,7 @@ const OPEN_GATEWAY: GatewaySpec = GatewaySpec {
     max_connections: 1024,
     max_queue_wait_ms: 5000,
     log_requests: true,
+    backend: Backend::Sqlite,
 };
 /// Samples the overhead scenario wants on each side at the least.
 const OVERHEAD_MIN_SAMPLES: u64 = 5000;
@@ -47,12 +48,14 @@ impl Side {
     }
 }
 
-/// One latency-0 phase of `clients` on `side`, with the CPU seconds each process used and,
-/// through syncgate, what the gateway measured about itself.
+/// One latency-0 phase of `clients` on `side` (through syncgate: its store on `backend`), with
+/// the CPU seconds each process used and, through syncgate, what the gateway measured about
+/// itself.
 fn latency_zero_phase(
     b: &mut Bench,
     name: &str,
     side: Side,
+    backend: Backend,
     clients: usize,
     duration: Duration,
     min_samples: u64,
@@ -63,6 +66,7 @@ fn latency_zero_phase(
         Side::Syncgate | Side::Unlogged => {
             let spec = GatewaySpec {
                 log_requests: side == Side::Syncgate,
+                backend,
                 ..OPEN_GATEWAY
             };
             let (addr, pid) = b.gateway(mock, spec)?;
@@ -79,7 +83,11 @@ fn latency_zero_phase(
         },
         stagger: Duration::ZERO,
     };
-    let label = format!("{name}: {} {}", plural(clients, "client"), side.name());
+    let on = match (side, backend) {
+        (Side::Direct, _) | (_, Backend::Sqlite) => String::new(),
+        (_, backend) => format!(", on {}", backend.name()),
+    };
+    let label = format!("{name}: {} {}{on}", plural(clients, "client"), side.name());
     let warm = warmup(duration, Duration::ZERO);
     let mut window = gateway_pid.map(|_| ReportedWindow::new(addr));
     let result = b.measure(label, &spec, warm, duration, min_samples, |m| {
@@ -104,17 +112,20 @@ fn abba(b: &mut Bench, name: &str, clients: usize, min_samples: u64) -> anyhow::
         b,
         name,
         [Side::Direct, Side::Syncgate],
+        Backend::Sqlite,
         1,
         clients,
         min_samples,
     )
 }
 
-/// `rounds` times A, B, B, A, each phase `duration / (2 × rounds)` long.
+/// `rounds` times A, B, B, A, each phase `duration / (2 × rounds)` long, the gateway's store
+/// on `backend`.
 fn abba_of(
     b: &mut Bench,
     name: &str,
     [first, second]: [Side; 2],
+    backend: Backend,
     rounds: u32,
     clients: usize,
     min_samples: u64,
@@ -124,7 +135,8 @@ fn abba_of(
     let order = [first, second, second, first];
     let mut sides: [Option<Phase>; 2] = [None, None];
     for side in order.iter().cycle().take(4 * rounds as usize).copied() {
-        let phase = latency_zero_phase(b, name, side, clients, phase_length, phase_samples)?;
+        let phase =
+            latency_zero_phase(b, name, side, backend, clients, phase_length, phase_samples)?;
         let slot = &mut sides[usize::from(side == second)];
         *slot = Some(match slot.take() {
             Some(mut earlier) => {
@@ -294,8 +306,26 @@ pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
     let mut points = Vec::new();
     let mut rows = Vec::new();
     for clients in SWEEP_CLIENTS {
-        let direct = latency_zero_phase(b, "sweep", Side::Direct, clients, duration, 0)?.result;
-        let through = latency_zero_phase(b, "sweep", Side::Syncgate, clients, duration, 0)?.result;
+        let direct = latency_zero_phase(
+            b,
+            "sweep",
+            Side::Direct,
+            Backend::Sqlite,
+            clients,
+            duration,
+            0,
+        )?
+        .result;
+        let through = latency_zero_phase(
+            b,
+            "sweep",
+            Side::Syncgate,
+            Backend::Sqlite,
+            clients,
+            duration,
+            0,
+        )?
+        .result;
         b.points.push(point(clients, false, &direct));
         b.points.push(point(clients, true, &through));
         points.push(json!({
@@ -327,44 +357,84 @@ pub(crate) fn sweep(b: &mut Bench) -> anyhow::Result<Outcome> {
 pub(crate) const LOGGING_ROUNDS: u32 = 3;
 
 /// Throughput with the request log on ÷ off (64 clients, latency 0): what logging every call
-/// costs. Both sides run through syncgate; the log's side writes one row per request.
+/// costs. Both sides run through syncgate; the log's side writes one row per request. With
+/// `--db postgres://…` the same again with the gateway's store on PostgreSQL, after SQLite's.
 pub(crate) fn logging(b: &mut Bench) -> anyhow::Result<Outcome> {
-    const CLIENTS: usize = 64;
+    let sqlite = logging_on(b, Backend::Sqlite)?;
+    let mut json = sqlite.json();
+    let mut rows = sqlite.rows("");
+    if b.postgres.is_some() {
+        let postgres = logging_on(b, Backend::Postgres)?;
+        json["postgres"] = postgres.json();
+        rows.extend(postgres.rows("PostgreSQL: "));
+    }
+    Ok(Outcome::new("logging", json, rows))
+}
+
+/// Clients in the logging scenario.
+const LOGGING_CLIENTS: usize = 64;
+
+/// The logging scenario's rounds with the gateway's store on `backend`.
+fn logging_on(b: &mut Bench, backend: Backend) -> anyhow::Result<Logging> {
     let [off, on] = abba_of(
         b,
         "logging",
         [Side::Unlogged, Side::Syncgate],
+        backend,
         LOGGING_ROUNDS,
-        CLIENTS,
+        LOGGING_CLIENTS,
         0,
     )?;
-    let cpu_row = Row::info(
-        "CPU per request, log on",
-        format!("{}; log off: {}", on.cpu_summary(), off.cpu_summary()),
-    );
-    let (off, on) = (off.result, on.result);
-    let ratio = on.ok_per_s() / off.ok_per_s().max(1e-9);
-    let json = json!({
-        "ratio": ratio,
-        "rps_on": on.ok_per_s(),
-        "rps_off": off.ok_per_s(),
-        "clients": CLIENTS,
-        "p99_ms_on": ms(on.tally.ok.p99()),
-        "p99_ms_off": ms(off.tally.ok.p99()),
-        "errors": on.tally.errors + off.tally.errors,
-    });
-    let rows = vec![
-        Row::goal(
-            "rps with the request log on ÷ off, 64 clients",
-            format!(
-                "{ratio:.2} ({:.0} vs {:.0} rps)",
-                on.ok_per_s(),
-                off.ok_per_s()
+    Ok(Logging { off, on })
+}
+
+/// One backend's log-off and log-on sides, each merged over its rounds.
+struct Logging {
+    off: Phase,
+    on: Phase,
+}
+
+impl Logging {
+    fn ratio(&self) -> f64 {
+        self.on.result.ok_per_s() / self.off.result.ok_per_s().max(1e-9)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (off, on) = (&self.off.result, &self.on.result);
+        json!({
+            "ratio": self.ratio(),
+            "rps_on": on.ok_per_s(),
+            "rps_off": off.ok_per_s(),
+            "clients": LOGGING_CLIENTS,
+            "p99_ms_on": ms(on.tally.ok.p99()),
+            "p99_ms_off": ms(off.tally.ok.p99()),
+            "errors": on.tally.errors + off.tally.errors,
+        })
+    }
+
+    /// The table's rows, each figure named after `backend` ("" for SQLite, as before there
+    /// was a second backend).
+    fn rows(&self, backend: &str) -> Vec<Row> {
+        let ratio = self.ratio();
+        vec![
+            Row::goal(
+                &format!("{backend}rps with the request log on ÷ off, 64 clients"),
+                format!(
+                    "{ratio:.2} ({:.0} vs {:.0} rps)",
+                    self.on.result.ok_per_s(),
+                    self.off.result.ok_per_s()
+                ),
+                "≥ 0.9",
+                ratio >= 0.9,
             ),
-            "≥ 0.9",
-            ratio >= 0.9,
-        ),
-        cpu_row,
-    ];
-    Ok(Outcome::new("logging", json, rows))
+            Row::info(
+                &format!("{backend}CPU per request, log on"),
+                format!(
+                    "{}; log off: {}",
+                    self.on.cpu_summary(),
+                    self.off.cpu_summary()
+                ),
+            ),
+        ]
+    }
 }

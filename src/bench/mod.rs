@@ -8,6 +8,7 @@ mod hist;
 mod latency_zero;
 mod load;
 mod observe;
+mod postgres;
 mod procs;
 mod report;
 mod scenarios;
@@ -63,6 +64,16 @@ impl Scenario {
             Scenario::SaturatedHealth | Scenario::Overload => 1,
         }
     }
+
+    /// Measured phases it adds on PostgreSQL when `--db` names a server.
+    fn postgres_phases(self) -> u64 {
+        match self {
+            Scenario::Writer => store::POSTGRES_PHASES,
+            Scenario::Logging => 4 * u64::from(latency_zero::LOGGING_ROUNDS),
+            Scenario::SlowAi => 1,
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -88,8 +99,9 @@ pub(crate) struct BenchArgs {
     /// Draw latency and throughput against concurrency as SVG to FILE.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
-    /// A PostgreSQL server (postgres://…) to measure in the writer scenario beside SQLite, in a
-    /// scratch database the bench makes there and drops (the role needs CREATEDB).
+    /// A PostgreSQL server (postgres://…) to measure beside SQLite: the writer on its own, and
+    /// the gateway in logging and slow-ai, each in a scratch database the bench makes there
+    /// and drops (the role needs CREATEDB).
     #[arg(long, value_name = "URL", value_parser = crate::database::Database::parse)]
     db: Option<crate::database::Database>,
 }
@@ -111,7 +123,8 @@ pub(crate) struct Bench {
     streams: usize,
     /// Latency-0 runs at each concurrency, for the SVG.
     points: Vec<svg::Point>,
-    /// The PostgreSQL server `--db` names, measured beside SQLite.
+    /// The PostgreSQL server `--db` names, measured beside SQLite (the gateways on it are the
+    /// fleet's to start).
     postgres: Option<crate::database::Postgres>,
 }
 
@@ -147,19 +160,23 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     let exe = std::env::current_exe().context("cannot find this executable")?;
-    let postgres = match &args.db {
+    let pg = match &args.db {
         None => None,
         Some(crate::database::Database::Postgres(pg)) => Some(pg.clone()),
         Some(crate::database::Database::Sqlite(_)) => {
             anyhow::bail!("--db names a PostgreSQL server to measure; SQLite is always measured")
         }
     };
-    let pg_phases = if postgres.is_some() && selected.contains(&Scenario::Writer) {
-        store::POSTGRES_PHASES
-    } else {
-        0
-    };
-    let total_phases = selected.iter().map(|s| s.phases()).sum::<u64>() + pg_phases;
+    // Read before any load: the load average says how busy the machine already was.
+    let mut machine = report::machine();
+    if let Some(server) = &pg {
+        // Asked now, so a server the bench cannot reach fails the run before it starts.
+        machine.postgres = Some(postgres::describe(server)?);
+    }
+    let total_phases = selected
+        .iter()
+        .map(|s| s.phases() + if pg.is_some() { s.postgres_phases() } else { 0 })
+        .sum::<u64>();
     let bar =
         ProgressBar::with_draw_target(Some(total_phases), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
@@ -168,17 +185,15 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut bench = Bench {
-        fleet: Fleet::new(exe)?,
+        fleet: Fleet::new(exe, pg.clone())?,
         bar,
         duration: Duration::from_secs(args.duration_s),
         clients,
         streams,
         points: Vec::new(),
-        postgres,
+        postgres: pg,
     };
 
-    // Read before any load: the load average says how busy the machine already was.
-    let machine = report::machine();
     let started = Instant::now();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for scenario in selected {

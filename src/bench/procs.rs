@@ -2,7 +2,9 @@
 //! very binary, each killed and reaped by pid when its guard drops (after a scenario, on an
 //! error, on Ctrl-C) and, should the bench itself die, by the kernel (`PR_SET_PDEATHSIG`).
 //! [`Fleet`] keeps one of each and restarts them only when a scenario needs other settings.
+//! A gateway on PostgreSQL gets a scratch database of its own, dropped once it has stopped.
 
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -13,6 +15,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+use super::postgres::ScratchDatabase;
+use crate::database::Postgres;
 
 /// How long a child may take to print its `listening on` line.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
@@ -45,6 +50,26 @@ pub(crate) struct GatewaySpec {
     pub(crate) max_queue_wait_ms: u64,
     /// Whether the gateway writes its request log (the logging scenario compares both).
     pub(crate) log_requests: bool,
+    /// Where it keeps its store.
+    pub(crate) backend: Backend,
+}
+
+/// The store a gateway runs on: a SQLite file in the bench's directory, or a scratch database
+/// on the PostgreSQL server `--db` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// As the report names it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
 }
 
 /// A child process of the bench, killed and reaped on drop.
@@ -57,8 +82,14 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    /// Runs `exe ARGS` with `RUST_LOG=warn`, stderr to `log`, and waits for its readiness line.
-    fn spawn(exe: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Proc> {
+    /// Runs `exe ARGS` with `RUST_LOG=warn` and `env`, stderr to `log`, and waits for its
+    /// readiness line.
+    fn spawn(
+        exe: &Path,
+        args: &[String],
+        env: &[(String, OsString)],
+        log: PathBuf,
+    ) -> anyhow::Result<Proc> {
         let mut cmd = Command::new(exe);
         cmd.args(args)
             .env("RUST_LOG", "warn")
@@ -73,6 +104,7 @@ impl Proc {
                 cmd.env_remove(&key);
             }
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         // SAFETY: prctl is async-signal-safe and touches no memory of ours. It asks the kernel
         // to kill the child when the thread that spawned it ends; the bench spawns only from
         // its main thread, which lives until the bench exits.
@@ -202,18 +234,29 @@ targets = ["up/bench-model"]
 pub(crate) struct Fleet {
     exe: PathBuf,
     dir: PathBuf,
+    /// The server gateways on [`Backend::Postgres`] make their scratch databases on.
+    postgres: Option<Postgres>,
     mock: Option<(MockSpec, Proc)>,
-    gateway: Option<(GatewaySpec, Proc)>,
+    gateway: Option<Gateway>,
     starts: u32,
 }
 
+/// A running gateway. The fields drop in order: the process is killed and reaped before its
+/// scratch database is dropped.
+struct Gateway {
+    spec: GatewaySpec,
+    proc: Proc,
+    _database: Option<ScratchDatabase>,
+}
+
 impl Fleet {
-    pub(crate) fn new(exe: PathBuf) -> anyhow::Result<Fleet> {
+    pub(crate) fn new(exe: PathBuf, postgres: Option<Postgres>) -> anyhow::Result<Fleet> {
         let dir = std::env::temp_dir().join(format!("syncgate-bench-{}", std::process::id()));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Fleet {
             exe,
             dir,
+            postgres,
             mock: None,
             gateway: None,
             starts: 0,
@@ -246,7 +289,7 @@ impl Fleet {
         .map(String::from)
         .to_vec();
         let log = self.dir.join(format!("mock-{}.log", self.starts));
-        let proc = Proc::spawn(&self.exe, &args, log)?;
+        let proc = Proc::spawn(&self.exe, &args, &[], log)?;
         let addr = proc.addr;
         self.mock = Some((spec, proc));
         Ok(addr)
@@ -264,13 +307,29 @@ impl Fleet {
         spec: GatewaySpec,
     ) -> anyhow::Result<&mut Proc> {
         let upstream_addr = self.upstream(upstream)?;
-        let reuse = matches!(&self.gateway, Some((running, _)) if *running == spec);
+        let reuse = matches!(&self.gateway, Some(running) if running.spec == spec);
         if !reuse {
             self.gateway = None;
             self.starts += 1;
             let config = self.dir.join(format!("gateway-{}.toml", self.starts));
             fs::write(&config, gateway_toml(upstream_addr, &spec))
                 .with_context(|| format!("cannot write {}", config.display()))?;
+            let (database, db, env) = match spec.backend {
+                Backend::Sqlite => {
+                    let file = self.dir.join("syncgate.db").display().to_string();
+                    (None, file, Vec::new())
+                }
+                Backend::Postgres => {
+                    let server = self
+                        .postgres
+                        .as_ref()
+                        .context("a gateway on PostgreSQL needs --db postgres://…")?;
+                    let scratch =
+                        ScratchDatabase::create(server, &format!("gateway_{}", self.starts))?;
+                    let (url, env) = scratch.serve_args();
+                    (Some(scratch), url, env)
+                }
+            };
             let args: Vec<String> = vec![
                 "serve".into(),
                 "--listen".into(),
@@ -278,15 +337,19 @@ impl Fleet {
                 "--config".into(),
                 config.display().to_string(),
                 "--db".into(),
-                self.dir.join("syncgate.db").display().to_string(),
+                db,
             ];
             let log = self.dir.join(format!("gateway-{}.log", self.starts));
-            let proc = Proc::spawn(&self.exe, &args, log)?;
-            self.gateway = Some((spec, proc));
+            let proc = Proc::spawn(&self.exe, &args, &env, log)?;
+            self.gateway = Some(Gateway {
+                spec,
+                proc,
+                _database: database,
+            });
         }
-        let (_, proc) = self.gateway.as_mut().context("gateway not running")?;
-        proc.check_alive()?;
-        Ok(proc)
+        let gateway = self.gateway.as_mut().context("gateway not running")?;
+        gateway.proc.check_alive()?;
+        Ok(&mut gateway.proc)
     }
 }
 
@@ -310,6 +373,7 @@ mod tests {
             max_connections: 100,
             max_queue_wait_ms: 60_000,
             log_requests: true,
+            backend: Backend::Sqlite,
         };
         let toml = gateway_toml("127.0.0.1:4000".parse().unwrap(), &spec);
         let path = std::env::temp_dir().join(format!("bench-config-{}.toml", std::process::id()));

@@ -67,6 +67,8 @@ pub(crate) struct Machine {
     pub(crate) profile: &'static str,
     /// The 1-minute load average when the bench started: the machine may be shared.
     pub(crate) load_average: Option<f64>,
+    /// The PostgreSQL server measured beside SQLite ("15.18 at 127.0.0.1:5432"), if any.
+    pub(crate) postgres: Option<String>,
 }
 
 impl Machine {
@@ -128,6 +130,7 @@ pub(crate) fn machine() -> Machine {
             .split_whitespace()
             .next()
             .and_then(|v| v.parse().ok()),
+        postgres: None,
     }
 }
 
@@ -139,7 +142,7 @@ pub(crate) fn json(machine: &Machine, outcomes: &[Outcome]) -> Value {
         round(&mut figures);
         scenarios.insert(outcome.key.to_string(), figures);
     }
-    json!({
+    let mut report = json!({
         "machine": {
             "cores": machine.cores,
             "memory_gb": (machine.memory_gb * 10.0).round() / 10.0,
@@ -151,7 +154,11 @@ pub(crate) fn json(machine: &Machine, outcomes: &[Outcome]) -> Value {
             "load_average_at_start": machine.load_average,
         },
         "scenarios": scenarios,
-    })
+    });
+    if let Some(server) = &machine.postgres {
+        report["machine"]["postgres"] = json!(server);
+    }
+    report
 }
 
 /// Rounds every non-integer number to three decimals: the measurements are not finer.
@@ -216,6 +223,13 @@ pub(crate) fn table(
         phase.as_secs(),
         took.as_secs_f64()
     );
+    if let Some(server) = &machine.postgres {
+        let _ = writeln!(
+            out,
+            "rows named PostgreSQL ran on PostgreSQL {server} (a scratch database each); \
+             every other row on SQLite"
+        );
+    }
     if machine.profile == "debug" {
         let _ = writeln!(
             out,

@@ -3,14 +3,15 @@
 //! gateway it needs, runs its phases through [`Bench::measure`], and returns its figures
 //! (JSON) and table rows.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
-use super::load::{self, Load, LoadSpec, Work};
+use super::load::{self, Load, LoadResult, LoadSpec, Work};
 use super::observe::{self, ReportedWindow};
-use super::procs::{GatewaySpec, MockSpec};
+use super::procs::{Backend, GatewaySpec, MockSpec};
 use super::report::{ms, Outcome, Row};
 use super::Bench;
 
@@ -38,19 +39,119 @@ pub(crate) fn plural(n: usize, noun: &str) -> String {
     }
 }
 
+/// Little's-law efficiency and the gateway's memory with `--clients` callers on a 500 ms
+/// upstream, against the same callers on the upstream directly. With `--db postgres://…` the
+/// gateway runs a second time with its store on PostgreSQL, measured against the same direct
+/// run (the direct side has no store, so running it twice would measure only drift).
 pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
     let clients = b.clients;
     let latency = Duration::from_millis(500);
     let mock = MockSpec::latency(500);
-    let gateway = GatewaySpec {
-        workers: clients,
-        queue: clients,
-        max_connections: clients + 64,
-        max_queue_wait_ms: 5000,
-        log_requests: true,
-    };
     let ideal_rps = clients as f64 / latency.as_secs_f64();
-    let spec = |addr, model| LoadSpec {
+
+    let upstream = b.fleet.upstream(mock)?;
+    let mut direct_cpu = b.cpu_meter(None);
+    let label = format!("slow-ai: {} direct", plural(clients, "client"));
+    let direct = b.measure(
+        label,
+        &slow_ai_load(upstream, "bench-model", clients, latency),
+        warmup(b.duration, latency),
+        b.duration,
+        0,
+        |m| direct_cpu.tick(m),
+    )?;
+    let direct_efficiency = direct.ok_per_s() / ideal_rps;
+
+    let through = slow_ai_through(b, Backend::Sqlite)?;
+    let efficiency = through.result.ok_per_s() / ideal_rps;
+    let mut json = through.json(ideal_rps);
+    json["direct_efficiency"] = json!(direct_efficiency);
+    json["direct_rps"] = json!(direct.ok_per_s());
+    json["direct_p50_ms"] = json!(ms(direct.tally.ok.p50()));
+    json["direct_p99_ms"] = json!(ms(direct.tally.ok.p99()));
+    json["ideal_rps"] = json!(ideal_rps);
+    json["cores_used"]["direct"] = direct_cpu.cores();
+    json["errors"] = json!(through.result.tally.errors + direct.tally.errors);
+    let relative = efficiency / direct_efficiency.max(1e-9);
+    let (rss_mb, idle_mb) = through.rss_mb();
+    let mut rows = vec![
+        Row::goal(
+            &format!("Little's-law efficiency, {}", plural(clients, "client")),
+            format!("{efficiency:.3} vs {direct_efficiency:.3} direct = {relative:.3}×"),
+            "≥ 0.95 × direct",
+            relative >= 0.95,
+        ),
+        Row::info(
+            "latency p50 / p99 (upstream 500 ms)",
+            format!(
+                "{:.1} / {:.1} ms (direct {:.1} / {:.1} ms)",
+                ms(through.result.tally.ok.p50()),
+                ms(through.result.tally.ok.p99()),
+                ms(direct.tally.ok.p50()),
+                ms(direct.tally.ok.p99())
+            ),
+        ),
+        Row::goal(
+            "resident memory under load (peak)",
+            format!("{rss_mb:.1} MB (idle {idle_mb:.1} MB)"),
+            "≤ 100 MB",
+            rss_mb <= 100.0,
+        ),
+        Row::info(
+            "memory per in-flight request",
+            format!("{:.1} KB", through.per_inflight_kb()),
+        ),
+        through.cpu.busy_row(&direct_cpu),
+    ];
+
+    if b.postgres.is_some() {
+        let pg = slow_ai_through(b, Backend::Postgres)?;
+        let efficiency = pg.result.ok_per_s() / ideal_rps;
+        let relative = efficiency / direct_efficiency.max(1e-9);
+        let (rss_mb, idle_mb) = pg.rss_mb();
+        let mut pg_json = pg.json(ideal_rps);
+        pg_json["errors"] = json!(pg.result.tally.errors);
+        json["postgres"] = pg_json;
+        rows.extend([
+            Row::goal(
+                &format!(
+                    "PostgreSQL: Little's-law efficiency, {}",
+                    plural(clients, "client")
+                ),
+                format!("{efficiency:.3} vs {direct_efficiency:.3} direct = {relative:.3}×"),
+                "≥ 0.95 × direct",
+                relative >= 0.95,
+            ),
+            Row::info(
+                "PostgreSQL: latency p50 / p99 (upstream 500 ms)",
+                format!(
+                    "{:.1} / {:.1} ms",
+                    ms(pg.result.tally.ok.p50()),
+                    ms(pg.result.tally.ok.p99())
+                ),
+            ),
+            Row::goal(
+                "PostgreSQL: resident memory under load (peak)",
+                format!("{rss_mb:.1} MB (idle {idle_mb:.1} MB)"),
+                "≤ 100 MB",
+                rss_mb <= 100.0,
+            ),
+            Row::info(
+                "PostgreSQL: memory per in-flight request",
+                format!("{:.1} KB", pg.per_inflight_kb()),
+            ),
+            Row::info(
+                "PostgreSQL: CPU busy while measured",
+                pg.cpu.cores_summary(),
+            ),
+        ]);
+    }
+    Ok(Outcome::new("slow_ai", json, rows))
+}
+
+/// Slow-ai's callers on `addr`, asking for `model`, started spread over one upstream latency.
+fn slow_ai_load(addr: SocketAddr, model: &str, clients: usize, latency: Duration) -> LoadSpec {
+    LoadSpec {
         addr,
         clients,
         work: Work::Plain {
@@ -58,33 +159,41 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
             think_after_503: Duration::ZERO,
         },
         stagger: latency,
+    }
+}
+
+/// Slow-ai's phase through syncgate, the gateway's store on `backend`: the load's result and
+/// what the gateway's process used meanwhile.
+fn slow_ai_through(b: &mut Bench, backend: Backend) -> anyhow::Result<SlowAiThrough> {
+    let clients = b.clients;
+    let latency = Duration::from_millis(500);
+    let gateway = GatewaySpec {
+        workers: clients,
+        queue: clients,
+        max_connections: clients + 64,
+        max_queue_wait_ms: 5000,
+        log_requests: true,
+        backend,
     };
-    let warm = warmup(b.duration, latency);
-
-    let upstream = b.fleet.upstream(mock)?;
-    let mut direct_cpu = b.cpu_meter(None);
-    let label = format!("slow-ai: {} direct", plural(clients, "client"));
-    let direct = b.measure(
-        label,
-        &spec(upstream, "bench-model"),
-        warm,
-        b.duration,
-        0,
-        |m| direct_cpu.tick(m),
-    )?;
-
-    let (addr, pid) = b.gateway(mock, gateway)?;
+    let (addr, pid) = b.gateway(MockSpec::latency(500), gateway)?;
     let mut cpu = b.cpu_meter(Some(pid));
     let idle_kib = observe::rss_kib(pid).unwrap_or(0);
     let mut peak_kib = idle_kib;
     let mut ticks = 0u32;
     let mut busy_max = 0u64;
     let mut window = ReportedWindow::new(addr);
-    let label = format!("slow-ai: {} through syncgate", plural(clients, "client"));
-    let through = b.measure(
+    let on = match backend {
+        Backend::Sqlite => String::new(),
+        Backend::Postgres => format!(", on {}", backend.name()),
+    };
+    let label = format!(
+        "slow-ai: {} through syncgate{on}",
+        plural(clients, "client")
+    );
+    let result = b.measure(
         label,
-        &spec(addr, "bench"),
-        warm,
+        &slow_ai_load(addr, "bench", clients, latency),
+        warmup(b.duration, latency),
         b.duration,
         0,
         |measuring| {
@@ -101,63 +210,57 @@ pub(crate) fn slow_ai(b: &mut Bench) -> anyhow::Result<Outcome> {
             }
         },
     )?;
+    Ok(SlowAiThrough {
+        reported: window.finish()?,
+        result,
+        cpu,
+        idle_kib,
+        peak_kib,
+        busy_max,
+        clients,
+    })
+}
 
-    let reported = window.finish()?;
-    let efficiency = through.ok_per_s() / ideal_rps;
-    let direct_efficiency = direct.ok_per_s() / ideal_rps;
-    let rss_mb = peak_kib as f64 / 1024.0;
-    let per_inflight_kb = peak_kib.saturating_sub(idle_kib) as f64 / clients as f64;
-    let json = json!({
-        "efficiency": efficiency,
-        "direct_efficiency": direct_efficiency,
-        "rps": through.ok_per_s(),
-        "direct_rps": direct.ok_per_s(),
-        "ideal_rps": ideal_rps,
-        "clients": clients,
-        "p50_ms": ms(through.tally.ok.p50()),
-        "p99_ms": ms(through.tally.ok.p99()),
-        "direct_p50_ms": ms(direct.tally.ok.p50()),
-        "direct_p99_ms": ms(direct.tally.ok.p99()),
-        "rss_mb": rss_mb,
-        "rss_idle_mb": idle_kib as f64 / 1024.0,
-        "rss_per_inflight_kb": per_inflight_kb,
-        "workers_busy_max": busy_max,
-        "gateway_reported": reported,
-        "cores_used": {"syncgate": cpu.cores(), "direct": direct_cpu.cores()},
-        "errors": through.tally.errors + direct.tally.errors,
-        "rejected": through.tally.rejected.count(),
-    });
-    let relative = efficiency / direct_efficiency.max(1e-9);
-    let rows = vec![
-        Row::goal(
-            &format!("Little's-law efficiency, {}", plural(clients, "client")),
-            format!("{efficiency:.3} vs {direct_efficiency:.3} direct = {relative:.3}×"),
-            "≥ 0.95 × direct",
-            relative >= 0.95,
-        ),
-        Row::info(
-            "latency p50 / p99 (upstream 500 ms)",
-            format!(
-                "{:.1} / {:.1} ms (direct {:.1} / {:.1} ms)",
-                ms(through.tally.ok.p50()),
-                ms(through.tally.ok.p99()),
-                ms(direct.tally.ok.p50()),
-                ms(direct.tally.ok.p99())
-            ),
-        ),
-        Row::goal(
-            "resident memory under load (peak)",
-            format!("{rss_mb:.1} MB (idle {:.1} MB)", idle_kib as f64 / 1024.0),
-            "≤ 100 MB",
-            rss_mb <= 100.0,
-        ),
-        Row::info(
-            "memory per in-flight request",
-            format!("{per_inflight_kb:.1} KB"),
-        ),
-        cpu.busy_row(&direct_cpu),
-    ];
-    Ok(Outcome::new("slow_ai", json, rows))
+/// One slow-ai phase through syncgate.
+struct SlowAiThrough {
+    result: LoadResult,
+    cpu: observe::CpuMeter,
+    /// The gateway's VmRSS after start, and its peak while measured.
+    idle_kib: u64,
+    peak_kib: u64,
+    busy_max: u64,
+    reported: serde_json::Value,
+    clients: usize,
+}
+
+impl SlowAiThrough {
+    /// Peak and idle resident memory, in MB.
+    fn rss_mb(&self) -> (f64, f64) {
+        (self.peak_kib as f64 / 1024.0, self.idle_kib as f64 / 1024.0)
+    }
+
+    fn per_inflight_kb(&self) -> f64 {
+        self.peak_kib.saturating_sub(self.idle_kib) as f64 / self.clients as f64
+    }
+
+    /// The figures of this side alone; the caller adds the direct side's.
+    fn json(&self, ideal_rps: f64) -> serde_json::Value {
+        let (rss_mb, idle_mb) = self.rss_mb();
+        json!({
+            "efficiency": self.result.ok_per_s() / ideal_rps,
+            "rps": self.result.ok_per_s(),
+            "clients": self.clients,
+            "p50_ms": ms(self.result.tally.ok.p50()),
+            "p99_ms": ms(self.result.tally.ok.p99()),
+            "rss_mb": rss_mb,
+            "rss_idle_mb": idle_mb,
+            "rss_per_inflight_kb": self.per_inflight_kb(),
+            "workers_busy_max": self.busy_max,
+            "gateway_reported": self.reported,
+            "cores_used": {"syncgate": self.cpu.cores()},
+            "rejected": self.result.tally.rejected.count(),
+        })
+    }
 }
 
 pub(crate) fn saturated_health(b: &mut Bench) -> anyhow::Result<Outcome> {
@@ -167,6 +270,7 @@ pub(crate) fn saturated_health(b: &mut Bench) -> anyhow::Result<Outcome> {
         max_connections: 1024,
         max_queue_wait_ms: 60_000,
         log_requests: true,
+        backend: Backend::Sqlite,
     };
     // Twice what the gateway holds: the surplus keeps the queue full and is refused.
     let clients = 2 * (gateway.workers + gateway.queue);
@@ -238,6 +342,7 @@ pub(crate) fn overload(b: &mut Bench) -> anyhow::Result<Outcome> {
         max_connections: 1024,
         max_queue_wait_ms: 5000,
         log_requests: true,
+        backend: Backend::Sqlite,
     };
     let latency = Duration::from_millis(100);
     let capacity_rps = gateway.workers as f64 / latency.as_secs_f64();

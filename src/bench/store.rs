@@ -13,6 +13,7 @@ use anyhow::Context;
 use rusqlite::{params, Connection, TransactionBehavior};
 use serde_json::json;
 
+use super::postgres::ScratchDatabase;
 use super::report::{Outcome, Row};
 use super::Bench;
 use crate::config::{Durability, LogOverflow, StoreConfig};
@@ -93,13 +94,17 @@ pub(crate) fn writer(b: &mut Bench) -> anyhow::Result<Outcome> {
             "log_rows_per_batch": log.per_batch(),
             "acknowledged_per_s": acks.per_s(),
         });
-        rows.push(Row::info(
+        rows.push(Row::goal(
             "PostgreSQL: request-log rows/s (COPY)",
             format!("{:.0} ({:.0} rows a batch)", log.per_s(), log.per_batch()),
+            "≥ 50,000",
+            log.per_s() >= 50_000.0,
         ));
-        rows.push(Row::info(
+        rows.push(Row::goal(
             "PostgreSQL: acknowledged writes/s",
             format!("{:.0} (a transaction each)", acks.per_s()),
+            "≥ 1,000",
+            acks.per_s() >= 1000.0,
         ));
     }
     Ok(Outcome::new("writer", json, rows))
@@ -115,31 +120,19 @@ fn postgres_rates(
     server: &crate::database::Postgres,
     window: Duration,
 ) -> anyhow::Result<(Rate, Rate)> {
-    let name = format!("syncgate_bench_{}", std::process::id());
-    let mut admin = store::postgres::connect(server)?;
-    // Two statements, not one batch: neither may run inside a transaction.
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .and_then(|()| admin.batch_execute(&format!("CREATE DATABASE {name}")))
-        .with_context(|| format!("cannot make the scratch database {name}"))?;
-    let mut scratch = server.clone();
-    scratch.config.dbname(&name);
-    let db = crate::database::Database::Postgres(scratch);
-    let measured = (|| {
-        b.phase(format!(
-            "writer: PostgreSQL request-log rows from {LOG_THREADS} threads"
-        ));
-        let log = postgres_log_rows(&db, window)?;
-        b.bar.inc(1);
-        b.phase(format!(
-            "writer: PostgreSQL acknowledged writes from {ACK_THREADS} threads"
-        ));
-        let acks = postgres_acknowledged(&db, window)?;
-        b.bar.inc(1);
-        Ok((log, acks))
-    })();
-    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-    measured
+    let scratch = ScratchDatabase::create(server, "writer")?;
+    let db = scratch.database();
+    b.phase(format!(
+        "writer: PostgreSQL request-log rows from {LOG_THREADS} threads"
+    ));
+    let log = postgres_log_rows(&db, window)?;
+    b.bar.inc(1);
+    b.phase(format!(
+        "writer: PostgreSQL acknowledged writes from {ACK_THREADS} threads"
+    ));
+    let acks = postgres_acknowledged(&db, window)?;
+    b.bar.inc(1);
+    Ok((log, acks))
 }
 
 /// Rows queued from [`LOG_THREADS`] threads for `window`, timed until the log writer has

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::load::{LoadResult, LoadSpec, Work};
 use super::observe::ReportedWindow;
-use super::procs::{GatewaySpec, MockSpec};
+use super::procs::{Backend, GatewaySpec, MockSpec};
 use super::report::{ms, Outcome, Row};
 use super::scenarios::warmup;
 use super::Bench;
@@ -46,6 +46,7 @@ pub(crate) fn streams(b: &mut Bench) -> anyhow::Result<Outcome> {
         max_connections: n + 64,
         max_queue_wait_ms: 5000,
         log_requests: true,
+        backend: Backend::Sqlite,
     };
     // Clients start spread over one stream's length, so the upstream's events for different
     // streams do not all fall due at the same instant.
