@@ -80,6 +80,7 @@ impl Runner {
     /// Starts `[jobs] workers` runner threads and the lease thread. They hold the server's
     /// state weakly, so they never keep it alive past shutdown.
     pub(crate) fn spawn(state: &Arc<State>) -> std::io::Result<Runner> {
+        resume_orphans(state);
         let shared = Arc::clone(&state.jobs.shared);
         let mut threads = Vec::new();
         for i in 0..state.config.jobs.workers {
@@ -116,6 +117,22 @@ impl Runner {
             if thread.is_finished() {
                 let _ = thread.join();
             }
+        }
+    }
+}
+
+/// Before the first claim: jobs a dead process left running are taken again now where no
+/// other process can be running them (a SQLite file this process owns), not after their
+/// leases (`[jobs] lease_ms`) run out.
+fn resume_orphans(state: &State) {
+    match store::resume_orphans(&state.store, now_ms()) {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "{n} jobs were running when the last process stopped: they are taken again now"
+        ),
+        Err(e) => {
+            state.metrics.store.count_error(e.kind());
+            log::warn!("cannot take back the jobs left running: {e}; their leases will");
         }
     }
 }

@@ -310,6 +310,67 @@ fn accepted_jobs_survive_kill_9(db_path: &str) {
     );
 }
 
+/// Issue 15, point 6: on SQLite (one process a file) the jobs a killed server was running are
+/// taken again as soon as the next one starts, not when their leases run out.
+#[test]
+fn a_restarted_sqlite_server_resumes_the_jobs_that_were_running_at_once() {
+    const LEASE: Duration = Duration::from_secs(20);
+    let up = Server::start_mock_upstream(&["--latency-ms", "1000"]);
+    let db = TempDb::new();
+    let config = gateway_toml(
+        up.addr,
+        &format!("workers = 2\nlease_ms = {}", LEASE.as_millis()),
+    );
+    let start = || {
+        Server::start_full(
+            &["--db", &db.path_str()],
+            &[],
+            Some(TempConfig::new(&config)),
+        )
+    };
+    let gw = start();
+    let ids: Vec<String> = (0..2)
+        .map(|i| {
+            let r = submit(gw.addr, &format!("held {i}"), None);
+            assert_eq!(r.status, 202, "{}", r.describe());
+            r.json()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            ids.iter().all(|id| job(gw.addr, id)["status"] == "running")
+        }),
+        "the jobs never started"
+    );
+    gw.signal(libc::SIGKILL);
+    drop(gw);
+
+    let restarted = Instant::now();
+    let gw = start();
+    for id in &ids {
+        let ended = wait_for(gw.addr, id, LEASE, |j| j["status"] == "succeeded");
+        assert_eq!(ended["status"], "succeeded", "{ended:#}");
+        assert_eq!(ended["attempts"], 2, "{ended:#}");
+    }
+    let took = restarted.elapsed();
+    // Start, a second attempt of 1 s each, and polling: far below the 20 s lease.
+    assert!(
+        took < LEASE / 4,
+        "resumed after {took:?} with a lease of {LEASE:?}"
+    );
+    assert!(
+        gw.log()
+            .contains("2 jobs were running when the last process stopped"),
+        "{}",
+        gw.log()
+    );
+    eprintln!(
+        "SQLite restart: 2 jobs running at kill -9 finished {} ms after the restart (lease {} ms)",
+        took.as_millis(),
+        LEASE.as_millis()
+    );
+}
+
 /// Issue 14, point 4: finished jobs are deleted `[jobs] retention_days` after they finished;
 /// a deleted job is unknown (404) and the others stay.
 #[test]

@@ -5,98 +5,11 @@
 
 mod common;
 
-use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const SHIPPED: &str = include_str!("../deploy/nginx/syncgate.conf");
-
-/// A running nginx in front of one syncgate; stopped (master and workers) on drop.
-struct Nginx {
-    addr: SocketAddr,
-    child: Child,
-    prefix: PathBuf,
-}
-
-impl Nginx {
-    fn start(nginx: &Path, syncgate: SocketAddr) -> Nginx {
-        let prefix = std::env::temp_dir().join(unique("syncgate-nginx"));
-        for dir in ["", "client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-            let path = prefix.join(dir);
-            fs::create_dir_all(&path).unwrap();
-            // nginx's workers run as an unprivileged user when the master is root.
-            set_mode(&path, 0o777);
-        }
-        let port = free_port();
-        let site = SHIPPED
-            .replace("server 127.0.0.1:8080 ", &format!("server {syncgate} "))
-            .replace("listen 80;", &format!("listen 127.0.0.1:{port};"));
-        assert_ne!(
-            site, SHIPPED,
-            "the shipped config no longer has the lines to substitute"
-        );
-        fs::write(prefix.join("syncgate.conf"), site).unwrap();
-        let p = prefix.display();
-        let main = format!(
-            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {p}/nginx.pid;\n\
-             error_log {p}/error.log info;\nevents {{ worker_connections 256; }}\n\
-             http {{\n  access_log {p}/access.log;\n  client_body_temp_path {p}/client_body;\n\
-             proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n\
-             uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
-             include {p}/syncgate.conf;\n}}\n"
-        );
-        fs::write(prefix.join("nginx.conf"), main).unwrap();
-        let child = Command::new(nginx)
-            .arg("-p")
-            .arg(&prefix)
-            .arg("-c")
-            .arg(prefix.join("nginx.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", nginx.display()));
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut nginx = Nginx {
-            addr,
-            child,
-            prefix,
-        };
-        let ready = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
-            TcpStream::connect(addr).is_ok()
-        });
-        if !ready {
-            let log = fs::read_to_string(nginx.prefix.join("error.log")).unwrap_or_default();
-            let _ = nginx.child.kill();
-            panic!("nginx did not listen on {addr}:\n{log}");
-        }
-        nginx
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM to the master: it stops its workers and exits (a SIGKILL would orphan them).
-        terminate(&mut self.child, Duration::from_secs(5));
-        let _ = fs::remove_dir_all(&self.prefix);
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// Debian's nginx, when the machine has it (see `require`).
-fn nginx_program() -> Option<PathBuf> {
-    let found = find_program("nginx", &["/usr/sbin/nginx", "/usr/local/sbin/nginx"]);
-    require("nginx", "nginx", found)
-}
 
 fn gateway_toml(upstream: SocketAddr, extra: &str) -> String {
     format!("{}\n{extra}", upstream_model_toml(upstream))
@@ -120,7 +33,7 @@ fn chat_and_streams_pass_through_paced_with_request_ids_on_reused_connections() 
     };
     let up = Server::start_mock_upstream(&["--stream-chunks", "6", "--stream-interval-ms", "150"]);
     let gw = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
-    let nginx = Nginx::start(&program, gw.addr);
+    let nginx = Nginx::start(&program, &[gw.addr]);
 
     // A plain call, with the client's request id end to end.
     let r = send(
@@ -202,7 +115,7 @@ fn a_503_with_retry_after_passes_through_untouched() {
         &gateway_toml(up.addr, ""),
         &["--workers", "1", "--queue", "1"],
     );
-    let nginx = Nginx::start(&program, gw.addr);
+    let nginx = Nginx::start(&program, &[gw.addr]);
     let addr = nginx.addr;
     let calls: Vec<_> = (0..4)
         .map(|i| std::thread::spawn(move || send(addr, &chat_m(&format!("c{i}"), &[]))))
@@ -230,7 +143,7 @@ fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
         &[],
     );
     for (gw, believed) in [(&trusting, true), (&wary, false)] {
-        let nginx = Nginx::start(&program, gw.addr);
+        let nginx = Nginx::start(&program, &[gw.addr]);
         // nginx appends the address it saw (127.0.0.1) to what the client sent.
         let r = send(
             nginx.addr,
@@ -276,7 +189,7 @@ fn oversized_bodies_and_slow_clients_are_stopped_by_nginx_before_syncgate() {
     };
     let up = Server::start_mock_upstream(&[]);
     let gw = Server::start_with_config(&gateway_toml(up.addr, ""), &[]);
-    let nginx = Nginx::start(&program, gw.addr);
+    let nginx = Nginx::start(&program, &[gw.addr]);
     let route = [("route", "/v1/chat/completions"), ("status", "413")];
     let before = metric(gw.addr, "syncgate_connections_accepted_total", &[]);
 

@@ -497,8 +497,11 @@ impl ApiError {
                 ProviderError::Timeout { .. } => 504,
                 ProviderError::Status { status: 429, .. } => 429,
                 // The provider refused our credentials: our configuration, not the client.
+                // A provider's 421 is ours to fix too, and 421 means "nothing was done, try
+                // another instance" to a proxy that asked for it (`to_response_for`).
                 ProviderError::Status {
-                    status: 401 | 403, ..
+                    status: 401 | 403 | 421,
+                    ..
                 } => 502,
                 // The client's request was wrong: pass the provider's verdict through.
                 ProviderError::Status { status, .. } if (400..500).contains(status) => *status,
@@ -640,6 +643,32 @@ impl ApiError {
         })
     }
 
+    /// Whether this refusal came before any work on the request: nothing reached a provider
+    /// or the store, so another instance may take it as if this one had never seen it.
+    pub(crate) fn is_before_work(&self) -> bool {
+        matches!(
+            self,
+            ApiError::QueueFull { .. }
+                | ApiError::QueueTimeout { .. }
+                | ApiError::Draining
+                | ApiError::TooManyConnections
+        )
+    }
+
+    /// The error as the answer to `request`. A refusal before any work is `421 Misdirected
+    /// Request` instead of 503 when the request carries [`NEXT_UPSTREAM_HEADER`] (nginx's
+    /// config sets it): nginx can tell a retryable refusal only by its status, and syncgate
+    /// sends no other 421, so nginx may send exactly these to the next instance, POST
+    /// included, while a 503 from anywhere else, possibly after a provider call, reaches the
+    /// client untouched (deploy/nginx/syncgate.conf, docs/deploy.md).
+    pub(crate) fn to_response_for(&self, request: &crate::http::Request) -> Response {
+        let mut response = self.to_response();
+        if self.is_before_work() && request.header(NEXT_UPSTREAM_HEADER).is_some() {
+            response.status = 421;
+        }
+        response
+    }
+
     /// The error as an HTTP response, with the headers its status needs.
     pub(crate) fn to_response(&self) -> Response {
         let response = Response::json(self.status(), &self.body());
@@ -683,6 +712,10 @@ impl ApiError {
         }
     }
 }
+
+/// The request header by which a proxy asks for refusals before any work as `421` (its value
+/// is not read): see [`ApiError::to_response_for`].
+pub(crate) const NEXT_UPSTREAM_HEADER: &str = "x-syncgate-next-upstream";
 
 impl From<ProviderError> for ApiError {
     fn from(e: ProviderError) -> ApiError {
@@ -874,6 +907,31 @@ mod tests {
             route("POST", "/debug/panic", true).unwrap(),
             Route::DebugPanic
         );
+    }
+
+    /// Issue 15, point 9: 421 means "refused before any work" and nothing else, so nginx may
+    /// send it to another instance.
+    #[test]
+    fn only_refusals_before_work_may_become_421_and_a_providers_421_is_a_502() {
+        assert!(ApiError::Draining.is_before_work());
+        assert!(ApiError::QueueFull { retry_after_s: 1 }.is_before_work());
+        assert!(ApiError::QueueTimeout { waited_ms: 1 }.is_before_work());
+        let at_cap = ApiError::Provider(ProviderError::AtCapacity {
+            provider: "p".into(),
+        });
+        assert!(
+            !at_cap.is_before_work(),
+            "it may follow a call to another target"
+        );
+        let misdirected = ApiError::Provider(ProviderError::Status {
+            provider: "p".into(),
+            status: 421,
+            retry_after: None,
+            message: "misdirected".into(),
+            kind: None,
+            code: None,
+        });
+        assert_eq!(misdirected.status(), 502);
     }
 
     #[test]

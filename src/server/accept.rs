@@ -103,6 +103,7 @@ fn accept_loop(listener: &TcpListener, state: &Arc<State>, stop: &AtomicBool) {
     loop {
         let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {
+            take_the_backlog(listener, state, accepted);
             return;
         }
         match accepted {
@@ -131,6 +132,29 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// At shutdown, before the listener closes: a connection whose handshake the kernel already
+/// completed may carry a request (nginx sends at once), and closing the listener would reset
+/// it after the request was sent, which a proxy must not retry for a POST. So the one just
+/// accepted and every one waiting in the backlog are served like any other: their requests are
+/// answered `draining` (421 to a proxy that asks, which it sends to another instance).
+fn take_the_backlog(
+    listener: &TcpListener,
+    state: &Arc<State>,
+    last: io::Result<(TcpStream, SocketAddr)>,
+) {
+    if let Ok((stream, peer)) = last {
+        admit_connection(state, stream, peer);
+    }
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    while let Ok((stream, peer)) = listener.accept() {
+        if stream.set_nonblocking(false).is_ok() {
+            admit_connection(state, stream, peer);
+        }
+    }
 }
 
 fn admit_connection(state: &Arc<State>, stream: TcpStream, peer: SocketAddr) {

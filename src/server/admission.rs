@@ -192,7 +192,7 @@ pub(crate) fn respond(
         if let ApiError::Store(store_error) = &e {
             state.metrics.store.count_error(store_error.kind());
         }
-        e.to_response()
+        e.to_response_for(request)
     });
     let mut response = response;
     // Every answer to a keyed request says where the key stands (OpenAI's headers).

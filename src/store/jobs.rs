@@ -186,6 +186,20 @@ pub(crate) fn claim(
     }
 }
 
+/// At start, before any runner: on SQLite, when this process owns the file (one instance a
+/// file, so no live process can be running them), the jobs left running by a process that
+/// died are made claimable now instead of when their leases run out; returns how many. On
+/// PostgreSQL, and on a SQLite file another process holds, nothing: another instance may be
+/// running them, and their leases say when it stopped.
+pub(crate) fn resume_orphans(store: &Store, now_ms: i64) -> Result<usize, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) if db.owns_file() => db
+            .writer()
+            .call(move |conn| sql::resume_running(conn, now_ms)),
+        Backend::Sqlite(_) | Backend::Postgres(_) => Ok(0),
+    }
+}
+
 /// Extends the leases of the jobs a runner still holds (same attempt).
 pub(crate) fn renew(
     store: &Store,
@@ -349,6 +363,45 @@ mod tests {
             // Past the second lease with no attempts left, the job fails instead of running.
             assert!(claim(&t, 301, 400).unwrap().is_none());
             assert_eq!(get(&t, "a").unwrap().unwrap().status, Status::Failed);
+        }
+    }
+
+    /// Issue 15, point 6: a restarted SQLite server takes its dead predecessor's running jobs
+    /// at once; a second process on the same file cannot do that to a live one, and on
+    /// PostgreSQL (several instances) the lease decides.
+    #[test]
+    fn running_jobs_resume_at_start_only_where_one_process_owns_the_file() {
+        for mut t in stores("jobs-resume") {
+            submit(&t, new_job("a", None), 10).unwrap();
+            assert_eq!(claim(&t, 100, 1_000_000).unwrap().unwrap().attempt, 1);
+            let sqlite = matches!(t.backend(), Backend::Sqlite(_));
+            if let Backend::Sqlite(_) = t.backend() {
+                // A second store on the same file while this one is open: not the owner.
+                let second = Store::open(
+                    t.database(),
+                    &crate::config::Config::default().store,
+                    crate::store::Keep::default(),
+                    crate::metrics::Metrics::new().store,
+                )
+                .unwrap();
+                assert_eq!(resume_orphans(&second, 200).unwrap(), 0);
+                second.close();
+                drop(second);
+                assert!(
+                    claim(&t, 200, 300).unwrap().is_none(),
+                    "the lease still holds"
+                );
+            }
+            // The process "dies" and a new one opens the file.
+            t.reopen(crate::store::Keep::default());
+            let resumed = resume_orphans(&t, 200).unwrap();
+            assert_eq!(resumed, usize::from(sqlite));
+            let again = claim(&t, 200, 300).unwrap();
+            if sqlite {
+                assert_eq!(again.unwrap().attempt, 2, "taken again at once");
+            } else {
+                assert!(again.is_none(), "on PostgreSQL the lease decides");
+            }
         }
     }
 

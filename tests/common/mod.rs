@@ -26,6 +26,10 @@ pub use postgres::*;
 mod pg_cluster;
 #[allow(unused_imports)]
 pub use pg_cluster::*;
+mod fleet;
+// Only the nginx and multi-instance tests use it.
+#[allow(unused_imports)]
+pub use fleet::*;
 
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_syncgate");

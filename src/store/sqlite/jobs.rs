@@ -108,6 +108,17 @@ pub(crate) fn claim(
     }
 }
 
+/// Makes every running job claimable at once, as if its lease had run out at `now_ms`;
+/// returns how many. Only for a process that owns the file, at start: the jobs marked running
+/// are those a process that died was running.
+pub(crate) fn resume_running(conn: &Connection, now_ms: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE jobs SET lease_until_ms = ?1 - 1 \
+         WHERE status = 'running' AND lease_until_ms >= ?1",
+    )?
+    .execute([now_ms])
+}
+
 /// Extends the leases of the jobs a runner holds (those it still holds: same attempt).
 pub(crate) fn renew(
     conn: &Connection,

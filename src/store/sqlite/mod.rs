@@ -54,6 +54,9 @@ pub(crate) struct Sqlite {
     writer: Arc<Writer>,
     retention: Option<Retention>,
     metrics: StoreMetrics,
+    /// The file, exclusively `flock`ed by this process while it is open, when no other
+    /// process holding the store had it first (see [`Sqlite::owns_file`]); let go at close.
+    owner: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 /// Settings every connection gets. WAL is a property of the file, set once at open.
@@ -157,7 +160,18 @@ impl Sqlite {
             writer,
             retention,
             metrics,
+            owner: std::sync::Mutex::new(lock_exclusively(path)),
         })
+    }
+
+    /// Whether this process is the only one holding the store open on this file (a second
+    /// `serve` on the same file, or a store bench, would not be): then nothing else can be
+    /// running its jobs. `syncgate keys`, `migrate` and `usage` never take the lock.
+    pub(crate) fn owns_file(&self) -> bool {
+        self.owner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 
     /// A read connection from the pool; waits at most a few seconds for one.
@@ -191,7 +205,23 @@ impl Sqlite {
             retention.stop();
         }
         self.writer.close();
+        self.owner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
     }
+}
+
+/// The file, with an exclusive `flock` taken without waiting; `None` when another process
+/// holds it (or the file cannot be opened again). The lock goes with the descriptor: at close,
+/// or when the process dies, kill -9 included. flock and SQLite's own fcntl locks do not
+/// meet on Linux, so this never blocks a read or a write.
+fn lock_exclusively(path: &Path) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: flock on a descriptor we own, for as long as `file` lives.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    (rc == 0).then_some(file)
 }
 
 /// A pooled read connection; counted in `syncgate_store_read_connections_in_use`.
