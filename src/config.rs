@@ -1048,6 +1048,34 @@ mod tests {
     }
 
     #[test]
+    fn limits_default_to_closed_with_a_10_s_lease_and_a_bad_policy_is_named() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!(c.limits.on_store_error, OnStoreError::Closed);
+        assert_eq!(c.limits.lease, Duration::from_secs(10));
+        let c = parse(
+            "[limits]\non_store_error = \"open\"\nlease_ms = 3000\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.limits.on_store_error, OnStoreError::Open);
+        assert_eq!(c.limits.lease, Duration::from_secs(3));
+        let err = parse(
+            "[limits]\non_store_error = \"ajar\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("limits.on_store_error") && err.contains("ajar"),
+            "{err}"
+        );
+        let err = parse("[limits]\nlease_ms = 10\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.lease_ms"), "{err}");
+    }
+
+    #[test]
     fn flag_beats_file_beats_default() {
         let file = "[capacity]\nworkers = 3\nqueue = 9\n";
         let c = parse(file, &Overrides::default()).unwrap();

@@ -188,4 +188,3 @@ fn headers(a: &Admission) -> RateHeaders {
         }),
     }
 }
-
