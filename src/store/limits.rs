@@ -305,12 +305,13 @@ mod tests {
                 )
             })
             .collect();
-        for (name, keys) in [("one hot key", &many[..1]), ("64 keys", &many[..])] {
+        let cases = [("one hot key", &many[..1]), ("64 keys", &many[..])];
+        for (threads, (name, keys)) in [1, 8].into_iter().flat_map(|n| cases.map(|c| (n, c))) {
             let done = std::sync::atomic::AtomicU64::new(0);
             let started = Instant::now();
             let run = Duration::from_secs(5);
             thread::scope(|scope| {
-                for n in 0..8 {
+                for n in 0..threads {
                     let (t, inst, done) = (&t, &inst, &done);
                     scope.spawn(move || {
                         let mut i = n;
@@ -326,10 +327,10 @@ mod tests {
                 }
             });
             let n = done.into_inner();
+            let secs = started.elapsed().as_secs_f64();
             eprintln!(
-                "{name}: {n} admissions + settles in {:.1} s = {:.0}/s",
-                started.elapsed().as_secs_f64(),
-                n as f64 / started.elapsed().as_secs_f64()
+                "{name}, {threads} threads: {n} admissions + settles in {secs:.1} s = {:.0}/s",
+                n as f64 / secs
             );
         }
     }
