@@ -356,4 +356,9 @@ fn on_store_error_closed_refuses_and_open_admits_while_the_database_is_down() {
         "the closed instance never admitted again:\n{}",
         closed.log()
     );
+    // Both hold a live lease again (renewed, or registered again if it ran out meanwhile).
+    let both = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        live_instances(closed.addr).len() == 2
+    });
+    assert!(both, "{:?}", live_instances(closed.addr));
 }
