@@ -188,3 +188,40 @@ fn headers(a: &Admission) -> RateHeaders {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_numbers_render_as_the_in_process_headers_would() {
+        let admission = Admission {
+            outcome: Outcome::Admitted,
+            id: Some(1),
+            rpm: Some(20),
+            requests_used: 2,
+            requests_reset_ms: 60_000,
+            tpm: Some(1000),
+            tokens_charged: 300,
+            tokens_reset_ms: 59_300,
+            wait_ms: 0,
+        };
+        assert_eq!(
+            headers(&admission).render(),
+            vec![
+                ("x-ratelimit-limit-requests", "20".to_string()),
+                ("x-ratelimit-remaining-requests", "18".to_string()),
+                ("x-ratelimit-reset-requests", "1m0s".to_string()),
+                ("x-ratelimit-limit-tokens", "1000".to_string()),
+                ("x-ratelimit-remaining-tokens", "700".to_string()),
+                ("x-ratelimit-reset-tokens", "59.3s".to_string()),
+            ]
+        );
+        let unlimited = Admission {
+            rpm: None,
+            tpm: None,
+            ..admission
+        };
+        assert!(headers(&unlimited).render().is_empty());
+    }
+}
