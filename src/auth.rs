@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::http::Request;
-use crate::limits::{Limiter, Limits, Permit, Refusal};
+use crate::limits::{Limiter, Limits, Permit, Refusal, Refused};
 use crate::store::keys::{self, StoredKey};
 use crate::store::{Store, StoreError};
 
@@ -81,6 +81,8 @@ pub(crate) enum Denied {
     AdminDisabled,
     /// Over one of the key's limits.
     Limited(Refusal),
+    /// The shared limits could not be checked (`[limits] on_store_error = "closed"`).
+    StoreUnavailable,
 }
 
 impl Denied {
@@ -93,7 +95,7 @@ impl Denied {
             Denied::Expired => "expired",
             Denied::ModelNotAllowed { .. } => "model_not_allowed",
             Denied::NotAdmin | Denied::AdminDisabled => "not_admin",
-            Denied::Limited(_) => return None,
+            Denied::Limited(_) | Denied::StoreUnavailable => return None,
         })
     }
 }
@@ -132,13 +134,14 @@ struct Keyring {
 }
 
 impl Auth {
-    pub(crate) fn new(admin_key: Option<&str>, open_without_keys: bool) -> Auth {
+    /// `limiter` keeps the keys' limits: in this process, or shared through the database.
+    pub(crate) fn new(admin_key: Option<&str>, open_without_keys: bool, limiter: Limiter) -> Auth {
         Auth {
             keyring: RwLock::new(Keyring::default()),
             admin: admin_key.map(keys::hash),
             open_without_keys,
             generation: AtomicI64::new(-1),
-            limiter: Limiter::new(),
+            limiter,
         }
     }
 
@@ -230,10 +233,18 @@ impl Auth {
                 });
             }
         }
+        // With shared limits the database decides, and checks again that the key is neither
+        // revoked nor expired: another instance may have revoked it a moment ago.
         let permit = self
             .limiter
-            .admit(key.id, &key.limits, peek.tokens(), Instant::now())
-            .map_err(Denied::Limited)?;
+            .admit_key(key.id, &key.limits, peek.tokens(), Instant::now())
+            .map_err(|refused| match refused {
+                Refused::Limit(refusal) => Denied::Limited(refusal),
+                Refused::Revoked => Denied::Revoked,
+                Refused::Expired => Denied::Expired,
+                Refused::Unknown => Denied::Unknown,
+                Refused::StoreUnavailable => Denied::StoreUnavailable,
+            })?;
         Ok(Caller::Key { key, permit })
     }
 

@@ -61,6 +61,8 @@ struct RawConfig {
     #[serde(default)]
     batch: RawBatch,
     #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -135,6 +137,13 @@ struct RawJobs {
     max_queued: Option<usize>,
     max_attempts: Option<u32>,
     retention_days: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    on_store_error: Option<String>,
+    lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +225,7 @@ pub(crate) struct Config {
     pub(crate) store: StoreConfig,
     pub(crate) log: LogConfig,
     pub(crate) jobs: JobsConfig,
+    pub(crate) limits: LimitsConfig,
     /// Stored messages sent to the model with a new conversation turn, at most (the newest;
     /// the conversation's system prompt is always sent). Default 50.
     pub(crate) max_history_messages: usize,
@@ -349,6 +359,26 @@ pub(crate) struct JobsConfig {
     pub(crate) retention_days: u64,
 }
 
+/// Per-key limits shared by several instances on PostgreSQL (SQLite keeps them in memory).
+#[derive(Debug, Clone)]
+pub(crate) struct LimitsConfig {
+    /// What a keyed request gets when the shared limits cannot be checked (the database
+    /// cannot be reached, or this instance lost its lease). Default `closed`.
+    pub(crate) on_store_error: OnStoreError,
+    /// An instance's lease: renewed every fifth of it; an instance silent this long is dead
+    /// and its in-flight slots are freed. Default 10 s.
+    pub(crate) lease: Duration,
+}
+
+/// `[limits] on_store_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnStoreError {
+    /// Refuse with 503 `store_unavailable` and a Retry-After.
+    Closed,
+    /// Admit without limits, counted and logged once a minute.
+    Open,
+}
+
 /// `POST /api/batch` and the pool of threads its calls run on.
 #[derive(Debug, Clone)]
 pub(crate) struct BatchConfig {
@@ -439,6 +469,10 @@ impl Default for Config {
                 max_queued: 10_000,
                 max_attempts: 3,
                 retention_days: 7,
+            },
+            limits: LimitsConfig {
+                on_store_error: OnStoreError::Closed,
+                lease: Duration::from_millis(10_000),
             },
             batch: BatchConfig {
                 max_items: 64,
@@ -676,6 +710,30 @@ impl Config {
             )? as u32,
             retention_days: j.retention_days.unwrap_or(d.jobs.retention_days),
         };
+        let limits = LimitsConfig {
+            on_store_error: match raw.limits.on_store_error.as_deref() {
+                None => d.limits.on_store_error,
+                Some("closed") => OnStoreError::Closed,
+                Some("open") => OnStoreError::Open,
+                Some(other) => {
+                    return Err(file_invalid(
+                        "limits.on_store_error",
+                        file,
+                        format!("{other:?} is neither \"closed\" nor \"open\""),
+                    ))
+                }
+            },
+            lease: millis(
+                "limits.lease_ms",
+                (
+                    raw.limits
+                        .lease_ms
+                        .unwrap_or(d.limits.lease.as_millis() as u64),
+                    false,
+                ),
+                1000,
+            )?,
+        };
         let max_history_messages = at_least(
             "conversations.max_history_messages",
             (
@@ -723,6 +781,7 @@ impl Config {
             store,
             log,
             jobs,
+            limits,
             max_history_messages,
             batch,
             providers,
@@ -986,6 +1045,34 @@ mod tests {
         assert_eq!(c.capacity.max_connections, 1024);
         assert_eq!(c.http.max_body_bytes, 4 * 1024 * 1024);
         assert_eq!(c.http.keepalive_timeout, Duration::from_secs(75));
+    }
+
+    #[test]
+    fn limits_default_to_closed_with_a_10_s_lease_and_a_bad_policy_is_named() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!(c.limits.on_store_error, OnStoreError::Closed);
+        assert_eq!(c.limits.lease, Duration::from_secs(10));
+        let c = parse(
+            "[limits]\non_store_error = \"open\"\nlease_ms = 3000\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.limits.on_store_error, OnStoreError::Open);
+        assert_eq!(c.limits.lease, Duration::from_secs(3));
+        let err = parse(
+            "[limits]\non_store_error = \"ajar\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("limits.on_store_error") && err.contains("ajar"),
+            "{err}"
+        );
+        let err = parse("[limits]\nlease_ms = 10\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.lease_ms"), "{err}");
     }
 
     #[test]

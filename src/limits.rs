@@ -28,12 +28,18 @@
 //! - Memory per key is bounded: the log holds only admissions inside the window (at most `rpm`
 //!   when the key has a request limit) and is pruned on every admission, so a key idle for a
 //!   minute holds no entries after its next call. [`Limiter::forget`] drops a key entirely.
+//!
+//! On PostgreSQL several instances share one database, so the same semantics are kept there
+//! instead (`shared.rs`, one round trip per admission): [`Limiter::admit_key`] picks.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+mod shared;
+pub(crate) use shared::Shared;
 
 /// The span the request and token limits count over.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -81,17 +87,56 @@ impl fmt::Display for Limit {
     }
 }
 
+/// Why a keyed request was not admitted, whichever limiter decided.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// Over one of the key's limits.
+    Limit(Refusal),
+    /// The shared limiter found the key revoked (by another instance, perhaps a moment ago).
+    Revoked,
+    /// The shared limiter found the key expired.
+    Expired,
+    /// The shared limiter does not know the key.
+    Unknown,
+    /// The shared limits could not be checked and `[limits] on_store_error = "closed"`.
+    StoreUnavailable,
+}
+
 /// Admits requests against per-key limits; shared by every worker.
 #[derive(Debug, Default)]
 pub(crate) struct Limiter {
     /// Each key's state behind its own lock, so keys do not wait on each other's window work.
     keys: Mutex<HashMap<i64, Arc<Mutex<KeyState>>>>,
+    /// The limits kept in the database instead, on PostgreSQL.
+    shared: Option<Shared>,
 }
 
 impl Limiter {
-    /// A limiter that has admitted nothing yet.
+    /// A limiter that has admitted nothing yet, keeping its counts in this process.
     pub(crate) fn new() -> Limiter {
         Limiter::default()
+    }
+
+    /// A limiter whose counts live in the shared database.
+    pub(crate) fn shared(shared: Shared) -> Limiter {
+        Limiter {
+            keys: Mutex::default(),
+            shared: Some(shared),
+        }
+    }
+
+    /// Admits one keyed request: in the database when the limits are shared, else here.
+    pub(crate) fn admit_key(
+        &self,
+        key: i64,
+        limits: &Limits,
+        tokens: u64,
+        now: Instant,
+    ) -> Result<Permit, Refused> {
+        match &self.shared {
+            Some(shared) => shared.admit(key, tokens),
+            None => self.admit(key, limits, tokens, now).map_err(Refused::Limit),
+        }
     }
 
     /// Admits one request for `key` estimated at `tokens`, or says which limit refused it and
@@ -114,8 +159,7 @@ impl Limiter {
             (seq, key_state.headers(limits, now))
         };
         Ok(Permit {
-            state,
-            seq,
+            slot: Slot::Local { state, seq },
             headers,
             released: AtomicBool::new(false),
         })
@@ -136,9 +180,7 @@ impl Limiter {
 /// Held while a request is in flight: dropping it frees the in-flight slot.
 #[derive(Debug)]
 pub(crate) struct Permit {
-    state: Arc<Mutex<KeyState>>,
-    /// This admission's entry in the key's log; `None` when the key had no windowed limit.
-    seq: Option<u64>,
+    slot: Slot,
     headers: RateHeaders,
     /// Set once the in-flight slot is given back, so it is given back exactly once.
     released: AtomicBool,
@@ -149,16 +191,27 @@ impl Permit {
     /// does nothing more.
     pub(crate) fn release(&self) {
         if !self.released.swap(true, Ordering::SeqCst) {
-            let mut state = lock(&self.state);
-            state.in_flight = state.in_flight.saturating_sub(1);
+            match &self.slot {
+                Slot::Local { state, .. } => {
+                    let mut state = lock(state);
+                    state.in_flight = state.in_flight.saturating_sub(1);
+                }
+                Slot::Shared(slot) => slot.settle(),
+                Slot::Unchecked => {}
+            }
         }
     }
 
     /// Replaces the admission estimate with the provider's reported tokens (may be more or
     /// less). Nothing changes once the admission has left the window: it no longer counts.
     pub(crate) fn reconcile(&self, actual_tokens: u64) {
-        if let Some(seq) = self.seq {
-            lock(&self.state).recharge(seq, actual_tokens);
+        match &self.slot {
+            Slot::Local {
+                state,
+                seq: Some(seq),
+            } => lock(state).recharge(*seq, actual_tokens),
+            Slot::Shared(slot) => slot.reconcile(actual_tokens),
+            Slot::Local { seq: None, .. } | Slot::Unchecked => {}
         }
     }
 
@@ -166,6 +219,22 @@ impl Permit {
     pub(crate) fn headers(&self) -> Vec<(&'static str, String)> {
         self.headers.render()
     }
+}
+
+/// Where a permit's slot is held.
+#[derive(Debug)]
+enum Slot {
+    /// In this process's limiter.
+    Local {
+        state: Arc<Mutex<KeyState>>,
+        /// This admission's entry in the key's log; `None` when the key had no windowed limit.
+        seq: Option<u64>,
+    },
+    /// In the shared database.
+    Shared(shared::Slot),
+    /// Nowhere: admitted without limits to check (a shared key with no limits, or admitted
+    /// open while the shared limits could not be checked).
+    Unchecked,
 }
 
 impl Drop for Permit {

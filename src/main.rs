@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod batch;
 mod bench;
+mod cluster;
 mod config;
 mod database;
 mod http;

@@ -92,6 +92,10 @@ pub(crate) struct Metrics {
     pub(crate) auth_failures: IntCounterVec,
     /// `syncgate_rate_limited_total{limit}`: requests refused by a key's limit.
     pub(crate) rate_limited: IntCounterVec,
+    /// `syncgate_limit_store_errors_total{outcome}`: keyed requests whose shared limits could
+    /// not be checked (PostgreSQL unreachable, lease lost), `refused` or `admitted` as
+    /// `[limits] on_store_error` says.
+    pub(crate) limit_store_errors: IntCounterVec,
     /// `syncgate_batch_items`: calls per `POST /api/batch`.
     pub(crate) batch_items: Histogram,
     /// `syncgate_batch_pool_busy`: batch threads running a call.
@@ -373,6 +377,14 @@ impl Metrics {
                 &["limit"],
             )
             .expect("valid metric"),
+            limit_store_errors: IntCounterVec::new(
+                Opts::new(
+                    "syncgate_limit_store_errors_total",
+                    "Keyed requests whose shared limits could not be checked, refused or admitted as [limits] on_store_error says",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
             batch_items: Histogram::with_opts(
                 HistogramOpts::new("syncgate_batch_items", "Calls per POST /api/batch")
                     .buckets(BATCH_ITEM_BUCKETS.to_vec()),
@@ -419,6 +431,9 @@ impl Metrics {
         for limit in ["requests", "tokens", "in_flight"] {
             metrics.rate_limited.with_label_values(&[limit]);
         }
+        for outcome in ["refused", "admitted"] {
+            metrics.limit_store_errors.with_label_values(&[outcome]);
+        }
         for state in crate::jobs::state_names() {
             metrics.jobs.by_state.with_label_values(&[state]);
         }
@@ -451,6 +466,7 @@ impl Metrics {
             Box::new(self.tokens.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.rate_limited.clone()),
+            Box::new(self.limit_store_errors.clone()),
             Box::new(self.jobs.by_state.clone()),
             Box::new(self.jobs.wait_seconds.clone()),
             Box::new(self.jobs.run_seconds.clone()),

@@ -1,4 +1,5 @@
-//! `/admin/keys`: making, listing and revoking API keys, for the holder of the admin key only.
+//! `/admin/keys`: making, listing and revoking API keys, for the holder of the admin key only;
+//! `/admin/instances`: the instances serving the database.
 //! A new key's secret is in the 201 that makes it and nowhere else, ever; the keyring is
 //! reloaded before the answer, so a revoked key is refused from the next request on.
 
@@ -39,6 +40,33 @@ pub(crate) fn create_key(state: &State, request: &Request) -> Result<Response, A
 pub(crate) fn list_keys(state: &State) -> Result<Response, ApiError> {
     let all = keys::all(&state.store)?;
     let data: Vec<Value> = all.iter().map(key_json).collect();
+    Ok(Response::json(
+        200,
+        &json!({"object": "list", "data": data, "has_more": false}),
+    ))
+}
+
+/// `GET /admin/instances`: the instances whose lease has not run out, oldest first (on SQLite,
+/// this one). Times are the database clock's.
+pub(crate) fn list_instances(state: &State) -> Result<Response, ApiError> {
+    let live = crate::cluster::live(&state.store, &state.instance)?;
+    let me = state.instance.id();
+    let data: Vec<Value> = live
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "host": i.host,
+                "listen": i.listen,
+                "version": i.version,
+                "started_at": crate::time::format_ms(i.started_ms),
+                "renewed_at": crate::time::format_ms(i.renewed_ms),
+                "lease_until": (i.lease_until_ms != i64::MAX)
+                    .then(|| crate::time::format_ms(i.lease_until_ms)),
+                "this": i.id == me,
+            })
+        })
+        .collect();
     Ok(Response::json(
         200,
         &json!({"object": "list", "data": data, "has_more": false}),

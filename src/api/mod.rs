@@ -67,6 +67,8 @@ pub(crate) enum Route {
     AdminKeyCreate,
     /// `DELETE /admin/keys/{id}`: revoked at once.
     AdminKeyRevoke,
+    /// `GET /admin/instances`: the live instances serving the database.
+    AdminInstances,
     /// `POST /debug/panic`: panics on purpose, served only with `--enable-debug-routes`.
     DebugPanic,
 }
@@ -94,6 +96,7 @@ impl Route {
             Route::JobGet | Route::JobCancel => "/api/jobs/{id}",
             Route::AdminKeyList | Route::AdminKeyCreate => "/admin/keys",
             Route::AdminKeyRevoke => "/admin/keys/{id}",
+            Route::AdminInstances => "/admin/instances",
             Route::DebugPanic => "/debug/panic",
         }
     }
@@ -115,7 +118,8 @@ impl Route {
             | Route::MessageList
             | Route::JobList
             | Route::JobGet
-            | Route::AdminKeyList => "GET",
+            | Route::AdminKeyList
+            | Route::AdminInstances => "GET",
             Route::ChatCompletions
             | Route::Embeddings
             | Route::Batch
@@ -132,7 +136,10 @@ impl Route {
     pub(crate) fn is_admin(self) -> bool {
         matches!(
             self,
-            Route::AdminKeyList | Route::AdminKeyCreate | Route::AdminKeyRevoke
+            Route::AdminKeyList
+                | Route::AdminKeyCreate
+                | Route::AdminKeyRevoke
+                | Route::AdminInstances
         )
     }
 
@@ -172,6 +179,7 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/api/batch" => &[Route::Batch],
         "/api/conversations" => &[Route::ConversationList, Route::ConversationCreate],
         "/admin/keys" => &[Route::AdminKeyList, Route::AdminKeyCreate],
+        "/admin/instances" => &[Route::AdminInstances],
         "/api/jobs" => &[Route::JobList, Route::JobSubmit],
         "/debug/panic" if debug_routes => &[Route::DebugPanic],
         p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
@@ -234,6 +242,7 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::AdminKeyList => admin::list_keys(state),
         Route::AdminKeyCreate => admin::create_key(state, request),
         Route::AdminKeyRevoke => admin::revoke_key(state, request),
+        Route::AdminInstances => admin::list_instances(state),
         Route::DebugPanic => panic!("deliberate panic from /debug/panic"),
         Route::Healthz | Route::Readyz | Route::Metrics | Route::Status | Route::Console => {
             ops::answer(state, route, request)
@@ -488,6 +497,7 @@ impl ApiError {
                 | Denied::NotAdmin => 401,
                 Denied::ModelNotAllowed { .. } | Denied::AdminDisabled => 403,
                 Denied::Limited(_) => 429,
+                Denied::StoreUnavailable => 503,
             },
             ApiError::ForeignHost { .. } => 403,
             ApiError::MethodNotAllowed { .. } => 405,
@@ -591,6 +601,7 @@ impl ApiError {
                 Denied::NotAdmin => "admin_key_required",
                 Denied::AdminDisabled => "admin_disabled",
                 Denied::Limited(_) => "rate_limit_exceeded",
+                Denied::StoreUnavailable => "store_unavailable",
             },
             ApiError::Store(e) => e.code(),
             ApiError::QueueFull { .. } => "queue_full",
@@ -679,6 +690,7 @@ impl ApiError {
             ApiError::Draining
             | ApiError::JobsFull { .. }
             | ApiError::TooManyConnections
+            | ApiError::Denied(crate::auth::Denied::StoreUnavailable)
             | ApiError::Store(
                 crate::store::StoreError::Busy
                 | crate::store::StoreError::Closed
@@ -775,6 +787,10 @@ impl fmt::Display for ApiError {
                     "rate limit reached for this key ({}); retry after {} s",
                     refusal.limit,
                     refusal.retry_after_secs()
+                ),
+                Denied::StoreUnavailable => f.write_str(
+                    "this key's limits are shared through the database, which cannot be \
+                     reached; retry later",
                 ),
             },
             // The detail (SQLite's words) goes to the server log, not to the client.

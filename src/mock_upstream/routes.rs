@@ -74,6 +74,7 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::AdminKeyList
         | api::Route::AdminKeyCreate
         | api::Route::AdminKeyRevoke
+        | api::Route::AdminInstances
         | api::Route::DebugPanic => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),

@@ -186,7 +186,10 @@ pub(crate) fn respond(
         if let Some(reason) = e.reject_reason() {
             state.metrics.reject(reason);
         }
-        if e.status() >= 500 && e.reject_reason().is_none() {
+        // A key refused because its shared limits cannot be checked is logged by the limiter,
+        // once a minute, not once a request.
+        let said = matches!(e, ApiError::Denied(Denied::StoreUnavailable));
+        if e.status() >= 500 && e.reject_reason().is_none() && !said {
             log::error!("request {} failed: {e}", request.request_id);
         }
         if let ApiError::Store(store_error) = &e {

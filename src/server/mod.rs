@@ -18,8 +18,10 @@ use crossbeam_channel::Sender;
 
 use crate::auth::Auth;
 use crate::batch;
+use crate::cluster::{Instance, Lease};
 use crate::config::Config;
 use crate::jobs::{JobBell, Runner};
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::store::Store;
@@ -39,6 +41,8 @@ pub(crate) struct State {
     pub(crate) store: Store,
     /// Who may call: the keyring, the admin key, the per-key limits.
     pub(crate) auth: Auth,
+    /// This process among the instances serving the database.
+    pub(crate) instance: Arc<Instance>,
     /// Wakes the job runners when a job is submitted.
     pub(crate) jobs: JobBell,
     /// Where the calls of `POST /api/batch` run.
@@ -91,6 +95,8 @@ pub(crate) struct Server {
     key_watch: Periodic,
     sampler: Periodic,
     job_runner: Runner,
+    /// The lease thread, on PostgreSQL.
+    lease: Option<Lease>,
     addr: SocketAddr,
 }
 
@@ -144,7 +150,23 @@ impl Server {
             config.db,
             config.store.read_pool
         );
-        let auth = authorization(&config, &store, admin_key)?;
+        // On PostgreSQL this instance registers and the keys' limits are kept in the database,
+        // so that they hold across every instance; on SQLite they stay in this process.
+        let instance = Arc::new(Instance::new(addr.to_string()));
+        let (limiter, lease) = match &config.db {
+            crate::database::Database::Sqlite(_) => (Limiter::new(), None),
+            crate::database::Database::Postgres(_) => {
+                let lease = Lease::start(Arc::clone(&instance), &store, config.limits.lease)?;
+                let shared = crate::limits::Shared::new(
+                    store.clone(),
+                    Arc::clone(&instance),
+                    config.limits.on_store_error,
+                    metrics.limit_store_errors.clone(),
+                );
+                (Limiter::shared(shared), Some(lease))
+            }
+        };
+        let auth = authorization(&config, &store, admin_key, limiter)?;
         let providers = Providers::from_config(&config);
         for (name, cap) in providers.caps() {
             metrics.register_provider(name, cap);
@@ -171,6 +193,7 @@ impl Server {
             providers,
             store,
             auth,
+            instance,
             jobs: JobBell::new(),
             batch,
             history: Default::default(),
@@ -206,6 +229,7 @@ impl Server {
             key_watch,
             sampler,
             job_runner,
+            lease,
             addr,
         })
     }
@@ -241,6 +265,10 @@ impl Server {
         self.sampler.stop();
         // Jobs still running at the deadline keep their leases and run again after restart.
         self.job_runner.stop(deadline);
+        // Nothing is in flight any more: the other instances may forget this one now.
+        if let Some(lease) = &self.lease {
+            lease.stop();
+        }
         // The request log rows still queued are committed before the process exits.
         self.state.store.close();
         drained
@@ -250,9 +278,14 @@ impl Server {
 /// The keyring at start, and the policy for requests without a key: with no key in the file, a
 /// loopback listener serves everyone (development mode, said once); any other address refuses
 /// to start unless `--allow-open`.
-fn authorization(config: &Config, store: &Store, admin_key: Option<&str>) -> anyhow::Result<Auth> {
+fn authorization(
+    config: &Config,
+    store: &Store,
+    admin_key: Option<&str>,
+    limiter: Limiter,
+) -> anyhow::Result<Auth> {
     let loopback = config.listen.ip().is_loopback();
-    let auth = Auth::new(admin_key, loopback || config.allow_open);
+    let auth = Auth::new(admin_key, loopback || config.allow_open, limiter);
     auth.refresh(store)
         .map_err(|e| anyhow::anyhow!("cannot read the API keys: {e}"))?;
     let keys = auth.active_keys();

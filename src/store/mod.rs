@@ -5,8 +5,10 @@
 //! `sqlite/<family>.rs` or `postgres/<family>.rs`.
 
 pub(crate) mod conversations;
+pub(crate) mod instances;
 pub(crate) mod jobs;
 pub(crate) mod keys;
+pub(crate) mod limits;
 pub(crate) mod postgres;
 pub(crate) mod requests;
 mod retention;
@@ -91,6 +93,15 @@ impl From<r2d2::Error> for StoreError {
 #[derive(Clone)]
 pub(crate) struct Store {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.backend() {
+            Backend::Sqlite(_) => "Store(sqlite)",
+            Backend::Postgres(_) => "Store(postgres)",
+        })
+    }
 }
 
 struct Inner {

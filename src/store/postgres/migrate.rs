@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_jobs_finished",
         include_str!("../../../migrations/postgres/0002_jobs_finished.sql"),
     ),
+    (
+        3,
+        "0003_shared_limits",
+        include_str!("../../../migrations/postgres/0003_shared_limits.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.

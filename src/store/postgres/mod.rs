@@ -7,8 +7,10 @@
 //! Choices and figures: docs/decisions/0003-postgresql-store.md.
 
 pub(super) mod conversations;
+pub(super) mod instances;
 pub(super) mod jobs;
 pub(super) mod keys;
+pub(super) mod limits;
 pub(crate) mod migrate;
 mod probe;
 pub(super) mod requests;

@@ -1,0 +1,337 @@
+//! Per-key limits shared by every instance on one PostgreSQL database: one round trip admits a
+//! request (the key's row locked, its sliding window expired and checked, the admission
+//! recorded) and one statement settles it. The store returns plain numbers; `src/limits.rs`
+//! turns them into permits, refusals and headers. On SQLite each process keeps its limits in
+//! memory (`src/limits.rs`) and never calls these.
+
+use super::postgres::limits as pg;
+use super::{Backend, Store, StoreError};
+
+/// What the database decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Admitted,
+    /// Refused: requests per minute used up (the longest wait of the limits that refused).
+    Requests,
+    /// Refused: the tokens per minute cannot hold this estimate.
+    Tokens,
+    /// Refused: the key has its maximum in flight.
+    InFlight,
+    Revoked,
+    Expired,
+    /// No such key.
+    Unknown,
+    /// The calling instance holds no live lease: it must register again.
+    Unregistered,
+}
+
+/// One admission's answer. Counts are as of the answer: after this admission when admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Admission {
+    pub(crate) outcome: Outcome,
+    /// The recorded admission, to settle; `None` when the key has no limits (nothing recorded)
+    /// or the request was refused.
+    pub(crate) id: Option<i64>,
+    pub(crate) rpm: Option<u64>,
+    /// Admissions in the sliding window.
+    pub(crate) requests_used: u64,
+    /// Until the window's latest admission expires.
+    pub(crate) requests_reset_ms: u64,
+    pub(crate) tpm: Option<u64>,
+    /// Tokens charged in the window.
+    pub(crate) tokens_charged: u64,
+    /// Until the window's latest charge expires.
+    pub(crate) tokens_reset_ms: u64,
+    /// For a refusal: until the request would fit.
+    pub(crate) wait_ms: u64,
+}
+
+fn shared_only() -> StoreError {
+    StoreError::Failed("shared limits exist only on PostgreSQL".into())
+}
+
+/// Admits one request of `key` estimated at `tokens` for `instance`, in one round trip.
+pub(crate) fn admit(
+    store: &Store,
+    key: i64,
+    instance: &str,
+    tokens: u64,
+) -> Result<Admission, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(_) => Err(shared_only()),
+        Backend::Postgres(db) => db.query(|c| pg::admit(c, key, instance, tokens)),
+    }
+}
+
+/// Releases an admission's in-flight slot and replaces its token estimate with `tokens` when
+/// the provider reported them: one statement.
+pub(crate) fn settle(store: &Store, admission: i64, tokens: Option<u64>) -> Result<(), StoreError> {
+    match store.backend() {
+        Backend::Sqlite(_) => Err(shared_only()),
+        Backend::Postgres(db) => db.query(|c| pg::settle(c, admission, tokens)),
+    }
+}
+
+/// The shared limiter's behaviour, on PostgreSQL only: SQLite keeps its limits in the process
+/// (`src/limits.rs`, tested there) and has no shared limiter to test.
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::store::instances::{self, NewInstance};
+    use crate::store::keys::{self, NewKey};
+    use crate::store::testing::{postgres_db, TempStore};
+
+    const LEASE_MS: i64 = 60_000;
+
+    fn shared_store(name: &str) -> Option<TempStore> {
+        postgres_db(name).map(|db| db.open())
+    }
+
+    fn instance(store: &Store, id: &str, lease_ms: i64) -> String {
+        let new = NewInstance {
+            id: id.into(),
+            host: "h".into(),
+            listen: "127.0.0.1:1".into(),
+            version: "t".into(),
+        };
+        instances::register(store, &new, lease_ms).unwrap();
+        id.to_string()
+    }
+
+    fn key(store: &Store, new: NewKey) -> i64 {
+        keys::insert(store, keys::make(new, 1).unwrap().stored).unwrap()
+    }
+
+    /// `n` admissions of `key` at once from `n` threads (each on its own pooled connection).
+    fn admit_all_at_once(
+        store: &Store,
+        key: i64,
+        inst: &str,
+        tokens: u64,
+        n: usize,
+    ) -> Vec<Admission> {
+        let barrier = Barrier::new(n);
+        thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        admit(store, key, inst, tokens).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn outcomes(all: &[Admission], outcome: Outcome) -> usize {
+        all.iter().filter(|a| a.outcome == outcome).count()
+    }
+
+    #[test]
+    fn concurrent_admissions_never_exceed_rpm_tpm_or_in_flight() {
+        let Some(t) = shared_store("shared_exact") else {
+            return;
+        };
+        let inst = instance(&t, "inst_a", LEASE_MS);
+        let rpm = key(
+            &t,
+            NewKey {
+                rpm: Some(5),
+                ..NewKey::default()
+            },
+        );
+        let all = admit_all_at_once(&t, rpm, &inst, 1, 8);
+        assert_eq!(outcomes(&all, Outcome::Admitted), 5, "{all:?}");
+        assert_eq!(outcomes(&all, Outcome::Requests), 3, "{all:?}");
+        let refused = all.iter().find(|a| a.outcome == Outcome::Requests).unwrap();
+        assert!((59_000..=60_000).contains(&refused.wait_ms), "{refused:?}");
+        assert_eq!((refused.requests_used, refused.rpm), (5, Some(5)));
+
+        let tpm = key(
+            &t,
+            NewKey {
+                tpm: Some(1000),
+                ..NewKey::default()
+            },
+        );
+        let all = admit_all_at_once(&t, tpm, &inst, 300, 8);
+        assert_eq!(outcomes(&all, Outcome::Admitted), 3, "{all:?}");
+        assert_eq!(outcomes(&all, Outcome::Tokens), 5, "{all:?}");
+
+        let flying = key(
+            &t,
+            NewKey {
+                max_in_flight: Some(2),
+                ..NewKey::default()
+            },
+        );
+        let all = admit_all_at_once(&t, flying, &inst, 0, 8);
+        assert_eq!(outcomes(&all, Outcome::Admitted), 2, "{all:?}");
+        let refused = all.iter().find(|a| a.outcome == Outcome::InFlight).unwrap();
+        assert_eq!(refused.wait_ms, 1000);
+        for a in all.iter().filter(|a| a.outcome == Outcome::Admitted) {
+            settle(&t, a.id.unwrap(), None).unwrap();
+        }
+        assert_eq!(
+            admit(&t, flying, &inst, 0).unwrap().outcome,
+            Outcome::Admitted
+        );
+    }
+
+    #[test]
+    fn settling_reconciles_tokens_and_the_headers_follow() {
+        let Some(t) = shared_store("shared_settle") else {
+            return;
+        };
+        let inst = instance(&t, "inst_a", LEASE_MS);
+        let k = key(
+            &t,
+            NewKey {
+                rpm: Some(10),
+                tpm: Some(1000),
+                ..NewKey::default()
+            },
+        );
+        let first = admit(&t, k, &inst, 600).unwrap();
+        assert_eq!(first.outcome, Outcome::Admitted);
+        assert_eq!((first.requests_used, first.tokens_charged), (1, 600));
+        assert_eq!(
+            (first.requests_reset_ms, first.tokens_reset_ms),
+            (60_000, 60_000)
+        );
+        assert_eq!(admit(&t, k, &inst, 500).unwrap().outcome, Outcome::Tokens);
+        settle(&t, first.id.unwrap(), Some(100)).unwrap();
+        let second = admit(&t, k, &inst, 500).unwrap();
+        assert_eq!(second.outcome, Outcome::Admitted, "{second:?}");
+        assert_eq!((second.requests_used, second.tokens_charged), (2, 600));
+        assert_eq!(admit(&t, k, &inst, 1001).unwrap().wait_ms, 60_000);
+    }
+
+    #[test]
+    fn the_admission_call_refuses_revoked_keys_and_unregistered_instances() {
+        let Some(t) = shared_store("shared_refuse") else {
+            return;
+        };
+        let inst = instance(&t, "inst_a", LEASE_MS);
+        let k = key(&t, NewKey::default());
+        let free = admit(&t, k, &inst, 0).unwrap();
+        assert_eq!(
+            (free.outcome, free.id),
+            (Outcome::Admitted, None),
+            "no limits: nothing kept"
+        );
+        assert_eq!(
+            admit(&t, k, "inst_none", 0).unwrap().outcome,
+            Outcome::Unregistered
+        );
+        keys::revoke(&t, k, 2).unwrap();
+        assert_eq!(admit(&t, k, &inst, 0).unwrap().outcome, Outcome::Revoked);
+        assert_eq!(
+            admit(&t, k + 100, &inst, 0).unwrap().outcome,
+            Outcome::Unknown
+        );
+    }
+
+    #[test]
+    fn the_slots_of_an_instance_whose_lease_ran_out_are_freed_by_the_reaper() {
+        let Some(t) = shared_store("shared_reap") else {
+            return;
+        };
+        let alive = instance(&t, "inst_alive", LEASE_MS);
+        let dying = instance(&t, "inst_dying", 300);
+        let k = key(
+            &t,
+            NewKey {
+                max_in_flight: Some(1),
+                ..NewKey::default()
+            },
+        );
+        assert_eq!(admit(&t, k, &dying, 0).unwrap().outcome, Outcome::Admitted);
+        assert_eq!(admit(&t, k, &alive, 0).unwrap().outcome, Outcome::InFlight);
+        let live: Vec<_> = instances::live(&t)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(live, [alive.clone(), dying.clone()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let reaped = loop {
+            let reaped = instances::reap(&t).unwrap();
+            if reaped.instances > 0 || Instant::now() > deadline {
+                break reaped;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            reaped,
+            instances::Reaped {
+                instances: 1,
+                slots: 1
+            }
+        );
+        assert!(
+            !instances::renew(&t, &dying, LEASE_MS).unwrap(),
+            "its lease is gone"
+        );
+        assert!(instances::renew(&t, &alive, LEASE_MS).unwrap());
+        assert_eq!(admit(&t, k, &alive, 0).unwrap().outcome, Outcome::Admitted);
+    }
+
+    /// Admissions a second through the shared limiter on one hot key and on many keys, 8
+    /// threads. Run by hand: `cargo test --bin syncgate admissions_per_second -- --ignored
+    /// --nocapture` (docs/decisions/0004-shared-limits.md has the figures).
+    #[test]
+    #[ignore]
+    fn admissions_per_second() {
+        let Some(t) = shared_store("shared_bench") else {
+            return;
+        };
+        let inst = instance(&t, "inst_bench", LEASE_MS);
+        let many: Vec<i64> = (0..64)
+            .map(|_| {
+                key(
+                    &t,
+                    NewKey {
+                        rpm: Some(1_000_000),
+                        tpm: Some(1 << 40),
+                        max_in_flight: Some(1000),
+                        ..NewKey::default()
+                    },
+                )
+            })
+            .collect();
+        let cases = [("one hot key", &many[..1]), ("64 keys", &many[..])];
+        for (threads, (name, keys)) in [1, 8].into_iter().flat_map(|n| cases.map(|c| (n, c))) {
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let started = Instant::now();
+            let run = Duration::from_secs(5);
+            thread::scope(|scope| {
+                for n in 0..threads {
+                    let (t, inst, done) = (&t, &inst, &done);
+                    scope.spawn(move || {
+                        let mut i = n;
+                        while started.elapsed() < run {
+                            let k = keys[i % keys.len()];
+                            i += 1;
+                            let a = admit(t, k, inst, 10).unwrap();
+                            assert_eq!(a.outcome, Outcome::Admitted);
+                            settle(t, a.id.unwrap(), Some(12)).unwrap();
+                            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            let n = done.into_inner();
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "{name}, {threads} threads: {n} admissions + settles in {secs:.1} s = {:.0}/s",
+                n as f64 / secs
+            );
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Shared per-key limits on PostgreSQL: one call of `syncgate_admit` per admitted keyed request
+//! (migrations/postgres/0003_shared_limits.sql holds the function and says why it is PL/pgSQL),
+//! and one statement when the request is done.
+
+use postgres::GenericClient;
+
+use super::Session;
+use crate::store::limits::{Admission, Outcome};
+
+type Result<T> = std::result::Result<T, postgres::Error>;
+
+pub(crate) fn admit(
+    c: &mut Session<'_, impl GenericClient>,
+    key: i64,
+    instance: &str,
+    tokens: u64,
+) -> Result<Admission> {
+    let row = c.query_one(
+        "SELECT outcome, admission, rpm, requests_used, requests_reset_ms, tpm, \
+         tokens_charged, tokens_reset_ms, wait_ms FROM syncgate_admit($1, $2, $3)",
+        &[&key, &instance, &(tokens.min(i64::MAX as u64) as i64)],
+    )?;
+    let outcome = match row.get::<_, Option<&str>>(0).unwrap_or_default() {
+        "admitted" => Outcome::Admitted,
+        "requests" => Outcome::Requests,
+        "tokens" => Outcome::Tokens,
+        "in_flight" => Outcome::InFlight,
+        "revoked" => Outcome::Revoked,
+        "expired" => Outcome::Expired,
+        "unregistered" => Outcome::Unregistered,
+        _ => Outcome::Unknown,
+    };
+    let count = |i: usize| row.get::<_, Option<i64>>(i).map(|n| n.max(0) as u64);
+    Ok(Admission {
+        outcome,
+        id: row.get(1),
+        rpm: count(2),
+        requests_used: count(3).unwrap_or(0),
+        requests_reset_ms: count(4).unwrap_or(0),
+        tpm: count(5),
+        tokens_charged: count(6).unwrap_or(0),
+        tokens_reset_ms: count(7).unwrap_or(0),
+        wait_ms: count(8).unwrap_or(0),
+    })
+}
+
+pub(crate) fn settle(
+    c: &mut Session<'_, impl GenericClient>,
+    admission: i64,
+    tokens: Option<u64>,
+) -> Result<()> {
+    c.execute(
+        "UPDATE limit_admissions SET in_flight = false, tokens = coalesce($2, tokens) \
+         WHERE id = $1",
+        &[&admission, &tokens.map(|t| t.min(i64::MAX as u64) as i64)],
+    )
+    .map(drop)
+}

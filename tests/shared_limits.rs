@@ -1,0 +1,364 @@
+//! Several instances on one PostgreSQL (issue 15, points 1–5): three `syncgate serve` processes
+//! share a database, and a key's rpm, tpm and max_in_flight hold exactly across all three;
+//! a key revoked through one is refused by the others on their next request; the slots of an
+//! instance killed with kill -9 come back once its lease runs out; `/admin/instances` lists
+//! the live ones; and `[limits] on_store_error` decides what a keyed request gets while the
+//! database is down. Requests are spread over the instances directly, all at once.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "adm-5c1e2b3a4d5f6e7a8b9c0d1e2f3a4b5c";
+
+/// A lease short enough for the tests to see one run out.
+const LEASE_MS: u64 = 2000;
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// One instance on `db`, in front of the upstreams: model `m` on `up`, model `slow` on
+/// `slow` when given.
+fn instance(db: &str, up: SocketAddr, slow: Option<SocketAddr>, extra: &str) -> Server {
+    let mut toml = format!(
+        "{}\n[limits]\nlease_ms = {LEASE_MS}\n{extra}\n",
+        upstream_model_toml(up)
+    );
+    if let Some(slow) = slow {
+        toml.push_str(&format!(
+            "[[providers]]\nname = \"slow\"\ntype = \"openai\"\nbase_url = \"http://{slow}/v1\"\n\n\
+             [[models]]\nname = \"slow\"\ntargets = [\"slow/upstream-model\"]\n"
+        ));
+    }
+    Server::start_full(
+        &["--db", db],
+        &[("SYNCGATE_ADMIN_KEY", ADMIN)],
+        Some(TempConfig::new(&toml)),
+    )
+}
+
+/// `POST /admin/keys` through `gw`; then waits until every instance in `all` knows the key:
+/// `/api/status` (which charges no limits) accepts it and refuses a made-up one (while an
+/// instance has no key at all it is in development mode and accepts anything).
+fn make_key(gw: &Server, all: &[&Server], fields: Value) -> (String, i64) {
+    let admin = bearer(ADMIN);
+    let r = send(
+        gw.addr,
+        &post_req(
+            "/admin/keys",
+            &fields.to_string(),
+            &[("Authorization", &admin), ("Connection", "close")],
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.describe());
+    let key = r.json()["key"].as_str().unwrap().to_string();
+    let id = r.json()["id"].as_i64().unwrap();
+    for s in all {
+        let known = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            let status = |key: &str| {
+                let auth = bearer(key);
+                let headers = [("Authorization", auth.as_str()), ("Connection", "close")];
+                send(s.addr, &get_req("/api/status", &headers)).status
+            };
+            status(&key) == 200 && status("sk-sg-made-up") == 401
+        });
+        assert!(
+            known,
+            "instance {} never learnt the key:\n{}",
+            s.addr,
+            s.log()
+        );
+    }
+    (key, id)
+}
+
+fn chat_as(addr: SocketAddr, key: &str, body: &Value) -> Resp {
+    send(
+        addr,
+        &post_req(
+            "/v1/chat/completions",
+            &body.to_string(),
+            &[("Authorization", &bearer(key)), ("Connection", "close")],
+        ),
+    )
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// `n` calls released together by a barrier, spread round-robin over `addrs`; the statuses.
+fn burst(addrs: &[SocketAddr], key: &str, n: usize, body: &Value) -> Vec<u16> {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (barrier, addr) = (Arc::clone(&barrier), addrs[i % addrs.len()]);
+            let raw = post_req(
+                "/v1/chat/completions",
+                &body.to_string(),
+                &[("Authorization", &bearer(key)), ("Connection", "close")],
+            );
+            thread::spawn(move || {
+                let mut conn = Conn::open(addr);
+                barrier.wait();
+                conn.request(&raw).status
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+fn live_instances(addr: SocketAddr) -> Vec<Value> {
+    let admin = bearer(ADMIN);
+    let r = send(
+        addr,
+        &get_req(
+            "/admin/instances",
+            &[("Authorization", &admin), ("Connection", "close")],
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.describe());
+    r.json()["data"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn limits_are_exact_across_three_instances() {
+    let Some(pg) = fresh_postgres() else { return };
+    // Each admitted call is held upstream long enough that all 90 arrive before any ends.
+    let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
+    let servers: Vec<Server> = (0..3)
+        .map(|_| instance(&pg.url(), up.addr, None, ""))
+        .collect();
+    let all: Vec<&Server> = servers.iter().collect();
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    assert_eq!(live_instances(addrs[1]).len(), 3);
+
+    let (rpm, _) = make_key(&servers[0], &all, json!({"name": "rpm", "rpm": 30}));
+    let statuses = burst(&addrs, &rpm, 90, &chat("m"));
+    let rpm_counts = (count(&statuses, 200), count(&statuses, 429));
+    assert_eq!(rpm_counts, (30, 60), "{statuses:?}");
+
+    // Each call is estimated at 100 tokens (an empty prompt and max_tokens 100).
+    let (tpm, _) = make_key(&servers[1], &all, json!({"name": "tpm", "tpm": 3000}));
+    let body = json!({"model": "m", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": ""}]});
+    let statuses = burst(&addrs, &tpm, 90, &body);
+    let tpm_counts = (count(&statuses, 200), count(&statuses, 429));
+    assert_eq!(tpm_counts, (30, 60), "{statuses:?}");
+
+    let (flying, _) = make_key(
+        &servers[2],
+        &all,
+        json!({"name": "fly", "max_in_flight": 10}),
+    );
+    let statuses = burst(&addrs, &flying, 90, &chat("m"));
+    let fly_counts = (count(&statuses, 200), count(&statuses, 429));
+    assert_eq!(fly_counts, (10, 80), "{statuses:?}");
+    // The slots came back when those calls ended, on every instance.
+    let statuses = burst(&addrs, &flying, 10, &chat("m"));
+    assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
+    eprintln!(
+        "three instances, 90 calls at once: rpm 30 -> {rpm_counts:?}, tpm 3000 at 100 each -> \
+         {tpm_counts:?}, max_in_flight 10 -> {fly_counts:?} (200s, 429s)"
+    );
+}
+
+#[test]
+fn a_key_revoked_through_one_instance_is_refused_by_the_others_on_their_next_request() {
+    let Some(pg) = fresh_postgres() else { return };
+    let up = Server::start_mock_upstream(&[]);
+    let servers: Vec<Server> = (0..3)
+        .map(|_| instance(&pg.url(), up.addr, None, ""))
+        .collect();
+    let all: Vec<&Server> = servers.iter().collect();
+    let (key, id) = make_key(&servers[0], &all, json!({"name": "doomed"}));
+    for s in &servers {
+        assert_ok(&chat_as(s.addr, &key, &chat("m")), "before the revocation");
+    }
+    let admin = bearer(ADMIN);
+    let raw = format!(
+        "DELETE /admin/keys/{id} HTTP/1.1\r\nHost: t\r\nAuthorization: {admin}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let revoked_at = Instant::now();
+    let r = send(servers[0].addr, raw.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.describe());
+    for s in &servers[1..] {
+        let r = chat_as(s.addr, &key, &chat("m"));
+        assert_error(&r, 401, None, Some("api_key_revoked"));
+    }
+    let refused_in = revoked_at.elapsed();
+    // The keyrings converge too (they poll the keys' generation every second).
+    let converged = poll_until(Duration::from_secs(3), Duration::from_millis(20), || {
+        servers[1..].iter().all(|s| {
+            let auth = bearer(&key);
+            let headers = [("Authorization", auth.as_str()), ("Connection", "close")];
+            send(s.addr, &get_req("/api/status", &headers)).status == 401
+        })
+    });
+    let converged_in = revoked_at.elapsed();
+    assert!(converged, "the keyrings never learnt of the revocation");
+    eprintln!(
+        "revocation through A: refused by B and C on their next request ({:.0} ms after the \
+         revoke answered, both calls included); their keyrings converged within {:.0} ms",
+        refused_in.as_secs_f64() * 1000.0,
+        converged_in.as_secs_f64() * 1000.0
+    );
+}
+
+#[test]
+fn the_slots_of_an_instance_killed_with_kill_9_come_back_once_its_lease_runs_out() {
+    let Some(pg) = fresh_postgres() else { return };
+    let up = Server::start_mock_upstream(&[]);
+    let slow = Server::start_mock_upstream(&["--latency-ms", "15000"]);
+    let a = instance(&pg.url(), up.addr, Some(slow.addr), "");
+    let b = instance(&pg.url(), up.addr, Some(slow.addr), "");
+    let c = instance(&pg.url(), up.addr, Some(slow.addr), "");
+    assert_eq!(live_instances(a.addr).len(), 3);
+    let (key, _) = make_key(
+        &a,
+        &[&a, &b, &c],
+        json!({"name": "held", "max_in_flight": 4}),
+    );
+
+    // Four calls held in flight on C.
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, key) = (c.addr, key.clone());
+            thread::spawn(move || {
+                let _ = try_send(
+                    addr,
+                    &post_req(
+                        "/v1/chat/completions",
+                        &chat("slow").to_string(),
+                        &[("Authorization", &bearer(&key)), ("Connection", "close")],
+                    ),
+                );
+            })
+        })
+        .collect();
+    // All four reached the slow upstream (counted as they arrive), so C holds every slot.
+    let arrived = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        get(slow.addr, "/stats").json()["requests"] == 4
+    });
+    assert!(
+        arrived,
+        "C never sent the four calls upstream:\n{}",
+        c.log()
+    );
+    assert_error(&chat_as(a.addr, &key, &chat("m")), 429, None, None);
+
+    let mut c = c;
+    c.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let _ = c.wait_exit(Duration::from_secs(5));
+    let mut freed_in = None;
+    while killed.elapsed() < Duration::from_millis(LEASE_MS + 5000) {
+        if chat_as(b.addr, &key, &chat("m")).status == 200 {
+            freed_in = Some(killed.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let freed_in = freed_in.unwrap_or_else(|| {
+        panic!(
+            "the slots of the killed instance were not free within the lease + 5 s:\n{}",
+            b.log()
+        )
+    });
+    let two = poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        live_instances(a.addr).len() == 2
+    });
+    assert!(two, "{:?}", live_instances(a.addr));
+    let ids: Vec<_> = live_instances(b.addr)
+        .iter()
+        .map(|i| i["listen"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(!ids.contains(&c.addr.to_string()), "{ids:?}");
+    eprintln!(
+        "kill -9 of the instance holding a key's 4 slots: free again {:.2} s later (lease {} ms)",
+        freed_in.as_secs_f64(),
+        LEASE_MS
+    );
+    for h in held {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn on_store_error_closed_refuses_and_open_admits_while_the_database_is_down() {
+    let Some(cluster) = PgCluster::start() else {
+        return;
+    };
+    let up = Server::start_mock_upstream(&[]);
+    let closed = instance(&cluster.url(), up.addr, None, "");
+    let open = instance(&cluster.url(), up.addr, None, "on_store_error = \"open\"");
+    let (key, _) = make_key(
+        &closed,
+        &[&closed, &open],
+        json!({"name": "k", "rpm": 1000}),
+    );
+    assert_ok(
+        &chat_as(closed.addr, &key, &chat("mock")),
+        "closed, database up",
+    );
+    assert_ok(
+        &chat_as(open.addr, &key, &chat("mock")),
+        "open, database up",
+    );
+
+    cluster.stop();
+    for s in [&closed, &open] {
+        let down = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            get(s.addr, "/readyz").status == 503
+        });
+        assert!(down, "{}", s.log());
+    }
+    let r = chat_as(closed.addr, &key, &chat("mock"));
+    assert_error(&r, 503, None, Some("store_unavailable"));
+    assert!(r.header("retry-after").is_some(), "{}", r.describe());
+    assert_ok(
+        &chat_as(open.addr, &key, &chat("mock")),
+        "open, database down",
+    );
+    let refused = metric_value(
+        &scrape(closed.addr),
+        "syncgate_limit_store_errors_total",
+        &[("outcome", "refused")],
+    );
+    let admitted = metric_value(
+        &scrape(open.addr),
+        "syncgate_limit_store_errors_total",
+        &[("outcome", "admitted")],
+    );
+    assert!(
+        refused >= Some(1.0) && admitted >= Some(1.0),
+        "{refused:?} {admitted:?}"
+    );
+
+    cluster.start_again();
+    let back = poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        chat_as(closed.addr, &key, &chat("mock")).status == 200
+    });
+    assert!(
+        back,
+        "the closed instance never admitted again:\n{}",
+        closed.log()
+    );
+    // Both hold a live lease again (renewed, or registered again if it ran out meanwhile).
+    let both = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        live_instances(closed.addr).len() == 2
+    });
+    assert!(both, "{:?}", live_instances(closed.addr));
+}
