@@ -123,6 +123,7 @@ pub(crate) fn list(c: &mut Session<'_, impl GenericClient>, filter: &Filter) -> 
     }
     let model = filter.model.clone();
     let status = filter.status.map(i32::from);
+    let key_id = filter.key_id;
     let before = filter.before.map(|b| (b.ts_ms, b.id));
     let limit = filter.limit as i64 + 1;
     let mut sql = String::from("SELECT * FROM requests WHERE ts_ms >= $1 AND ts_ms < $2");
@@ -134,6 +135,10 @@ pub(crate) fn list(c: &mut Session<'_, impl GenericClient>, filter: &Filter) -> 
     if let Some(status) = &status {
         args.push(status);
         sql.push_str(&format!(" AND status = ${}", args.len()));
+    }
+    if let Some(key_id) = &key_id {
+        args.push(key_id);
+        sql.push_str(&format!(" AND key_id = ${}", args.len()));
     }
     if let Some((ts, id)) = &before {
         args.push(ts);

@@ -60,7 +60,7 @@ pub(crate) fn cursor(conn: &Connection, id: i64) -> Result<Option<Cursor>, Store
 }
 
 /// The rows matching `filter`, newest first (by time, then id). Ordered like the indexes
-/// `(ts_ms, id)`, `(model, ts_ms, id)` and `(status, ts_ms, id)`, so a page is a range scan of
+/// `(ts_ms, id)`, `(model, ts_ms, id)`, `(status, ts_ms, id)` and `(key_id, ts_ms, id)`, so a page is a range scan of
 /// one of them with no sort, however large the table.
 pub(crate) fn list(conn: &Connection, filter: &Filter) -> Result<Page, StoreError> {
     let (sql, args) = list_query(filter);
@@ -92,6 +92,10 @@ fn list_query(filter: &Filter) -> (String, Vec<Value>) {
     if let Some(status) = filter.status {
         args.push(Value::Integer(i64::from(status)));
         sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if let Some(key_id) = filter.key_id {
+        args.push(Value::Integer(key_id));
+        sql.push_str(&format!(" AND key_id = ?{}", args.len()));
     }
     if let Some(before) = filter.before {
         args.push(Value::Integer(before.ts_ms));
@@ -173,6 +177,7 @@ mod tests {
                 route: "/v1/chat/completions".into(),
                 model: Some(if i % 3 == 0 { "b" } else { "a" }.into()),
                 status: if i % 3 == 0 { 500 } else { 200 },
+                key_id: (i % 2 == 0).then_some(7),
                 ..RequestRow::default()
             })
             .collect();
@@ -232,6 +237,12 @@ mod tests {
             ..filter(50)
         };
         assert_eq!(ids(&list(&conn, &by_status).unwrap()), [7, 5, 4, 2]);
+        let by_key = Filter {
+            key_id: Some(7),
+            model: Some("a".into()),
+            ..filter(50)
+        };
+        assert_eq!(ids(&list(&conn, &by_key).unwrap()), [10, 8, 4, 2]);
         let read = &list(&conn, &filter(1)).unwrap().rows[0];
         assert_eq!(read.row.request_id, "r10");
         assert_eq!(read.row.model.as_deref(), Some("a"));
@@ -261,6 +272,11 @@ mod tests {
             Filter {
                 status: Some(200),
                 range: since,
+                ..filter(5)
+            },
+            Filter {
+                key_id: Some(7),
+                before,
                 ..filter(5)
             },
         ] {
