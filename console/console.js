@@ -70,6 +70,9 @@
     show("streams_open", s.streams_open);
     show("queue_depth", s.queue.depth);
     show("queue_capacity", s.queue.capacity);
+    const oldest = s.queue.oldest_wait_ms;
+    show("oldest_wait", oldest === null ? "none waiting"
+      : oldest >= 1000 ? (oldest / 1000).toFixed(1) + " s" : oldest.toFixed(1) + " ms");
     show("retry_after", s.retry_after_s + " s");
     show("connections_open", s.connections.open);
     show("connections_max", s.connections.max);

@@ -162,7 +162,11 @@ fn status_has_its_shape_and_the_poll_is_not_logged_or_counted_as_a_request() {
     ));
     assert_eq!(s["workers"], json!({"busy": 0, "total": 3}), "{s:#}");
     assert_eq!(s["streams_open"], 0, "{s:#}");
-    assert_eq!(s["queue"], json!({"depth": 0, "capacity": 5}), "{s:#}");
+    assert_eq!(
+        s["queue"],
+        json!({"depth": 0, "capacity": 5, "oldest_wait_ms": null}),
+        "{s:#}"
+    );
     assert_eq!(s["ready"], json!({"ok": true, "status": "ready"}), "{s:#}");
     assert_eq!(s["open_access"], true);
     assert!(s["connections"]["open"].as_u64() >= Some(1), "{s:#}");
@@ -251,6 +255,10 @@ fn status_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full() {
     let held = fill(&gw, 1, 1, 3);
     let s = status(gw.addr);
     assert_eq!(s["rejected_total"]["queue_full"], 3, "{s:#}");
+    // The queued call has waited since it was sent, and keeps waiting.
+    let waited = |s: &Value| s["queue"]["oldest_wait_ms"].as_f64().unwrap_or(-1.0);
+    let first = waited(&s);
+    assert!(first > 0.0 && first < 10_000.0, "{s:#}");
     assert_eq!(
         s["ready"],
         json!({"ok": false, "status": "queue_high_water"})
@@ -271,6 +279,7 @@ fn status_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full() {
     let after = status(gw.addr);
     assert_eq!(after["workers"]["busy"], 1, "{after:#}");
     assert_eq!(after["queue"]["depth"], 1, "{after:#}");
+    assert!(waited(&after) > first, "{after:#}");
     took.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (p50, p99, max) = (ms(took[99]), ms(took[197]), ms(took[199]));
@@ -689,6 +698,11 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
         moved,
         "the page did not show the load: workers busy {:?}, queue {:?}, refused {:?}",
         shown.0, shown.1, shown.2
+    );
+    let oldest = browser.text_of("[data-field=oldest_wait]");
+    assert!(
+        oldest.ends_with(" s") || oldest.ends_with(" ms"),
+        "oldest wait shown: {oldest:?}"
     );
     // The 503s reach the rate once the sampler has seen them.
     let mut rate = String::new();
