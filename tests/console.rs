@@ -851,3 +851,135 @@ fn the_status_page_asks_for_a_key_once_keys_exist_and_shows_the_status_with_it()
     let problems = browser.eval("return document.documentElement.dataset.problems || '0';");
     assert_eq!(problems, "0", "{}", browser.text_of("#page-errors"));
 }
+
+// ---------------------------------------------------------------------------
+// The requests page at a million rows
+// ---------------------------------------------------------------------------
+
+/// Rows in the generated log.
+const MILLION: i64 = 1_000_000;
+
+/// A request log of a million rows over the last 30 days, written straight into a migrated
+/// SQLite file in one transaction: every 1000th call asked for model `rare`, every 97th
+/// failed with 500, calls come from keys 1–10.
+fn million_row_log(db: &TempDb, now_ms: i64) {
+    let exit = run_to_exit(
+        &["migrate", "--db", &db.path_str()],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert!(!exit.failed(), "migrate: {}", exit.describe());
+    let mut conn = rusqlite::Connection::open(&db.path).unwrap();
+    let tx = conn.transaction().unwrap();
+    let step_ms = 30 * 86_400_000 / MILLION;
+    tx.execute(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?1) \
+         INSERT INTO requests (request_id, ts_ms, method, route, model, provider, \
+           upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
+           overhead_ms, prompt_tokens, completion_tokens, key_id) \
+         SELECT 'req-' || x, ?2 + x * ?3, 'POST', '/v1/chat/completions', \
+           CASE WHEN x % 1000 = 0 THEN 'rare' WHEN x % 2 = 0 THEN 'gpt-a' ELSE 'gpt-b' END, \
+           'openai', 'gpt-4o-mini', 1, CASE WHEN x % 97 = 0 THEN 500 ELSE 200 END, \
+           CASE WHEN x % 97 = 0 THEN 'upstream_error' END, 812.5, 0.2, 810.0, 2.3, \
+           40 + x % 50, 120 + x % 300, 1 + x % 10 FROM n",
+        rusqlite::params![MILLION, now_ms - 30 * 86_400_000, step_ms],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+#[test]
+fn the_requests_pages_queries_stay_fast_at_a_million_rows() {
+    let db = TempDb::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let made = Instant::now();
+    million_row_log(&db, now_ms);
+    let size = std::fs::metadata(&db.path).map_or(0, |m| m.len());
+    println!(
+        "generated {MILLION} rows in {:.1} s ({} MB)",
+        made.elapsed().as_secs_f64(),
+        size / 1_000_000
+    );
+    let gw = Server::start(&["--db", &db.path_str()]);
+    let mut conn = Conn::open(gw.addr);
+    // The queries the requests page makes: always a time range and a limit.
+    let (day_ago, month_ago) = (
+        (now_ms - 86_400_000) / 1000,
+        (now_ms - 30 * 86_400_000) / 1000,
+    );
+    let until = now_ms / 1000 + 60;
+    let mut time = |what: &str, path: &str| -> Value {
+        let mut took = Vec::new();
+        let mut body = Value::Null;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let r = conn.request(&get_req(path, &[]));
+            took.push(start.elapsed());
+            assert_eq!(r.status, 200, "{what}: {}", r.describe());
+            body = r.json();
+        }
+        took.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let rows = body["data"].as_array().map_or(0, Vec::len);
+        println!(
+            "{what}: {rows} rows, median {:.1} ms, max {:.1} ms  ({path})",
+            ms(took[2]),
+            ms(took[4])
+        );
+        // Coarse: a debug build on a busy 2-core machine. A full scan of a million rows
+        // (the page going wrong) takes seconds, not this.
+        assert!(took[2] < Duration::from_millis(1500), "{what}: {took:?}");
+        body
+    };
+    let first = time(
+        "first page, last 24 h",
+        &format!("/api/requests?since={day_ago}&until={until}&limit=50"),
+    );
+    assert_eq!(first["data"].as_array().unwrap().len(), 50);
+    assert_eq!(first["has_more"], true);
+    let rare = time(
+        "model=rare, 30 days",
+        &format!("/api/requests?model=rare&since={month_ago}&until={until}&limit=50"),
+    );
+    assert!(rare["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["model"] == "rare"));
+    time(
+        "status=500, 30 days",
+        &format!("/api/requests?status=500&since={month_ago}&until={until}&limit=50"),
+    );
+    let keyed = time(
+        "key=3 and model=gpt-a, 30 days",
+        &format!("/api/requests?key=3&model=gpt-a&since={month_ago}&until={until}&limit=50"),
+    );
+    assert!(keyed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["key_id"] == 3 && r["model"] == "gpt-a"));
+    // A deep page: the cursor is a row near the oldest end of the log.
+    let deep = time(
+        "deep cursor page (before id 1000), 30 days",
+        &format!("/api/requests?before=1000&since={month_ago}&until={until}&limit=50"),
+    );
+    assert_eq!(deep["data"][0]["id"], 999);
+    // The usage page's totals read every row in their range: printed, for the record.
+    let week_ago = (now_ms - 7 * 86_400_000) / 1000;
+    for group in ["day", "model", "key"] {
+        let start = Instant::now();
+        let r = conn.request(&get_req(
+            &format!("/api/usage?group_by={group}&since={week_ago}&until={until}"),
+            &[],
+        ));
+        assert_eq!(r.status, 200, "{}", r.describe());
+        println!(
+            "usage by {group}, last 7 days (about 233,000 rows): {:.1} ms",
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
