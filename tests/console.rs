@@ -26,6 +26,7 @@ const CONSOLE_PATHS: &[(&str, u16, &str)] = &[
     ("/console/index.html", 200, "text/html"),
     ("/console/console.css", 200, "text/css"),
     ("/console/console.js", 200, "text/javascript"),
+    ("/console/pages.js", 200, "text/javascript"),
     ("/console/nothing-here.js", 404, "text/plain"),
 ];
 
@@ -140,8 +141,18 @@ fn the_page_has_no_inline_script_style_or_handler() {
                 .all(|c| c.is_ascii_lowercase());
         assert!(!is_handler, "an inline event handler: {word}");
     }
-    let js = get(gw.addr, "/console/console.js").text();
-    assert!(!js.contains("innerHTML") && !js.contains("eval("), "{js}");
+    for file in ["console.js", "pages.js"] {
+        let js = get(gw.addr, &format!("/console/{file}")).text();
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
+            assert!(!js.contains(banned), "{file} uses {banned}");
+        }
+    }
 }
 
 #[test]
@@ -982,4 +993,215 @@ fn the_requests_pages_queries_stay_fast_at_a_million_rows() {
             start.elapsed().as_secs_f64() * 1000.0
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Every page in a real browser
+// ---------------------------------------------------------------------------
+
+const XSS_SCRIPT: &str = "<script>window.__pwned=1</script>";
+const XSS_IMG: &str = r#"<img src=x onerror="window.__pwned=1">"#;
+
+/// Clicks the nav link of `page` and waits until its view has `ready` (a selector) filled.
+fn show_page(browser: &Browser, page: &str, ready: &str) {
+    browser.click(&format!("nav a[data-page={page}]"));
+    let script = format!(
+        "const el = document.querySelector({}); \
+         return document.documentElement.dataset.page === {} && !!el && el.children.length > 0;",
+        json!(ready),
+        json!(page)
+    );
+    let shown = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        browser.eval(&script) == true
+    });
+    assert!(
+        shown,
+        "the {page} page did not fill {ready}; page errors: {}",
+        browser.text_of("#page-errors")
+    );
+}
+
+fn screenshot(browser: &Browser, name: &str) {
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/console-screenshots/{name}.png"));
+    browser.screenshot(&shot);
+    println!("screenshot: {}", shot.display());
+}
+
+/// The page's own record of errors and CSP violations, and the browser's console log, hold
+/// nothing (`allowed` excepted).
+fn assert_clean(browser: &Browser, allowed: &[&str]) {
+    let problems = browser.eval("return document.documentElement.dataset.problems || '0';");
+    assert_eq!(problems, "0", "{}", browser.text_of("#page-errors"));
+    let bad: Vec<Value> = browser
+        .console_log()
+        .into_iter()
+        .filter(|e| {
+            let message = e["message"].as_str().unwrap_or("");
+            (e["level"] == "SEVERE"
+                || e["level"] == "WARNING"
+                || message.contains("Content Security Policy"))
+                && !allowed.iter().any(|a| message.contains(a))
+        })
+        .collect();
+    assert!(bad.is_empty(), "console errors or CSP reports: {bad:#?}");
+}
+
+#[test]
+fn every_page_loads_clean_a_key_is_made_and_revoked_and_a_hostile_prompt_stays_text() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let gw = Server::start_full(
+        &["--workers", "2"],
+        &[("SYNCGATE_ADMIN_KEY", ADMIN)],
+        Some(TempConfig::new("[log]\nbodies = true\n")),
+    );
+    let prompt = format!("hello {XSS_SCRIPT} and {XSS_IMG}");
+    assert_ok(&chat(gw.addr, &prompt), "the hostile prompt");
+    assert_ok(&chat(gw.addr, "a plain one"), "a plain prompt");
+    let logged = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        get(gw.addr, "/api/requests?limit=5").json()["data"]
+            .as_array()
+            .is_some_and(|d| d.len() >= 2)
+    });
+    assert!(logged, "the calls were never logged\n{}", gw.log());
+
+    let browser = Browser::start(&chromium, &chromedriver);
+    browser.open(&format!("http://{}/console/#requests", gw.addr));
+    let started = Instant::now();
+    // The two chat calls (the test's own reads of /api/requests are logged too, without a model).
+    let mocks = "return Array.from(document.querySelectorAll('#rq-rows tr.clickable'))\
+                 .filter(tr => tr.textContent.includes('mock'));";
+    let rows = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        browser.eval(&format!(
+            "{{ const f = () => {{ {mocks} }}; return f().length; }}"
+        )) == 2
+    });
+    assert!(
+        rows,
+        "the requests page shows the two calls: {} {}",
+        browser.text_of("#rq-rows"),
+        browser.text_of("#page-errors")
+    );
+    screenshot(&browser, "requests");
+    // Newest first: the plain call, then the hostile one, whose details show its body.
+    browser.eval(&format!(
+        "const f = () => {{ {mocks} }}; f()[1].id = 'hostile-row'; return null;"
+    ));
+    browser.click("#hostile-row");
+    let body = browser.text_of("#rq-request-body");
+    assert!(body.contains(XSS_SCRIPT), "shown literally: {body}");
+    assert!(
+        body.contains("<img src=x onerror="),
+        "shown literally: {body}"
+    );
+    assert_eq!(browser.eval("return window.__pwned === undefined;"), true);
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#rq-detail img, #rq-detail script').length;"),
+        0,
+        "no element was made from the prompt"
+    );
+    assert!(browser.text_of("#rq-detail-fields").contains("mock"));
+    screenshot(&browser, "requests-detail");
+
+    // A filter that matches nothing, then back.
+    browser.type_into("#rq-status", "500");
+    browser.click("#rq-filter button");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            browser
+                .text_of("#rq-rows")
+                .contains("no logged request matches")
+        }
+    ));
+
+    show_page(&browser, "usage", "#us-days");
+    assert!(browser.text_of("#us-groups").contains("mock"));
+    let bars = browser.eval("return document.querySelectorAll('#us-chart rect.bar-calls').length;");
+    assert_eq!(bars, 7, "one bar a day over the 7 days shown");
+    screenshot(&browser, "usage");
+    show_page(&browser, "jobs", "#jobs-rows");
+    screenshot(&browser, "jobs");
+    show_page(&browser, "conversations", "#conversations-rows");
+    screenshot(&browser, "conversations");
+    show_page(&browser, "status", "#provider-rows");
+    assert_clean(&browser, &[]);
+
+    // Keys: the admin key is asked for, a key is made (its secret shown once) and revoked.
+    browser.click("nav a[data-page=keys]");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.eval("return document.getElementById('admin-form').hidden;") == false }
+    ));
+    browser.type_into("#admin-input", ADMIN);
+    browser.click("#admin-form button");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.text_of("#keys-rows").contains("no key yet") }
+    ));
+    let name = "<b>ops</b> team";
+    browser.type_into("#kc-name", name);
+    browser.type_into("#kc-rpm", "60");
+    browser.click("#kc-form button");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.text_of("#keys-rows").contains(name) }
+    ));
+    let secret = browser.text_of("#kc-secret-value");
+    assert!(
+        secret.starts_with("sk-sg-"),
+        "the secret is shown: {secret:?}"
+    );
+    assert_eq!(
+        browser.eval("return document.querySelectorAll('#keys-rows b').length;"),
+        0,
+        "the key's name stays text"
+    );
+    assert!(browser.text_of("#keys-rows tr").contains("active"));
+    screenshot(&browser, "keys");
+    // The new key works, until it is revoked.
+    let as_key = |k: &str| {
+        send(
+            gw.addr,
+            &chat_req(
+                "with the key",
+                &[
+                    ("Authorization", &format!("Bearer {k}")),
+                    ("Connection", "close"),
+                ],
+            ),
+        )
+        .status
+    };
+    assert_eq!(as_key(&secret), 200);
+    browser.click("#keys-rows button.revoke");
+    assert_eq!(
+        browser.text_of("#keys-rows button.revoke"),
+        "really revoke?"
+    );
+    browser.click("#keys-rows button.revoke");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.text_of("#keys-rows tr").contains("revoked") }
+    ));
+    assert_eq!(as_key(&secret), 401, "revoked through the page");
+    // Opening the page again does not show the secret again. A key was made, so the server
+    // left development mode: the jobs page is refused without a key, and asks for one.
+    show_page(&browser, "jobs", "#jobs-rows");
+    assert_eq!(
+        browser.eval("return document.getElementById('key-form').hidden;"),
+        false
+    );
+    show_page(&browser, "keys", "#keys-rows");
+    assert_eq!(browser.text_of("#kc-secret-value"), "");
+    assert_clean(&browser, &["/api/jobs?limit=100 - Failed to load resource: the server responded with a status of 401"]);
+    println!("every page in {:.1} s", started.elapsed().as_secs_f64());
 }

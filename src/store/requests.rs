@@ -116,6 +116,15 @@ pub(crate) fn list(store: &Store, filter: &Filter) -> Result<Page, StoreError> {
     }
 }
 
+/// When each of these keys last made a logged call (unix ms), in the same order; `None` for a
+/// key with no call in the log. One index lookup per key (the `(key_id, ts_ms)` index).
+pub(crate) fn last_used(store: &Store, key_ids: &[i64]) -> Result<Vec<Option<i64>>, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => sql::last_used(&*db.read()?, key_ids),
+        Backend::Postgres(db) => db.query(|c| pg::last_used(c, key_ids)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -210,6 +219,7 @@ mod tests {
             let keyed = list(&t, &by_key).unwrap();
             assert_eq!(keyed.rows.len(), 1);
             assert_eq!(keyed.rows[0].row.request_id, "r2");
+            assert_eq!(last_used(&t, &[9, 10]).unwrap(), [Some(2000), None]);
 
             let totals = usage::summarise(&t, GroupBy::Model, TimeRange::default()).unwrap();
             let odd = totals.iter().find(|x| x.key == "odd").unwrap();

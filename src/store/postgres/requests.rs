@@ -191,6 +191,19 @@ fn read_row(r: &Row) -> Logged {
     }
 }
 
+/// When each key last made a logged call: `max(ts_ms)` through the `(key_id, ts_ms, id)` index.
+pub(crate) fn last_used(
+    c: &mut Session<'_, impl GenericClient>,
+    key_ids: &[i64],
+) -> Result<Vec<Option<i64>>> {
+    let mut out = Vec::with_capacity(key_ids.len());
+    for id in key_ids {
+        let row = c.query_one("SELECT max(ts_ms) FROM requests WHERE key_id = $1", &[id])?;
+        out.push(row.get(0));
+    }
+    Ok(out)
+}
+
 /// Deletes at most `batch` of the oldest rows logged before `cutoff_ms`; returns how many.
 pub(crate) fn expire(
     c: &mut Session<'_, impl GenericClient>,

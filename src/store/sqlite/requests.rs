@@ -148,6 +148,19 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Logged> {
     })
 }
 
+/// When each key last made a logged call: `max(ts_ms)` through the `(key_id, ts_ms)` index.
+pub(crate) fn last_used(
+    conn: &Connection,
+    key_ids: &[i64],
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let mut statement = conn.prepare_cached("SELECT max(ts_ms) FROM requests WHERE key_id = ?1")?;
+    let mut out = Vec::with_capacity(key_ids.len());
+    for id in key_ids {
+        out.push(statement.query_row([id], |r| r.get(0))?);
+    }
+    Ok(out)
+}
+
 /// Deletes at most `batch` of the oldest rows logged before `cutoff_ms`; returns how many.
 /// Bounded so one call holds the write lock only briefly (retention calls it in a loop).
 pub(crate) fn expire(conn: &Connection, cutoff_ms: i64, batch: usize) -> rusqlite::Result<usize> {
