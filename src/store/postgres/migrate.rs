@@ -17,6 +17,12 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_jobs_finished",
         include_str!("../../../migrations/postgres/0002_jobs_finished.sql"),
     ),
+    // 0003 is on the `limiter` branch (the shared limits); this one is numbered after it.
+    (
+        4,
+        "0004_requests_key",
+        include_str!("../../../migrations/postgres/0004_requests_key.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.
