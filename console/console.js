@@ -1,10 +1,13 @@
-// The console's status page: one GET /api/status a second, its numbers shown with
-// textContent (never parsed as HTML), and two charts of the last 15 minutes drawn on canvas.
+// The console's shell and its status page: the key, the pages (one per #hash), and one
+// GET /api/status a second while the status page is shown, its numbers written with
+// textContent (never parsed as HTML) and two charts of the last 15 minutes drawn on canvas.
+// The other pages are in pages.js, which uses window.SG from here.
 "use strict";
 
 (function () {
   const REFRESH_MS = 1000;
   const KEY = "syncgate.key";
+  const ADMIN = "syncgate.admin";
   const SERIES = ["t_ms", "workers_busy", "queue_depth", "requests_per_s", "shed_per_s"];
 
   // Anything that goes wrong in the page is shown in it (and read by the browser test).
@@ -70,6 +73,9 @@
     show("streams_open", s.streams_open);
     show("queue_depth", s.queue.depth);
     show("queue_capacity", s.queue.capacity);
+    const oldest = s.queue.oldest_wait_ms;
+    show("oldest_wait", oldest === null ? "none waiting"
+      : oldest >= 1000 ? (oldest / 1000).toFixed(1) + " s" : oldest.toFixed(1) + " ms");
     show("retry_after", s.retry_after_s + " s");
     show("connections_open", s.connections.open);
     show("connections_max", s.connections.max);
@@ -185,14 +191,88 @@
     return key ? { Authorization: "Bearer " + key } : {};
   }
 
+  function askForKey() {
+    waitingForKey = true;
+    document.getElementById("key-form").hidden = false;
+    problem(sessionStorage.getItem(KEY) ? "That key was refused." : "");
+  }
+
+  // One call to the server's API with the key (or the admin key); the JSON it answered.
+  async function api(path, options) {
+    const opts = options || {};
+    const headers = {};
+    const key = sessionStorage.getItem(opts.admin ? ADMIN : KEY);
+    if (key) {
+      headers.Authorization = "Bearer " + key;
+    }
+    const init = { method: opts.method || "GET", headers: headers, cache: "no-store" };
+    if (opts.body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(opts.body);
+    }
+    const response = await fetch(path, init);
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (e) {
+      body = null;
+    }
+    if (response.status === 401 && !opts.admin) {
+      askForKey();
+    } else if (!response.ok) {
+      const message = body && body.error ? body.error.message : "";
+      problem(init.method + " " + path.split("?")[0] + " answered " + response.status +
+        (message ? ": " + message : ""));
+    } else {
+      problem("");
+      document.getElementById("key-form").hidden = true;
+    }
+    return { status: response.status, ok: response.ok, body: body };
+  }
+
+  // The pages, one per #hash; pages.js adds its own with SG.page().
+  const pages = {};
+  let current = "status";
+
+  function route() {
+    const wanted = location.hash.replace(/^#/, "") || "status";
+    current = document.querySelector('main.page[data-page="' + wanted + '"]') ? wanted : "status";
+    document.querySelectorAll("main.page").forEach(function (el) {
+      el.hidden = el.dataset.page !== current;
+    });
+    document.querySelectorAll("nav a").forEach(function (a) {
+      if (a.dataset.page === current) {
+        a.setAttribute("aria-current", "page");
+      } else {
+        a.removeAttribute("aria-current");
+      }
+    });
+    document.documentElement.dataset.page = current;
+    if (pages[current]) {
+      pages[current]();
+    }
+  }
+
+  window.SG = {
+    api: api,
+    show: show,
+    problem: problem,
+    // Registers what runs each time page `name` is shown.
+    page: function (name, enter) { pages[name] = enter; },
+    isShown: function (name) { return current === name; },
+    ADMIN: ADMIN,
+  };
+
   async function poll() {
+    if (current !== "status") {
+      setTimeout(poll, REFRESH_MS);
+      return;
+    }
     try {
       const url = since === null ? "/api/status" : "/api/status?since=" + since;
       const response = await fetch(url, { headers: authHeaders(), cache: "no-store" });
       if (response.status === 401) {
-        waitingForKey = true;
-        document.getElementById("key-form").hidden = false;
-        problem(sessionStorage.getItem(KEY) ? "That key was refused." : "");
+        askForKey();
         return;
       }
       if (!response.ok) {
@@ -233,7 +313,13 @@
       waitingForKey = false;
       poll();
     }
+    if (current !== "status") {
+      route();
+    }
   });
 
+  window.addEventListener("hashchange", route);
+  // pages.js (deferred, after this file) has registered its pages by then.
+  document.addEventListener("DOMContentLoaded", route);
   poll();
 }());

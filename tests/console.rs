@@ -26,6 +26,7 @@ const CONSOLE_PATHS: &[(&str, u16, &str)] = &[
     ("/console/index.html", 200, "text/html"),
     ("/console/console.css", 200, "text/css"),
     ("/console/console.js", 200, "text/javascript"),
+    ("/console/pages.js", 200, "text/javascript"),
     ("/console/nothing-here.js", 404, "text/plain"),
 ];
 
@@ -140,8 +141,18 @@ fn the_page_has_no_inline_script_style_or_handler() {
                 .all(|c| c.is_ascii_lowercase());
         assert!(!is_handler, "an inline event handler: {word}");
     }
-    let js = get(gw.addr, "/console/console.js").text();
-    assert!(!js.contains("innerHTML") && !js.contains("eval("), "{js}");
+    for file in ["console.js", "pages.js"] {
+        let js = get(gw.addr, &format!("/console/{file}")).text();
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
+            assert!(!js.contains(banned), "{file} uses {banned}");
+        }
+    }
 }
 
 #[test]
@@ -162,7 +173,11 @@ fn status_has_its_shape_and_the_poll_is_not_logged_or_counted_as_a_request() {
     ));
     assert_eq!(s["workers"], json!({"busy": 0, "total": 3}), "{s:#}");
     assert_eq!(s["streams_open"], 0, "{s:#}");
-    assert_eq!(s["queue"], json!({"depth": 0, "capacity": 5}), "{s:#}");
+    assert_eq!(
+        s["queue"],
+        json!({"depth": 0, "capacity": 5, "oldest_wait_ms": null}),
+        "{s:#}"
+    );
     assert_eq!(s["ready"], json!({"ok": true, "status": "ready"}), "{s:#}");
     assert_eq!(s["open_access"], true);
     assert!(s["connections"]["open"].as_u64() >= Some(1), "{s:#}");
@@ -251,6 +266,10 @@ fn status_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full() {
     let held = fill(&gw, 1, 1, 3);
     let s = status(gw.addr);
     assert_eq!(s["rejected_total"]["queue_full"], 3, "{s:#}");
+    // The queued call has waited since it was sent, and keeps waiting.
+    let waited = |s: &Value| s["queue"]["oldest_wait_ms"].as_f64().unwrap_or(-1.0);
+    let first = waited(&s);
+    assert!(first > 0.0 && first < 10_000.0, "{s:#}");
     assert_eq!(
         s["ready"],
         json!({"ok": false, "status": "queue_high_water"})
@@ -271,6 +290,7 @@ fn status_answers_at_once_while_every_worker_is_busy_and_the_queue_is_full() {
     let after = status(gw.addr);
     assert_eq!(after["workers"]["busy"], 1, "{after:#}");
     assert_eq!(after["queue"]["depth"], 1, "{after:#}");
+    assert!(waited(&after) > first, "{after:#}");
     took.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (p50, p99, max) = (ms(took[99]), ms(took[197]), ms(took[199]));
@@ -690,6 +710,11 @@ fn the_status_page_loads_clean_in_chromium_and_its_numbers_move_under_load() {
         "the page did not show the load: workers busy {:?}, queue {:?}, refused {:?}",
         shown.0, shown.1, shown.2
     );
+    let oldest = browser.text_of("[data-field=oldest_wait]");
+    assert!(
+        oldest.ends_with(" s") || oldest.ends_with(" ms"),
+        "oldest wait shown: {oldest:?}"
+    );
     // The 503s reach the rate once the sampler has seen them.
     let mut rate = String::new();
     assert!(
@@ -836,4 +861,347 @@ fn the_status_page_asks_for_a_key_once_keys_exist_and_shows_the_status_with_it()
     assert_eq!(refused, 1, "{log:#?}");
     let problems = browser.eval("return document.documentElement.dataset.problems || '0';");
     assert_eq!(problems, "0", "{}", browser.text_of("#page-errors"));
+}
+
+// ---------------------------------------------------------------------------
+// The requests page at a million rows
+// ---------------------------------------------------------------------------
+
+/// Rows in the generated log.
+const MILLION: i64 = 1_000_000;
+
+/// A request log of a million rows over the last 30 days, written straight into a migrated
+/// SQLite file in one transaction: every 1000th call asked for model `rare`, every 97th
+/// failed with 500, calls come from keys 1–10.
+fn million_row_log(db: &TempDb, now_ms: i64) {
+    let exit = run_to_exit(
+        &["migrate", "--db", &db.path_str()],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert!(!exit.failed(), "migrate: {}", exit.describe());
+    let mut conn = rusqlite::Connection::open(&db.path).unwrap();
+    let tx = conn.transaction().unwrap();
+    let step_ms = 30 * 86_400_000 / MILLION;
+    tx.execute(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?1) \
+         INSERT INTO requests (request_id, ts_ms, method, route, model, provider, \
+           upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
+           overhead_ms, prompt_tokens, completion_tokens, key_id) \
+         SELECT 'req-' || x, ?2 + x * ?3, 'POST', '/v1/chat/completions', \
+           CASE WHEN x % 1000 = 0 THEN 'rare' WHEN x % 2 = 0 THEN 'gpt-a' ELSE 'gpt-b' END, \
+           'openai', 'gpt-4o-mini', 1, CASE WHEN x % 97 = 0 THEN 500 ELSE 200 END, \
+           CASE WHEN x % 97 = 0 THEN 'upstream_error' END, 812.5, 0.2, 810.0, 2.3, \
+           40 + x % 50, 120 + x % 300, 1 + x % 10 FROM n",
+        rusqlite::params![MILLION, now_ms - 30 * 86_400_000, step_ms],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+}
+
+#[test]
+fn the_requests_pages_queries_stay_fast_at_a_million_rows() {
+    let db = TempDb::new();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let made = Instant::now();
+    million_row_log(&db, now_ms);
+    let size = std::fs::metadata(&db.path).map_or(0, |m| m.len());
+    println!(
+        "generated {MILLION} rows in {:.1} s ({} MB)",
+        made.elapsed().as_secs_f64(),
+        size / 1_000_000
+    );
+    let gw = Server::start(&["--db", &db.path_str()]);
+    let mut conn = Conn::open(gw.addr);
+    // The queries the requests page makes: always a time range and a limit.
+    let (day_ago, month_ago) = (
+        (now_ms - 86_400_000) / 1000,
+        (now_ms - 30 * 86_400_000) / 1000,
+    );
+    let until = now_ms / 1000 + 60;
+    let mut time = |what: &str, path: &str| -> Value {
+        let mut took = Vec::new();
+        let mut body = Value::Null;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let r = conn.request(&get_req(path, &[]));
+            took.push(start.elapsed());
+            assert_eq!(r.status, 200, "{what}: {}", r.describe());
+            body = r.json();
+        }
+        took.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let rows = body["data"].as_array().map_or(0, Vec::len);
+        println!(
+            "{what}: {rows} rows, median {:.1} ms, max {:.1} ms  ({path})",
+            ms(took[2]),
+            ms(took[4])
+        );
+        // Coarse: a debug build on a busy 2-core machine. A full scan of a million rows
+        // (the page going wrong) takes seconds, not this.
+        assert!(took[2] < Duration::from_millis(1500), "{what}: {took:?}");
+        body
+    };
+    let first = time(
+        "first page, last 24 h",
+        &format!("/api/requests?since={day_ago}&until={until}&limit=50"),
+    );
+    assert_eq!(first["data"].as_array().unwrap().len(), 50);
+    assert_eq!(first["has_more"], true);
+    let rare = time(
+        "model=rare, 30 days",
+        &format!("/api/requests?model=rare&since={month_ago}&until={until}&limit=50"),
+    );
+    assert!(rare["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["model"] == "rare"));
+    time(
+        "status=500, 30 days",
+        &format!("/api/requests?status=500&since={month_ago}&until={until}&limit=50"),
+    );
+    let keyed = time(
+        "key=3 and model=gpt-a, 30 days",
+        &format!("/api/requests?key=3&model=gpt-a&since={month_ago}&until={until}&limit=50"),
+    );
+    assert!(keyed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["key_id"] == 3 && r["model"] == "gpt-a"));
+    // A deep page: the cursor is a row near the oldest end of the log.
+    let deep = time(
+        "deep cursor page (before id 1000), 30 days",
+        &format!("/api/requests?before=1000&since={month_ago}&until={until}&limit=50"),
+    );
+    assert_eq!(deep["data"][0]["id"], 999);
+    // The usage page's totals read every row in their range: printed, for the record.
+    let week_ago = (now_ms - 7 * 86_400_000) / 1000;
+    for group in ["day", "model", "key"] {
+        let start = Instant::now();
+        let r = conn.request(&get_req(
+            &format!("/api/usage?group_by={group}&since={week_ago}&until={until}"),
+            &[],
+        ));
+        assert_eq!(r.status, 200, "{}", r.describe());
+        println!(
+            "usage by {group}, last 7 days (about 233,000 rows): {:.1} ms",
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Every page in a real browser
+// ---------------------------------------------------------------------------
+
+const XSS_SCRIPT: &str = "<script>window.__pwned=1</script>";
+const XSS_IMG: &str = r#"<img src=x onerror="window.__pwned=1">"#;
+
+/// Clicks the nav link of `page` and waits until its view has `ready` (a selector) filled.
+fn show_page(browser: &Browser, page: &str, ready: &str) {
+    browser.click(&format!("nav a[data-page={page}]"));
+    let script = format!(
+        "const el = document.querySelector({}); \
+         return document.documentElement.dataset.page === {} && !!el && el.children.length > 0;",
+        json!(ready),
+        json!(page)
+    );
+    let shown = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        browser.eval(&script) == true
+    });
+    assert!(
+        shown,
+        "the {page} page did not fill {ready}; page errors: {}",
+        browser.text_of("#page-errors")
+    );
+}
+
+fn screenshot(browser: &Browser, name: &str) {
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/console-screenshots/{name}.png"));
+    browser.screenshot(&shot);
+    println!("screenshot: {}", shot.display());
+}
+
+/// The page's own record of errors and CSP violations, and the browser's console log, hold
+/// nothing (`allowed` excepted).
+fn assert_clean(browser: &Browser, allowed: &[&str]) {
+    let problems = browser.eval("return document.documentElement.dataset.problems || '0';");
+    assert_eq!(problems, "0", "{}", browser.text_of("#page-errors"));
+    let bad: Vec<Value> = browser
+        .console_log()
+        .into_iter()
+        .filter(|e| {
+            let message = e["message"].as_str().unwrap_or("");
+            (e["level"] == "SEVERE"
+                || e["level"] == "WARNING"
+                || message.contains("Content Security Policy"))
+                && !allowed.iter().any(|a| message.contains(a))
+        })
+        .collect();
+    assert!(bad.is_empty(), "console errors or CSP reports: {bad:#?}");
+}
+
+#[test]
+fn every_page_loads_clean_a_key_is_made_and_revoked_and_a_hostile_prompt_stays_text() {
+    let Some((chromium, chromedriver)) = browser() else {
+        return;
+    };
+    let gw = Server::start_full(
+        &["--workers", "2"],
+        &[("SYNCGATE_ADMIN_KEY", ADMIN)],
+        Some(TempConfig::new("[log]\nbodies = true\n")),
+    );
+    let prompt = format!("hello {XSS_SCRIPT} and {XSS_IMG}");
+    assert_ok(&chat(gw.addr, &prompt), "the hostile prompt");
+    assert_ok(&chat(gw.addr, "a plain one"), "a plain prompt");
+    let logged = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        get(gw.addr, "/api/requests?limit=5").json()["data"]
+            .as_array()
+            .is_some_and(|d| d.len() >= 2)
+    });
+    assert!(logged, "the calls were never logged\n{}", gw.log());
+
+    let browser = Browser::start(&chromium, &chromedriver);
+    browser.open(&format!("http://{}/console/#requests", gw.addr));
+    let started = Instant::now();
+    // The two chat calls (the test's own reads of /api/requests are logged too, without a model).
+    let mocks = "return Array.from(document.querySelectorAll('#rq-rows tr.clickable'))\
+                 .filter(tr => tr.textContent.includes('mock'));";
+    let rows = poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        browser.eval(&format!(
+            "{{ const f = () => {{ {mocks} }}; return f().length; }}"
+        )) == 2
+    });
+    assert!(
+        rows,
+        "the requests page shows the two calls: {} {}",
+        browser.text_of("#rq-rows"),
+        browser.text_of("#page-errors")
+    );
+    screenshot(&browser, "requests");
+    // Newest first: the plain call, then the hostile one, whose details show its body.
+    browser.eval(&format!(
+        "const f = () => {{ {mocks} }}; f()[1].id = 'hostile-row'; return null;"
+    ));
+    browser.click("#hostile-row");
+    let body = browser.text_of("#rq-request-body");
+    assert!(body.contains(XSS_SCRIPT), "shown literally: {body}");
+    assert!(
+        body.contains("<img src=x onerror="),
+        "shown literally: {body}"
+    );
+    assert_eq!(browser.eval("return window.__pwned === undefined;"), true);
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('#rq-detail img, #rq-detail script').length;"),
+        0,
+        "no element was made from the prompt"
+    );
+    assert!(browser.text_of("#rq-detail-fields").contains("mock"));
+    screenshot(&browser, "requests-detail");
+
+    // A filter that matches nothing, then back.
+    browser.type_into("#rq-status", "500");
+    browser.click("#rq-filter button");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            browser
+                .text_of("#rq-rows")
+                .contains("no logged request matches")
+        }
+    ));
+
+    show_page(&browser, "usage", "#us-days");
+    assert!(browser.text_of("#us-groups").contains("mock"));
+    let bars = browser.eval("return document.querySelectorAll('#us-chart rect.bar-calls').length;");
+    assert_eq!(bars, 7, "one bar a day over the 7 days shown");
+    screenshot(&browser, "usage");
+    show_page(&browser, "jobs", "#jobs-rows");
+    screenshot(&browser, "jobs");
+    show_page(&browser, "conversations", "#conversations-rows");
+    screenshot(&browser, "conversations");
+    show_page(&browser, "status", "#provider-rows");
+    assert_clean(&browser, &[]);
+
+    // Keys: the admin key is asked for, a key is made (its secret shown once) and revoked.
+    browser.click("nav a[data-page=keys]");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.eval("return document.getElementById('admin-form').hidden;") == false }
+    ));
+    browser.type_into("#admin-input", ADMIN);
+    browser.click("#admin-form button");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.text_of("#keys-rows").contains("no key yet") }
+    ));
+    let name = "<b>ops</b> team";
+    browser.type_into("#kc-name", name);
+    browser.type_into("#kc-rpm", "60");
+    browser.click("#kc-form button");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.text_of("#keys-rows").contains(name) }
+    ));
+    let secret = browser.text_of("#kc-secret-value");
+    assert!(
+        secret.starts_with("sk-sg-"),
+        "the secret is shown: {secret:?}"
+    );
+    assert_eq!(
+        browser.eval("return document.querySelectorAll('#keys-rows b').length;"),
+        0,
+        "the key's name stays text"
+    );
+    assert!(browser.text_of("#keys-rows tr").contains("active"));
+    screenshot(&browser, "keys");
+    // The new key works, until it is revoked.
+    let as_key = |k: &str| {
+        send(
+            gw.addr,
+            &chat_req(
+                "with the key",
+                &[
+                    ("Authorization", &format!("Bearer {k}")),
+                    ("Connection", "close"),
+                ],
+            ),
+        )
+        .status
+    };
+    assert_eq!(as_key(&secret), 200);
+    browser.click("#keys-rows button.revoke");
+    assert_eq!(
+        browser.text_of("#keys-rows button.revoke"),
+        "really revoke?"
+    );
+    browser.click("#keys-rows button.revoke");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || { browser.text_of("#keys-rows tr").contains("revoked") }
+    ));
+    assert_eq!(as_key(&secret), 401, "revoked through the page");
+    // Opening the page again does not show the secret again. A key was made, so the server
+    // left development mode: the jobs page is refused without a key, and asks for one.
+    show_page(&browser, "jobs", "#jobs-rows");
+    assert_eq!(
+        browser.eval("return document.getElementById('key-form').hidden;"),
+        false
+    );
+    show_page(&browser, "keys", "#keys-rows");
+    assert_eq!(browser.text_of("#kc-secret-value"), "");
+    assert_clean(&browser, &["/api/jobs?limit=100 - Failed to load resource: the server responded with a status of 401"]);
+    println!("every page in {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -37,7 +37,7 @@ fn migrate_keys_serve_and_usage_work_on_postgres_and_never_show_the_password() {
         migrated.stderr
     );
     assert!(
-        migrated.stdout.contains("migrated schema version 0 -> 3")
+        migrated.stdout.contains("migrated schema version 0 -> 4")
             && migrated.stdout.contains(":***@"),
         "{}",
         migrated.stdout

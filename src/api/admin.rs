@@ -36,10 +36,21 @@ pub(crate) fn create_key(state: &State, request: &Request) -> Result<Response, A
     Ok(Response::json(201, &body))
 }
 
-/// `GET /admin/keys`: every key, revoked ones included, oldest first; never a secret or hash.
+/// `GET /admin/keys`: every key, revoked ones included, oldest first, with when it was last
+/// used (its newest row in the request log); never a secret or hash.
 pub(crate) fn list_keys(state: &State) -> Result<Response, ApiError> {
     let all = keys::all(&state.store)?;
-    let data: Vec<Value> = all.iter().map(key_json).collect();
+    let ids: Vec<i64> = all.iter().map(|k| k.id).collect();
+    let last_used = crate::store::requests::last_used(&state.store, &ids)?;
+    let data: Vec<Value> = all
+        .iter()
+        .zip(last_used)
+        .map(|(key, used)| {
+            let mut json = key_json(key);
+            json["last_used_at"] = json!(used.map(|ms| ms.div_euclid(1000)));
+            json
+        })
+        .collect();
     Ok(Response::json(
         200,
         &json!({"object": "list", "data": data, "has_more": false}),

@@ -1,6 +1,8 @@
 //! The console: a few static files built into the binary (`console/`), served on the
-//! connection thread under a strict Content-Security-Policy. The page reads everything it
-//! shows from `GET /api/status` (`status.rs`); no script, style or font comes from elsewhere.
+//! connection thread under a strict Content-Security-Policy. The status page reads
+//! `GET /api/status` (`status.rs`); the other pages read the API (`/api/requests`,
+//! `/api/usage`, `/admin/keys`, …) like any client. No script, style or font comes from
+//! elsewhere.
 
 use std::net::IpAddr;
 
@@ -37,6 +39,11 @@ const FILES: &[(&str, &str, &str)] = &[
         "/console/console.js",
         "text/javascript; charset=utf-8",
         include_str!("../../console/console.js"),
+    ),
+    (
+        "/console/pages.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../console/pages.js"),
     ),
 ];
 

@@ -1,4 +1,4 @@
-//! `GET /api/requests`: the request log, newest first, filtered by model, status and time,
+//! `GET /api/requests`: the request log, newest first, filtered by model, status, key and time,
 //! paged with a cursor (`before`, the id of the last row seen) rather than an offset, so a
 //! page costs the same however deep it is and rows logged meanwhile do not shift it.
 
@@ -17,12 +17,15 @@ pub(crate) fn list(state: &State, request: &Request) -> Result<Response, ApiErro
     let query = request.query.as_str();
     known_params(
         query,
-        &["model", "status", "since", "until", "before", "limit"],
+        &[
+            "model", "status", "key", "since", "until", "before", "limit",
+        ],
     )?;
     let before = before_param(query)?;
     let mut filter = Filter {
         model: model_param(query)?,
         status: status_param(query)?,
+        key_id: key_param(query)?,
         range: query_time_range(query)?,
         before: None,
         limit: query_limit(query, "limit", DEFAULT_LIMIT, MAX_LIMIT)? as usize,
@@ -58,6 +61,18 @@ fn status_param(query: &str) -> Result<Option<u16>, ApiError> {
                 .ok()
                 .filter(|status| (100..=599).contains(status))
                 .ok_or_else(|| invalid("status", "'status' must be an HTTP status from 100 to 599"))
+        })
+        .transpose()
+}
+
+/// `key`: the id of the API key that made the calls (as `/admin/keys` and the rows show it).
+fn key_param(query: &str) -> Result<Option<i64>, ApiError> {
+    query_param(query, "key")?
+        .map(|text| {
+            text.parse::<i64>()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| invalid("key", "'key' must be the id of an API key"))
         })
         .transpose()
 }

@@ -264,7 +264,11 @@ fn status(state: &State, since: i64) -> Value {
         "draining": state.is_draining(),
         "workers": {"busy": m.workers_busy.get(), "total": capacity.workers},
         "streams_open": m.streams_open.get(),
-        "queue": {"depth": state.queue_len(), "capacity": capacity.queue},
+        "queue": {
+            "depth": state.queue_len(),
+            "capacity": capacity.queue,
+            "oldest_wait_ms": state.oldest_wait().map(|w| (w.as_secs_f64() * 1e6).round() / 1e3),
+        },
         "connections": {"open": m.connections_open.get(), "max": capacity.max_connections},
         "retry_after_s": state.retry_after_s(),
         "rejected_total": rejected,

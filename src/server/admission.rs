@@ -26,6 +26,8 @@ pub(crate) struct Job {
     pub(crate) stream: TcpStream,
     pub(crate) handback: Returner,
     pub(crate) enqueued: Instant,
+    /// Its stamp among the waiting (`State::oldest_wait`), cleared when a worker takes it.
+    pub(crate) waiting: super::waits::Ticket,
 }
 
 /// Answers `request` here or queues it for a worker; returns the connection when it stays
@@ -97,12 +99,14 @@ pub(crate) fn admit(
     }
     // If the job is ever dropped unanswered, its returner goes with it and this thread wakes
     // to close the connection instead of waiting forever.
+    let enqueued = Instant::now();
     let job = Job {
         request,
         route,
         stream,
         handback: handback.returner(),
-        enqueued: Instant::now(),
+        enqueued,
+        waiting: state.waits.enter(enqueued),
     };
     match state.queue.try_send(job) {
         // The worker owns the connection until it hands it back.
@@ -112,6 +116,7 @@ pub(crate) fn admit(
         }
         // The channel holds `capacity()` jobs, so this happens only if the workers are gone.
         Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+            state.waits.leave(job.waiting);
             state.pending.fetch_sub(1, Ordering::SeqCst);
             let error = ApiError::QueueFull {
                 retry_after_s: state.retry_after_s(),

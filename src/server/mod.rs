@@ -6,6 +6,7 @@ pub(crate) mod admission;
 mod conn;
 mod handoff;
 mod pool;
+mod waits;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -55,6 +56,8 @@ pub(crate) struct State {
     draining: AtomicBool,
     /// Requests admitted (queued or in service) and not yet answered.
     pending: AtomicUsize,
+    /// When each request not yet taken by a worker was enqueued (the oldest wait).
+    waits: waits::Waits,
     service_time: ServiceTime,
 }
 
@@ -70,6 +73,12 @@ impl State {
         self.pending
             .load(Ordering::SeqCst)
             .saturating_sub(self.config.capacity.workers)
+    }
+
+    /// How long the oldest request not yet taken by a worker has waited; `None` when none
+    /// waits. Lock-free, for the fast lane.
+    pub(crate) fn oldest_wait(&self) -> Option<std::time::Duration> {
+        self.waits.oldest(Instant::now())
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -187,6 +196,7 @@ impl Server {
             b.parallelism
         );
         let (batch, batch_tasks) = batch::Pool::new(b);
+        let waits = waits::Waits::new(capacity.workers + capacity.queue);
         let state = Arc::new(State {
             config,
             metrics,
@@ -201,6 +211,7 @@ impl Server {
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),
             pending: AtomicUsize::new(0),
+            waits,
             service_time: ServiceTime::new(),
         });
         let batch_threads =

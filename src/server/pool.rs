@@ -65,6 +65,7 @@ fn work(state: &State, jobs: &Receiver<Job>) {
 /// becomes a 500), write the answer, and hand the connection back.
 fn serve(state: &State, job: Job) {
     let started = Instant::now();
+    state.waits.leave(job.waiting);
     let waited = started.duration_since(job.enqueued);
     state.metrics.queue_wait.observe(waited.as_secs_f64());
     let Job {

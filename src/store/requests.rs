@@ -75,6 +75,8 @@ pub(crate) struct Filter {
     /// Only calls that asked for this model.
     pub(crate) model: Option<String>,
     pub(crate) status: Option<u16>,
+    /// Only calls made with this API key (its id).
+    pub(crate) key_id: Option<i64>,
     pub(crate) range: TimeRange,
     /// Only rows older than this one (the last row of the previous page).
     pub(crate) before: Option<Cursor>,
@@ -114,6 +116,15 @@ pub(crate) fn list(store: &Store, filter: &Filter) -> Result<Page, StoreError> {
     }
 }
 
+/// When each of these keys last made a logged call (unix ms), in the same order; `None` for a
+/// key with no call in the log. One index lookup per key (the `(key_id, ts_ms)` index).
+pub(crate) fn last_used(store: &Store, key_ids: &[i64]) -> Result<Vec<Option<i64>>, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => sql::last_used(&*db.read()?, key_ids),
+        Backend::Postgres(db) => db.query(|c| pg::last_used(c, key_ids)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -134,6 +145,7 @@ mod tests {
             completion_tokens: Some(2),
             upstream_model: Some("tab\tnewline\nreturn\rback\\slash".into()),
             request_body: Some(b"tab\tnewline\nback\\slash".to_vec()),
+            key_id: (i == 2).then_some(9),
             ..RequestRow::default()
         }
     }
@@ -199,6 +211,15 @@ mod tests {
                 Some("tab\tnewline\nreturn\rback\\slash")
             );
             assert!(cursor(&t, 999_999).unwrap().is_none());
+            let by_key = Filter {
+                key_id: Some(9),
+                limit: 5,
+                ..Filter::default()
+            };
+            let keyed = list(&t, &by_key).unwrap();
+            assert_eq!(keyed.rows.len(), 1);
+            assert_eq!(keyed.rows[0].row.request_id, "r2");
+            assert_eq!(last_used(&t, &[9, 10]).unwrap(), [Some(2000), None]);
 
             let totals = usage::summarise(&t, GroupBy::Model, TimeRange::default()).unwrap();
             let odd = totals.iter().find(|x| x.key == "odd").unwrap();

@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0003_shared_limits",
         include_str!("../../../migrations/postgres/0003_shared_limits.sql"),
     ),
+    (
+        4,
+        "0004_requests_key",
+        include_str!("../../../migrations/postgres/0004_requests_key.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.

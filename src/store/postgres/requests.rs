@@ -123,6 +123,7 @@ pub(crate) fn list(c: &mut Session<'_, impl GenericClient>, filter: &Filter) -> 
     }
     let model = filter.model.clone();
     let status = filter.status.map(i32::from);
+    let key_id = filter.key_id;
     let before = filter.before.map(|b| (b.ts_ms, b.id));
     let limit = filter.limit as i64 + 1;
     let mut sql = String::from("SELECT * FROM requests WHERE ts_ms >= $1 AND ts_ms < $2");
@@ -134,6 +135,10 @@ pub(crate) fn list(c: &mut Session<'_, impl GenericClient>, filter: &Filter) -> 
     if let Some(status) = &status {
         args.push(status);
         sql.push_str(&format!(" AND status = ${}", args.len()));
+    }
+    if let Some(key_id) = &key_id {
+        args.push(key_id);
+        sql.push_str(&format!(" AND key_id = ${}", args.len()));
     }
     if let Some((ts, id)) = &before {
         args.push(ts);
@@ -184,6 +189,19 @@ fn read_row(r: &Row) -> Logged {
             response_body: r.get("response_body"),
         },
     }
+}
+
+/// When each key last made a logged call: `max(ts_ms)` through the `(key_id, ts_ms, id)` index.
+pub(crate) fn last_used(
+    c: &mut Session<'_, impl GenericClient>,
+    key_ids: &[i64],
+) -> Result<Vec<Option<i64>>> {
+    let mut out = Vec::with_capacity(key_ids.len());
+    for id in key_ids {
+        let row = c.query_one("SELECT max(ts_ms) FROM requests WHERE key_id = $1", &[id])?;
+        out.push(row.get(0));
+    }
+    Ok(out)
 }
 
 /// Deletes at most `batch` of the oldest rows logged before `cutoff_ms`; returns how many.

@@ -27,6 +27,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
         "0004_jobs_finished",
         include_str!("../../../migrations/sqlite/0004_jobs_finished.sql"),
     ),
+    (
+        5,
+        "0005_requests_key",
+        include_str!("../../../migrations/sqlite/0005_requests_key.sql"),
+    ),
 ];
 
 /// The schema version this build writes.

@@ -60,7 +60,7 @@ pub(crate) fn cursor(conn: &Connection, id: i64) -> Result<Option<Cursor>, Store
 }
 
 /// The rows matching `filter`, newest first (by time, then id). Ordered like the indexes
-/// `(ts_ms, id)`, `(model, ts_ms, id)` and `(status, ts_ms, id)`, so a page is a range scan of
+/// `(ts_ms, id)`, `(model, ts_ms, id)`, `(status, ts_ms, id)` and `(key_id, ts_ms, id)`, so a page is a range scan of
 /// one of them with no sort, however large the table.
 pub(crate) fn list(conn: &Connection, filter: &Filter) -> Result<Page, StoreError> {
     let (sql, args) = list_query(filter);
@@ -92,6 +92,10 @@ fn list_query(filter: &Filter) -> (String, Vec<Value>) {
     if let Some(status) = filter.status {
         args.push(Value::Integer(i64::from(status)));
         sql.push_str(&format!(" AND status = ?{}", args.len()));
+    }
+    if let Some(key_id) = filter.key_id {
+        args.push(Value::Integer(key_id));
+        sql.push_str(&format!(" AND key_id = ?{}", args.len()));
     }
     if let Some(before) = filter.before {
         args.push(Value::Integer(before.ts_ms));
@@ -144,6 +148,19 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Logged> {
     })
 }
 
+/// When each key last made a logged call: `max(ts_ms)` through the `(key_id, ts_ms)` index.
+pub(crate) fn last_used(
+    conn: &Connection,
+    key_ids: &[i64],
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let mut statement = conn.prepare_cached("SELECT max(ts_ms) FROM requests WHERE key_id = ?1")?;
+    let mut out = Vec::with_capacity(key_ids.len());
+    for id in key_ids {
+        out.push(statement.query_row([id], |r| r.get(0))?);
+    }
+    Ok(out)
+}
+
 /// Deletes at most `batch` of the oldest rows logged before `cutoff_ms`; returns how many.
 /// Bounded so one call holds the write lock only briefly (retention calls it in a loop).
 pub(crate) fn expire(conn: &Connection, cutoff_ms: i64, batch: usize) -> rusqlite::Result<usize> {
@@ -173,6 +190,7 @@ mod tests {
                 route: "/v1/chat/completions".into(),
                 model: Some(if i % 3 == 0 { "b" } else { "a" }.into()),
                 status: if i % 3 == 0 { 500 } else { 200 },
+                key_id: (i % 2 == 0).then_some(7),
                 ..RequestRow::default()
             })
             .collect();
@@ -232,6 +250,12 @@ mod tests {
             ..filter(50)
         };
         assert_eq!(ids(&list(&conn, &by_status).unwrap()), [7, 5, 4, 2]);
+        let by_key = Filter {
+            key_id: Some(7),
+            model: Some("a".into()),
+            ..filter(50)
+        };
+        assert_eq!(ids(&list(&conn, &by_key).unwrap()), [10, 8, 4, 2]);
         let read = &list(&conn, &filter(1)).unwrap().rows[0];
         assert_eq!(read.row.request_id, "r10");
         assert_eq!(read.row.model.as_deref(), Some("a"));
@@ -261,6 +285,11 @@ mod tests {
             Filter {
                 status: Some(200),
                 range: since,
+                ..filter(5)
+            },
+            Filter {
+                key_id: Some(7),
+                before,
                 ..filter(5)
             },
         ] {

@@ -1,0 +1,3 @@
+-- The console and GET /api/requests filter the log by the key that made the calls: newest
+-- first through this index, like the model and status filters (the rowid, id, ends each entry).
+CREATE INDEX requests_key_ts ON requests (key_id, ts_ms);
