@@ -4,7 +4,7 @@
 mod admin;
 mod batch;
 pub(crate) mod chat;
-mod console;
+pub(crate) mod console;
 mod conversations;
 mod embeddings;
 mod jobs;
