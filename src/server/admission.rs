@@ -56,9 +56,10 @@ pub(crate) fn admit(
     // Who is calling is decided here, before the request takes a queue slot or reaches a
     // provider; a key's limits are charged here too.
     match authorize(state, route, &request) {
-        // With no key needed, only this machine may call (a page elsewhere could point its
-        // own name at 127.0.0.1 and read the log): the Host must be a local one.
-        Ok(Caller::Open) if state.auth.is_open() => {
+        // Development mode on loopback: only this machine may call (a page elsewhere could
+        // point its own name at 127.0.0.1 and read the log), so the Host must be a local one.
+        // `--allow-open` on another address opened the server to its network on purpose.
+        Ok(Caller::Open) if state.auth.is_open() && state.config.listen.ip().is_loopback() => {
             if let Err(e) = api::console::check_host(state, &request) {
                 return respond(state, &request, route.template(), Err(e), stream, None);
             }
