@@ -400,6 +400,27 @@ pub(crate) mod testing {
         }
     }
 
+    /// Asserts one backend's migrations are numbered 1, 2, … without gaps, each named
+    /// `NNNN_…` after its number, and are exactly the `.sql` files of `migrations/<dir>/`.
+    pub(crate) fn assert_migrations_match_files(dir: &str, migrations: &[(i64, &str)]) {
+        for (i, (number, name)) in migrations.iter().enumerate() {
+            assert_eq!(*number, i as i64 + 1, "{name}");
+            assert!(name.starts_with(&format!("{number:04}_")), "{name}");
+        }
+        let path = format!("{}/migrations/{dir}", env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<String> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = migrations.iter().map(|m| format!("{}.sql", m.1)).collect();
+        assert_eq!(
+            files, embedded,
+            "every file in migrations/{dir}/ is embedded, in order"
+        );
+    }
+
     /// A fresh SQLite file (none yet: SQLite makes it when it is first opened).
     pub(crate) fn sqlite_db(name: &str) -> TempDb {
         let path = std::env::temp_dir().join(format!(

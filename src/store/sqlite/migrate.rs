@@ -108,22 +108,11 @@ mod tests {
 
     #[test]
     fn migrations_are_numbered_in_order_and_match_the_files() {
-        for (i, (number, name, _)) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(*number as usize, i + 1, "{name}");
-            assert!(name.starts_with(&format!("{number:04}_")), "{name}");
-        }
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|f| f.ends_with(".sql"))
+        let numbered: Vec<(i64, &str)> = MIGRATIONS
+            .iter()
+            .map(|(number, name, _)| (i64::from(*number), *name))
             .collect();
-        files.sort();
-        let embedded: Vec<String> = MIGRATIONS.iter().map(|m| format!("{}.sql", m.1)).collect();
-        assert_eq!(
-            files, embedded,
-            "every file in migrations/sqlite/ is embedded, in order"
-        );
+        crate::store::testing::assert_migrations_match_files("sqlite", &numbered);
     }
 
     #[test]
