@@ -362,3 +362,82 @@ fn on_store_error_closed_refuses_and_open_admits_while_the_database_is_down() {
     });
     assert!(both, "{:?}", live_instances(closed.addr));
 }
+
+/// `syncgate_store_read_connections_in_use` of `addr`.
+fn read_connections_in_use(addr: SocketAddr) -> f64 {
+    let text = send(addr, &get_req("/metrics", &[("Connection", "close")])).text();
+    metric_value(&text, "syncgate_store_read_connections_in_use", &[]).unwrap_or(0.0)
+}
+
+/// The lease thread and the limiter have connections of their own: with every read-pool
+/// connection held by slow reads (the request log locked, twelve `/api/usage` calls waiting
+/// on it), keyed calls are still admitted at once and the instance keeps its lease. Before,
+/// both waited for the read pool's 5 s checkout: keyed calls got 503 and the lease ran out.
+#[test]
+fn keyed_calls_and_the_lease_do_not_wait_for_a_read_pool_held_by_slow_reads() {
+    let Some(pg) = fresh_postgres() else { return };
+    let up = Server::start_mock_upstream(&[]);
+    let s = instance(&pg.url(), up.addr, None, "");
+    let (key, _) = make_key(&s, &[&s], json!({"name": "k", "rpm": 10_000}));
+    let id = pg.query_value("SELECT id FROM instances");
+
+    // Reads of the request log wait on this lock for 8 s; so do request-log copies.
+    let url = pg.url();
+    let locker = thread::spawn(move || {
+        psql_at(
+            &url,
+            "BEGIN; LOCK TABLE requests IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;",
+        )
+    });
+    let locked = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        pg.query_value(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'requests' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+        ) == "1"
+    });
+    assert!(locked, "the request log was never locked");
+    let readers: Vec<_> = (0..12)
+        .map(|_| {
+            let (addr, auth) = (s.addr, bearer(&key));
+            thread::spawn(move || {
+                let headers = [("Authorization", auth.as_str()), ("Connection", "close")];
+                send(addr, &get_req("/api/usage", &headers)).status
+            })
+        })
+        .collect();
+    let exhausted = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        read_connections_in_use(s.addr) >= 8.0
+    });
+    assert!(exhausted, "the read pool was never exhausted:\n{}", s.log());
+
+    // Three seconds (one and a half leases) of keyed calls while the pool stays exhausted.
+    let started = Instant::now();
+    let (mut calls, mut slowest, mut lease_checks) = (0, Duration::ZERO, 0);
+    while started.elapsed() < Duration::from_secs(3) {
+        let sent = Instant::now();
+        let r = chat_as(s.addr, &key, &chat("m"));
+        slowest = slowest.max(sent.elapsed());
+        calls += 1;
+        assert_eq!(r.status, 200, "{}\n{}", r.describe(), s.log());
+        let lease = pg.query_value("SELECT id || ' ' || (lease_until > now()) FROM instances");
+        assert_eq!(
+            lease,
+            format!("{id} true"),
+            "the lease lapsed:\n{}",
+            s.log()
+        );
+        lease_checks += 1;
+    }
+    let in_use = read_connections_in_use(s.addr);
+    assert!(in_use >= 8.0, "the pool was freed early ({in_use})");
+    assert!(slowest < Duration::from_secs(1), "slowest {slowest:?}");
+    assert!(!s.log().contains("cannot renew"), "{}", s.log());
+    eprintln!(
+        "read pool exhausted for 3 s: {calls} keyed calls, all 200, slowest {slowest:?}; \
+         lease live at {lease_checks} checks, same id"
+    );
+    for r in readers {
+        r.join().unwrap();
+    }
+    locker.join().unwrap().unwrap();
+}
