@@ -441,3 +441,66 @@ fn keyed_calls_and_the_lease_do_not_wait_for_a_read_pool_held_by_slow_reads() {
     }
     locker.join().unwrap().unwrap();
 }
+
+/// An instance whose lease is gone (its `instances` row deleted behind its back, and every
+/// attempt to register again failing while a trigger refuses it) answers keyed calls 503
+/// `store_unavailable` with a Retry-After, while calls that need no limits (the admin key,
+/// `/readyz`) go on; once it can register again it does, under a new id, within a tick of the
+/// lease thread, and keyed calls are admitted again.
+#[test]
+fn a_lost_lease_refuses_keyed_calls_until_the_instance_has_registered_again() {
+    let Some(pg) = fresh_postgres() else { return };
+    let up = Server::start_mock_upstream(&[]);
+    let s = instance(&pg.url(), up.addr, None, "");
+    let (key, _) = make_key(&s, &[&s], json!({"name": "k", "rpm": 1000}));
+    assert_ok(&chat_as(s.addr, &key, &chat("m")), "before");
+    let old = pg.query_value("SELECT id FROM instances");
+
+    pg.execute(
+        "CREATE FUNCTION refuse_leases() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'no leases today'; END $$; \
+         CREATE TRIGGER refuse_leases BEFORE INSERT OR UPDATE ON instances \
+         FOR EACH ROW EXECUTE FUNCTION refuse_leases();",
+    );
+    pg.execute("DELETE FROM instances");
+    let lost = Instant::now();
+    // Over two and a half leases, every keyed call is refused; the admin key is not.
+    let mut refused = 0;
+    while lost.elapsed() < Duration::from_millis(LEASE_MS * 5 / 2) {
+        let r = chat_as(s.addr, &key, &chat("m"));
+        assert_error(&r, 503, None, Some("store_unavailable"));
+        assert_eq!(r.header("retry-after"), Some("1"), "{}", r.describe());
+        refused += 1;
+        let admin = bearer(ADMIN);
+        let headers = [("Authorization", admin.as_str()), ("Connection", "close")];
+        assert_ok(&send(s.addr, &get_req("/admin/keys", &headers)), "admin");
+        assert_eq!(get(s.addr, "/readyz").status, 200, "{}", s.log());
+    }
+    let counted = metric_value(
+        &scrape(s.addr),
+        "syncgate_limit_store_errors_total",
+        &[("outcome", "refused")],
+    );
+    assert!(counted >= Some(refused as f64), "{counted:?} < {refused}");
+    assert!(s.log().contains("cannot renew its lease"), "{}", s.log());
+
+    pg.execute("DROP TRIGGER refuse_leases ON instances");
+    let freed = Instant::now();
+    let back = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        chat_as(s.addr, &key, &chat("m")).status == 200
+    });
+    let took = freed.elapsed();
+    assert!(back, "keyed calls never came back:\n{}", s.log());
+    // The lease thread ticks every fifth of the lease: it registered at its next tick.
+    assert!(
+        took < Duration::from_millis(LEASE_MS / 5 + 1000),
+        "{took:?}"
+    );
+    let new = pg.query_value("SELECT id FROM instances WHERE lease_until > now()");
+    assert!(!new.is_empty() && new != old, "{old} -> {new:?}");
+    eprintln!(
+        "lease lost: {refused} keyed calls refused over {:?}; admitted again {took:?} after \
+         registering became possible, as {new} (was {old})",
+        Duration::from_millis(LEASE_MS * 5 / 2)
+    );
+}
