@@ -593,3 +593,86 @@ fn rpm_is_exact_across_three_instances_behind_the_shipped_nginx() {
          (200s, 429s): {served:?}"
     );
 }
+
+/// A keyed call refused because the instance cannot check its shared limits was refused before
+/// any work, so behind the shipped nginx config it goes to another instance (421 to nginx)
+/// instead of reaching the client as a 503: instance A has lost its lease and cannot register
+/// again (a trigger refuses its rows), B is fine, and every call through nginx is answered 200.
+#[test]
+fn behind_nginx_a_call_refused_for_a_lost_lease_is_served_by_another_instance() {
+    let Some(nginx) = nginx_program() else { return };
+    let Some(pg) = fresh_postgres() else { return };
+    let up = Server::start_mock_upstream(&[]);
+    let toml = format!(
+        "{}\n[limits]\nlease_ms = {LEASE_MS}\n",
+        upstream_model_toml(up.addr)
+    );
+    let fleet = Fleet::start(2, &pg.url(), &toml);
+    let proxy = Nginx::start(&nginx, &fleet.addrs());
+    let made = run_to_exit(
+        &[
+            "keys",
+            "create",
+            "--db",
+            &pg.url(),
+            "--name",
+            "k",
+            "--rpm",
+            "1000",
+        ],
+        &[],
+        EXIT_DEADLINE,
+    );
+    assert!(made.status.is_some_and(|s| s.success()), "{}", made.stderr);
+    let key = made.stdout.trim().to_string();
+    let (a, b) = (fleet.at(0), fleet.at(1));
+    wait_until_known(&[a, b], &key);
+
+    pg.execute(&format!(
+        "CREATE FUNCTION refuse_a() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.listen = '{}' THEN RAISE EXCEPTION 'no lease for A'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_a BEFORE INSERT OR UPDATE ON instances \
+         FOR EACH ROW EXECUTE FUNCTION refuse_a(); \
+         DELETE FROM instances WHERE listen = '{}';",
+        a.addr, a.addr
+    ));
+    // Directly, A refuses: 503 for a client, 421 for nginx.
+    let r = chat_as(a.addr, &key, &chat("m"));
+    assert_error(&r, 503, None, Some("store_unavailable"));
+    let raw = post_req(
+        "/v1/chat/completions",
+        &chat("m").to_string(),
+        &[
+            ("Authorization", &bearer(&key)),
+            ("X-Syncgate-Next-Upstream", "1"),
+            ("Connection", "close"),
+        ],
+    );
+    assert_eq!(send(a.addr, &raw).status, 421);
+
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| chat_as(proxy.addr, &key, &chat("m")).status)
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{statuses:?}\n{}\nA:\n{}",
+        proxy.error_log(),
+        a.log()
+    );
+    let answered = |s: &Server, status| {
+        metric_value(
+            &scrape(s.addr),
+            "syncgate_http_requests_total",
+            &[("route", "/v1/chat/completions"), ("status", status)],
+        )
+        .unwrap_or(0.0)
+    };
+    let (a_421, b_200) = (answered(a, "421"), answered(b, "200"));
+    assert!(a_421 >= 2.0, "A never handed a call back to nginx: {a_421}");
+    eprintln!(
+        "A without a lease: 20 calls through nginx all 200; A answered 421 to {} of them, B \
+         served {b_200}",
+        a_421 - 1.0
+    );
+}
