@@ -110,6 +110,7 @@ impl Lease {
         );
         let thread = {
             let instance = Arc::clone(&instance);
+            let mut failing = false;
             Background::spawn("sg-lease", move |stopped| loop {
                 if !matches!(
                     stopped.recv_timeout(lease / 5),
@@ -117,7 +118,7 @@ impl Lease {
                 ) {
                     return;
                 }
-                keep(&instance, &mut conn, lease_ms);
+                keep(&instance, &mut conn, lease_ms, &mut failing);
             })?
         };
         Ok(Lease {
@@ -136,8 +137,10 @@ impl Lease {
     }
 }
 
-/// One tick: renew (or register again), then reap the dead.
-fn keep(instance: &Instance, conn: &mut Connection, lease_ms: i64) {
+/// One tick: renew (or register again), then reap the dead. `failing` says whether the last
+/// tick failed, so a run of failures is logged once, however the lease was found lost (by
+/// this thread or by an admission).
+fn keep(instance: &Instance, conn: &mut Connection, lease_ms: i64, failing: &mut bool) {
     let renewed = match instances::renew(conn, &instance.id(), lease_ms) {
         Ok(true) => Ok(()),
         Ok(false) => {
@@ -148,15 +151,16 @@ fn keep(instance: &Instance, conn: &mut Connection, lease_ms: i64) {
         Err(e) => Err(e),
     };
     let was = instance.registered.swap(renewed.is_ok(), Ordering::SeqCst);
-    match (&renewed, was) {
-        (Err(e), true) => log::warn!(
+    match &renewed {
+        Err(e) if !*failing => log::warn!(
             "instance {} cannot renew its lease ({e}): keyed requests get 503 \
              store_unavailable until it has registered again",
             instance.id()
         ),
-        (Ok(()), false) => log::info!("instance {} registered again", instance.id()),
+        Ok(()) if !was => log::info!("instance {} registered again", instance.id()),
         _ => {}
     }
+    *failing = renewed.is_err();
     if renewed.is_ok() {
         match instances::reap(conn) {
             Ok(reaped) if reaped.instances > 0 || reaped.slots > 0 => log::info!(

@@ -23,6 +23,13 @@ const ADMIN: &str = "adm-5c1e2b3a4d5f6e7a8b9c0d1e2f3a4b5c";
 /// A lease short enough for the tests to see one run out.
 const LEASE_MS: u64 = 2000;
 
+/// `[limits] pool` for the bursts of 90 calls on one key: the key's admissions run one at a
+/// time across the instances, and with the default 4 connections those queued behind them
+/// wait for a connection at most 1 s, then get 503 store_unavailable. On a loaded machine 90
+/// serialised admissions take longer than that (4 test threads on 2 cores: 6 of 90 got 503,
+/// the 30 admitted still exact); with a connection each, they wait for the key's lock instead.
+const BURST_POOL: &str = "pool = 32";
+
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
@@ -146,7 +153,7 @@ fn limits_are_exact_across_three_instances() {
     // Each admitted call is held upstream long enough that all 90 arrive before any ends.
     let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
     let servers: Vec<Server> = (0..3)
-        .map(|_| instance(&pg.url(), up.addr, None, ""))
+        .map(|_| instance(&pg.url(), up.addr, None, BURST_POOL))
         .collect();
     let all: Vec<&Server> = servers.iter().collect();
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
@@ -523,7 +530,7 @@ fn rpm_is_exact_across_three_instances_behind_the_shipped_nginx() {
     // Each admitted call is held upstream long enough that all 90 arrive before any ends.
     let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
     let toml = format!(
-        "{}\n[limits]\nlease_ms = {LEASE_MS}\n",
+        "{}\n[limits]\nlease_ms = {LEASE_MS}\n{BURST_POOL}\n",
         upstream_model_toml(up.addr)
     );
     let fleet = Fleet::start(3, &pg.url(), &toml);

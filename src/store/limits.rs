@@ -36,7 +36,7 @@ pub(crate) fn connections(store: &Store, size: usize) -> Result<Connections, Sto
         Backend::Sqlite(_) => Err(shared_only()),
         Backend::Postgres(db) => Ok(Connections {
             store: store.clone(),
-            pool: db.side_pool(size)?,
+            pool: db.side_pool(size),
         }),
     }
 }
@@ -145,9 +145,15 @@ mod tests {
         id.to_string()
     }
 
-    /// The limiter's connections, as many as the tests' threads.
+    /// The limiter's connections, as many as the tests' threads, once all are open (they open
+    /// in the background, and a checkout waits only 1 s).
     fn limiter(store: &Store) -> Connections {
-        connections(store, 8).unwrap()
+        let c = connections(store, 8).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.pool.state().idle_connections < 8 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        c
     }
 
     fn key(store: &Store, new: NewKey) -> i64 {

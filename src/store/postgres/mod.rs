@@ -226,16 +226,17 @@ impl Pg {
     }
 
     /// A small pool of its own for calls that must not queue behind the reads (the shared
-    /// limiter's): `size` connections, opened now (within the usual checkout wait).
-    pub(crate) fn side_pool(&self, size: usize) -> Result<Pool, StoreError> {
+    /// limiter's): `size` connections, opened in the background from now on. Start-up does not
+    /// wait for them: the database answered a moment ago, and opening many connections (SCRAM
+    /// hashing each) on a loaded machine took longer than a checkout wait.
+    pub(crate) fn side_pool(&self, size: usize) -> Pool {
         r2d2::Pool::builder()
             .max_size(size as u32)
             .connection_timeout(CHECKOUT_WAIT)
             .error_handler(Box::new(ConnectErrors {
                 up: self.probe.flag(),
             }))
-            .build(self.manager.clone())
-            .map_err(|e| StoreError::Failed(e.to_string()))
+            .build_unchecked(self.manager.clone())
     }
 
     /// Runs `read` on a connection of `pool` (a side pool) taken within `checkout`, unmetered:
