@@ -36,7 +36,7 @@ pub(crate) fn connections(store: &Store, size: usize) -> Result<Connections, Sto
         Backend::Sqlite(_) => Err(shared_only()),
         Backend::Postgres(db) => Ok(Connections {
             store: store.clone(),
-            pool: db.side_pool(size),
+            pool: db.side_pool(size)?,
         }),
     }
 }

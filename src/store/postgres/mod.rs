@@ -226,17 +226,19 @@ impl Pg {
     }
 
     /// A small pool of its own for calls that must not queue behind the reads (the shared
-    /// limiter's): `size` connections, opened in the background from now on. Start-up does not
-    /// wait for them: the database answered a moment ago, and opening many connections (SCRAM
-    /// hashing each) on a loaded machine took longer than a checkout wait.
-    pub(crate) fn side_pool(&self, size: usize) -> Pool {
-        r2d2::Pool::builder()
+    /// limiter's): `size` connections, the first opened now (within the usual checkout wait),
+    /// the others in the background. Start-up does not wait for all of them: opening many
+    /// connections (SCRAM hashing each) on a loaded machine took longer than that wait.
+    pub(crate) fn side_pool(&self, size: usize) -> Result<Pool, StoreError> {
+        let pool = r2d2::Pool::builder()
             .max_size(size as u32)
             .connection_timeout(CHECKOUT_WAIT)
             .error_handler(Box::new(ConnectErrors {
                 up: self.probe.flag(),
             }))
-            .build_unchecked(self.manager.clone())
+            .build_unchecked(self.manager.clone());
+        drop(pool.get().map_err(|e| StoreError::Failed(e.to_string()))?);
+        Ok(pool)
     }
 
     /// Runs `read` on a connection of `pool` (a side pool) taken within `checkout`, unmetered:
