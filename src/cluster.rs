@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
 
-use crate::store::instances::{self, InstanceRow, NewInstance};
+use crate::store::instances::{self, Connection, InstanceRow, NewInstance};
 use crate::store::{Background, Store, StoreError};
 
 /// Who this process is, and whether it holds a live lease.
@@ -88,14 +88,18 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// Registers `instance` with a lease of `lease` and starts renewing it every fifth of it.
+    /// Registers `instance` with a lease of `lease` and starts renewing it every fifth of it,
+    /// on a connection of its own whose statements may take that fifth at most: a renewal
+    /// never waits for the pool, and one tick never outlasts the next.
     pub(crate) fn start(
         instance: Arc<Instance>,
         store: &Store,
         lease: Duration,
     ) -> anyhow::Result<Lease> {
         let lease_ms = lease.as_millis() as i64;
-        instances::register(store, &instance.as_new(), lease_ms)
+        let mut conn = instances::connection(store, lease / 5)
+            .map_err(|e| anyhow::anyhow!("cannot register this instance: {e}"))?;
+        instances::register(&mut conn, &instance.as_new(), lease_ms)
             .map_err(|e| anyhow::anyhow!("cannot register this instance: {e}"))?;
         instance.registered.store(true, Ordering::SeqCst);
         log::info!(
@@ -105,7 +109,8 @@ impl Lease {
             lease_ms / 5
         );
         let thread = {
-            let (instance, store) = (Arc::clone(&instance), store.clone());
+            let instance = Arc::clone(&instance);
+            let mut failing = false;
             Background::spawn("sg-lease", move |stopped| loop {
                 if !matches!(
                     stopped.recv_timeout(lease / 5),
@@ -113,7 +118,7 @@ impl Lease {
                 ) {
                     return;
                 }
-                keep(&instance, &store, lease_ms);
+                keep(&instance, &mut conn, lease_ms, &mut failing);
             })?
         };
         Ok(Lease {
@@ -132,29 +137,32 @@ impl Lease {
     }
 }
 
-/// One tick: renew (or register again), then reap the dead.
-fn keep(instance: &Instance, store: &Store, lease_ms: i64) {
-    let renewed = match instances::renew(store, &instance.id(), lease_ms) {
+/// One tick: renew (or register again), then reap the dead. `failing` says whether the last
+/// tick failed, so a run of failures is logged once, however the lease was found lost (by
+/// this thread or by an admission).
+fn keep(instance: &Instance, conn: &mut Connection, lease_ms: i64, failing: &mut bool) {
+    let renewed = match instances::renew(conn, &instance.id(), lease_ms) {
         Ok(true) => Ok(()),
         Ok(false) => {
             // The lease ran out (or was reaped): its slots are gone, so start afresh.
             *instance.id.write().unwrap_or_else(PoisonError::into_inner) = fresh_id();
-            instances::register(store, &instance.as_new(), lease_ms)
+            instances::register(conn, &instance.as_new(), lease_ms)
         }
         Err(e) => Err(e),
     };
     let was = instance.registered.swap(renewed.is_ok(), Ordering::SeqCst);
-    match (&renewed, was) {
-        (Err(e), true) => log::warn!(
+    match &renewed {
+        Err(e) if !*failing => log::warn!(
             "instance {} cannot renew its lease ({e}): keyed requests get 503 \
              store_unavailable until it has registered again",
             instance.id()
         ),
-        (Ok(()), false) => log::info!("instance {} registered again", instance.id()),
+        Ok(()) if !was => log::info!("instance {} registered again", instance.id()),
         _ => {}
     }
+    *failing = renewed.is_err();
     if renewed.is_ok() {
-        match instances::reap(store) {
+        match instances::reap(conn) {
             Ok(reaped) if reaped.instances > 0 || reaped.slots > 0 => log::info!(
                 "reaped {} instances whose lease ran out, freed {} in-flight slots",
                 reaped.instances,

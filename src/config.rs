@@ -144,6 +144,7 @@ struct RawJobs {
 struct RawLimits {
     on_store_error: Option<String>,
     lease_ms: Option<u64>,
+    pool: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +369,9 @@ pub(crate) struct LimitsConfig {
     /// An instance's lease: renewed every fifth of it; an instance silent this long is dead
     /// and its in-flight slots are freed. Default 10 s.
     pub(crate) lease: Duration,
+    /// Connections of the limiter's own pool, for admissions and settles (never the read
+    /// pool's); a call waits at most 1 s for one. Default 4.
+    pub(crate) pool: usize,
 }
 
 /// `[limits] on_store_error`.
@@ -473,6 +477,7 @@ impl Default for Config {
             limits: LimitsConfig {
                 on_store_error: OnStoreError::Closed,
                 lease: Duration::from_millis(10_000),
+                pool: 4,
             },
             batch: BatchConfig {
                 max_items: 64,
@@ -733,6 +738,11 @@ impl Config {
                 ),
                 1000,
             )?,
+            pool: at_least(
+                "limits.pool",
+                (raw.limits.pool.unwrap_or(d.limits.pool as u64), false),
+                1,
+            )? as usize,
         };
         let max_history_messages = at_least(
             "conversations.max_history_messages",
@@ -1052,13 +1062,19 @@ mod tests {
         let c = parse("", &Overrides::default()).unwrap();
         assert_eq!(c.limits.on_store_error, OnStoreError::Closed);
         assert_eq!(c.limits.lease, Duration::from_secs(10));
+        assert_eq!(c.limits.pool, 4);
         let c = parse(
-            "[limits]\non_store_error = \"open\"\nlease_ms = 3000\n",
+            "[limits]\non_store_error = \"open\"\nlease_ms = 3000\npool = 2\n",
             &Overrides::default(),
         )
         .unwrap();
         assert_eq!(c.limits.on_store_error, OnStoreError::Open);
         assert_eq!(c.limits.lease, Duration::from_secs(3));
+        assert_eq!(c.limits.pool, 2);
+        let err = parse("[limits]\npool = 0\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.pool"), "{err}");
         let err = parse(
             "[limits]\non_store_error = \"ajar\"\n",
             &Overrides::default(),

@@ -655,7 +655,12 @@ impl ApiError {
     }
 
     /// Whether this refusal came before any work on the request: nothing reached a provider
-    /// or the store, so another instance may take it as if this one had never seen it.
+    /// or the store on its behalf, so another instance may take it as if this one had never
+    /// seen it. A key whose shared limits could not be checked is one: it is refused at
+    /// admission, before the queue, and the most that can have reached the database is the
+    /// admission call itself (limiter bookkeeping that a client's own retry after the 503
+    /// would repeat). Another instance may well admit it: this one may have lost its lease, or
+    /// its limiter connections may all be taken.
     pub(crate) fn is_before_work(&self) -> bool {
         matches!(
             self,
@@ -663,6 +668,7 @@ impl ApiError {
                 | ApiError::QueueTimeout { .. }
                 | ApiError::Draining
                 | ApiError::TooManyConnections
+                | ApiError::Denied(crate::auth::Denied::StoreUnavailable)
         )
     }
 
@@ -932,6 +938,11 @@ mod tests {
         assert!(ApiError::Draining.is_before_work());
         assert!(ApiError::QueueFull { retry_after_s: 1 }.is_before_work());
         assert!(ApiError::QueueTimeout { waited_ms: 1 }.is_before_work());
+        assert!(ApiError::Denied(crate::auth::Denied::StoreUnavailable).is_before_work());
+        assert!(
+            !ApiError::Store(crate::store::StoreError::Unavailable).is_before_work(),
+            "a handler's store call may have written"
+        );
         let at_cap = ApiError::Provider(ProviderError::AtCapacity {
             provider: "p".into(),
         });

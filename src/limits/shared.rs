@@ -13,8 +13,7 @@ use prometheus::IntCounterVec;
 use super::{lock, Limit, Permit, RateHeaders, Refusal, Refused, WindowUse};
 use crate::cluster::Instance;
 use crate::config::OnStoreError;
-use crate::store::limits::{self, Admission, Outcome};
-use crate::store::Store;
+use crate::store::limits::{self, Admission, Connections, Outcome};
 
 /// How often a store failure is logged at most.
 const LOG_EVERY: Duration = Duration::from_secs(60);
@@ -30,7 +29,7 @@ type Unsettled = Arc<Mutex<Vec<(i64, Option<u64>)>>>;
 /// The shared limiter: the store, this instance, and the policy for store failures.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    store: Store,
+    db: Connections,
     instance: Arc<Instance>,
     on_error: OnStoreError,
     errors: IntCounterVec,
@@ -40,13 +39,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(
-        store: Store,
+        db: Connections,
         instance: Arc<Instance>,
         on_error: OnStoreError,
         errors: IntCounterVec,
     ) -> Shared {
         Shared {
-            store,
+            db,
             instance,
             on_error,
             errors,
@@ -61,7 +60,7 @@ impl Shared {
             return self.store_failed("this instance holds no lease");
         }
         self.settle_leftovers();
-        let admission = match limits::admit(&self.store, key, &self.instance.id(), tokens) {
+        let admission = match limits::admit(&self.db, key, &self.instance.id(), tokens) {
             Ok(admission) => admission,
             Err(e) => return self.store_failed(&e.to_string()),
         };
@@ -70,7 +69,7 @@ impl Shared {
             Outcome::Admitted => Ok(Permit {
                 slot: match admission.id {
                     Some(id) => super::Slot::Shared(Slot {
-                        store: self.store.clone(),
+                        db: self.db.clone(),
                         admission: id,
                         reported: Mutex::new(None),
                         unsettled: Arc::clone(&self.unsettled),
@@ -135,7 +134,7 @@ impl Shared {
         let leftovers = std::mem::take(&mut *lock(&self.unsettled));
         let mut still = Vec::new();
         for (admission, tokens) in leftovers {
-            if limits::settle(&self.store, admission, tokens).is_err() {
+            if limits::settle(&self.db, admission, tokens).is_err() {
                 still.push((admission, tokens));
             }
         }
@@ -148,7 +147,7 @@ impl Shared {
 /// A slot held in the database: settled once, with the reported tokens when they came.
 #[derive(Debug)]
 pub(super) struct Slot {
-    store: Store,
+    db: Connections,
     admission: i64,
     reported: Mutex<Option<u64>>,
     unsettled: Unsettled,
@@ -163,7 +162,7 @@ impl Slot {
     /// tried again before the next admission.
     pub(super) fn settle(&self) {
         let tokens = *lock(&self.reported);
-        if let Err(e) = limits::settle(&self.store, self.admission, tokens) {
+        if let Err(e) = limits::settle(&self.db, self.admission, tokens) {
             log::debug!("cannot settle admission {}: {e}", self.admission);
             let mut unsettled = lock(&self.unsettled);
             if unsettled.len() < UNSETTLED_MAX {

@@ -166,8 +166,10 @@ impl Server {
             crate::database::Database::Sqlite(_) => (Limiter::new(), None),
             crate::database::Database::Postgres(_) => {
                 let lease = Lease::start(Arc::clone(&instance), &store, config.limits.lease)?;
+                let db = crate::store::limits::connections(&store, config.limits.pool)
+                    .map_err(|e| anyhow::anyhow!("cannot open the limiter's connections: {e}"))?;
                 let shared = crate::limits::Shared::new(
-                    store.clone(),
+                    db,
                     Arc::clone(&instance),
                     config.limits.on_store_error,
                     metrics.limit_store_errors.clone(),

@@ -3,8 +3,26 @@
 //! whichever instance reaps next. Only PostgreSQL is shared: on SQLite (one instance per file)
 //! these calls are refused and the process keeps no registration.
 
-use super::postgres::instances as pg;
+use std::time::Duration;
+
+use super::postgres::{instances as pg, Own};
 use super::{Backend, Store, StoreError};
+
+/// The lease thread's connection of its own, outside the pool: renewing never waits behind
+/// requests for a pooled connection. Opened again when it breaks.
+pub(crate) struct Connection(Own);
+
+/// A connection for the lease thread, its statements bounded by `statement_timeout`; opened at
+/// its first use.
+pub(crate) fn connection(
+    store: &Store,
+    statement_timeout: Duration,
+) -> Result<Connection, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(_) => Err(shared_only()),
+        Backend::Postgres(db) => Ok(Connection(db.own(statement_timeout))),
+    }
+}
 
 /// What an instance says about itself when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,20 +61,18 @@ fn shared_only() -> StoreError {
 }
 
 /// Registers an instance with a lease of `lease_ms` from the database's now.
-pub(crate) fn register(store: &Store, new: &NewInstance, lease_ms: i64) -> Result<(), StoreError> {
-    match store.backend() {
-        Backend::Sqlite(_) => Err(shared_only()),
-        Backend::Postgres(db) => db.query(|c| pg::register(c, new, lease_ms)),
-    }
+pub(crate) fn register(
+    conn: &mut Connection,
+    new: &NewInstance,
+    lease_ms: i64,
+) -> Result<(), StoreError> {
+    conn.0.query(|c| pg::register(c, new, lease_ms))
 }
 
 /// Extends the lease of `id` to `lease_ms` from the database's now; false when the lease had
 /// already run out (or the row was reaped): the instance must register again.
-pub(crate) fn renew(store: &Store, id: &str, lease_ms: i64) -> Result<bool, StoreError> {
-    match store.backend() {
-        Backend::Sqlite(_) => Err(shared_only()),
-        Backend::Postgres(db) => db.query(|c| pg::renew(c, id, lease_ms)),
-    }
+pub(crate) fn renew(conn: &mut Connection, id: &str, lease_ms: i64) -> Result<bool, StoreError> {
+    conn.0.query(|c| pg::renew(c, id, lease_ms))
 }
 
 /// Removes an instance that stops cleanly.
@@ -76,9 +92,6 @@ pub(crate) fn live(store: &Store) -> Result<Vec<InstanceRow>, StoreError> {
 }
 
 /// Forgets instances whose lease ran out and frees the slots of every instance without one.
-pub(crate) fn reap(store: &Store) -> Result<Reaped, StoreError> {
-    match store.backend() {
-        Backend::Sqlite(_) => Err(shared_only()),
-        Backend::Postgres(db) => db.query(pg::reap),
-    }
+pub(crate) fn reap(conn: &mut Connection) -> Result<Reaped, StoreError> {
+    conn.0.query(pg::reap)
 }

@@ -3,9 +3,43 @@
 //! recorded) and one statement settles it. The store returns plain numbers; `src/limits.rs`
 //! turns them into permits, refusals and headers. On SQLite each process keeps its limits in
 //! memory (`src/limits.rs`) and never calls these.
+//!
+//! These calls run on a small pool of their own (`[limits] pool`), not on the read pool: an
+//! admission must not wait behind slow reads, and its checkout is short, so that a starved
+//! admission is answered as `[limits] on_store_error` says within a second.
 
-use super::postgres::limits as pg;
+use std::fmt;
+use std::time::Duration;
+
+use super::postgres::{limits as pg, Pool};
 use super::{Backend, Store, StoreError};
+
+/// How long an admission or a settle waits for one of the limiter's connections.
+const CHECKOUT_WAIT: Duration = Duration::from_secs(1);
+
+/// The shared limiter's way to the database: the store and its own connections.
+#[derive(Clone)]
+pub(crate) struct Connections {
+    store: Store,
+    pool: Pool,
+}
+
+impl fmt::Debug for Connections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "limits::Connections({})", self.pool.max_size())
+    }
+}
+
+/// Opens the limiter's `size` connections to `store`'s database.
+pub(crate) fn connections(store: &Store, size: usize) -> Result<Connections, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(_) => Err(shared_only()),
+        Backend::Postgres(db) => Ok(Connections {
+            store: store.clone(),
+            pool: db.side_pool(size)?,
+        }),
+    }
+}
 
 /// What the database decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,23 +86,31 @@ fn shared_only() -> StoreError {
 
 /// Admits one request of `key` estimated at `tokens` for `instance`, in one round trip.
 pub(crate) fn admit(
-    store: &Store,
+    db: &Connections,
     key: i64,
     instance: &str,
     tokens: u64,
 ) -> Result<Admission, StoreError> {
-    match store.backend() {
+    match db.store.backend() {
         Backend::Sqlite(_) => Err(shared_only()),
-        Backend::Postgres(db) => db.query(|c| pg::admit(c, key, instance, tokens)),
+        Backend::Postgres(pg) => pg.query_on(&db.pool, CHECKOUT_WAIT, |c| {
+            pg::admit(c, key, instance, tokens)
+        }),
     }
 }
 
 /// Releases an admission's in-flight slot and replaces its token estimate with `tokens` when
 /// the provider reported them: one statement.
-pub(crate) fn settle(store: &Store, admission: i64, tokens: Option<u64>) -> Result<(), StoreError> {
-    match store.backend() {
+pub(crate) fn settle(
+    db: &Connections,
+    admission: i64,
+    tokens: Option<u64>,
+) -> Result<(), StoreError> {
+    match db.store.backend() {
         Backend::Sqlite(_) => Err(shared_only()),
-        Backend::Postgres(db) => db.query(|c| pg::settle(c, admission, tokens)),
+        Backend::Postgres(pg) => pg.query_on(&db.pool, CHECKOUT_WAIT, |c| {
+            pg::settle(c, admission, tokens)
+        }),
     }
 }
 
@@ -98,8 +140,20 @@ mod tests {
             listen: "127.0.0.1:1".into(),
             version: "t".into(),
         };
-        instances::register(store, &new, lease_ms).unwrap();
+        let mut own = instances::connection(store, Duration::from_secs(5)).unwrap();
+        instances::register(&mut own, &new, lease_ms).unwrap();
         id.to_string()
+    }
+
+    /// The limiter's connections, as many as the tests' threads, once all are open (they open
+    /// in the background, and a checkout waits only 1 s).
+    fn limiter(store: &Store) -> Connections {
+        let c = connections(store, 8).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.pool.state().idle_connections < 8 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        c
     }
 
     fn key(store: &Store, new: NewKey) -> i64 {
@@ -108,7 +162,7 @@ mod tests {
 
     /// `n` admissions of `key` at once from `n` threads (each on its own pooled connection).
     fn admit_all_at_once(
-        store: &Store,
+        store: &Connections,
         key: i64,
         inst: &str,
         tokens: u64,
@@ -138,6 +192,7 @@ mod tests {
             return;
         };
         let inst = instance(&t, "inst_a", LEASE_MS);
+        let c = limiter(&t);
         let rpm = key(
             &t,
             NewKey {
@@ -145,7 +200,7 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        let all = admit_all_at_once(&t, rpm, &inst, 1, 8);
+        let all = admit_all_at_once(&c, rpm, &inst, 1, 8);
         assert_eq!(outcomes(&all, Outcome::Admitted), 5, "{all:?}");
         assert_eq!(outcomes(&all, Outcome::Requests), 3, "{all:?}");
         let refused = all.iter().find(|a| a.outcome == Outcome::Requests).unwrap();
@@ -159,7 +214,7 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        let all = admit_all_at_once(&t, tpm, &inst, 300, 8);
+        let all = admit_all_at_once(&c, tpm, &inst, 300, 8);
         assert_eq!(outcomes(&all, Outcome::Admitted), 3, "{all:?}");
         assert_eq!(outcomes(&all, Outcome::Tokens), 5, "{all:?}");
 
@@ -170,15 +225,15 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        let all = admit_all_at_once(&t, flying, &inst, 0, 8);
+        let all = admit_all_at_once(&c, flying, &inst, 0, 8);
         assert_eq!(outcomes(&all, Outcome::Admitted), 2, "{all:?}");
         let refused = all.iter().find(|a| a.outcome == Outcome::InFlight).unwrap();
         assert_eq!(refused.wait_ms, 1000);
         for a in all.iter().filter(|a| a.outcome == Outcome::Admitted) {
-            settle(&t, a.id.unwrap(), None).unwrap();
+            settle(&c, a.id.unwrap(), None).unwrap();
         }
         assert_eq!(
-            admit(&t, flying, &inst, 0).unwrap().outcome,
+            admit(&c, flying, &inst, 0).unwrap().outcome,
             Outcome::Admitted
         );
     }
@@ -189,6 +244,7 @@ mod tests {
             return;
         };
         let inst = instance(&t, "inst_a", LEASE_MS);
+        let c = limiter(&t);
         let k = key(
             &t,
             NewKey {
@@ -197,19 +253,19 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        let first = admit(&t, k, &inst, 600).unwrap();
+        let first = admit(&c, k, &inst, 600).unwrap();
         assert_eq!(first.outcome, Outcome::Admitted);
         assert_eq!((first.requests_used, first.tokens_charged), (1, 600));
         assert_eq!(
             (first.requests_reset_ms, first.tokens_reset_ms),
             (60_000, 60_000)
         );
-        assert_eq!(admit(&t, k, &inst, 500).unwrap().outcome, Outcome::Tokens);
-        settle(&t, first.id.unwrap(), Some(100)).unwrap();
-        let second = admit(&t, k, &inst, 500).unwrap();
+        assert_eq!(admit(&c, k, &inst, 500).unwrap().outcome, Outcome::Tokens);
+        settle(&c, first.id.unwrap(), Some(100)).unwrap();
+        let second = admit(&c, k, &inst, 500).unwrap();
         assert_eq!(second.outcome, Outcome::Admitted, "{second:?}");
         assert_eq!((second.requests_used, second.tokens_charged), (2, 600));
-        assert_eq!(admit(&t, k, &inst, 1001).unwrap().wait_ms, 60_000);
+        assert_eq!(admit(&c, k, &inst, 1001).unwrap().wait_ms, 60_000);
     }
 
     #[test]
@@ -218,21 +274,22 @@ mod tests {
             return;
         };
         let inst = instance(&t, "inst_a", LEASE_MS);
+        let c = limiter(&t);
         let k = key(&t, NewKey::default());
-        let free = admit(&t, k, &inst, 0).unwrap();
+        let free = admit(&c, k, &inst, 0).unwrap();
         assert_eq!(
             (free.outcome, free.id),
             (Outcome::Admitted, None),
             "no limits: nothing kept"
         );
         assert_eq!(
-            admit(&t, k, "inst_none", 0).unwrap().outcome,
+            admit(&c, k, "inst_none", 0).unwrap().outcome,
             Outcome::Unregistered
         );
         keys::revoke(&t, k, 2).unwrap();
-        assert_eq!(admit(&t, k, &inst, 0).unwrap().outcome, Outcome::Revoked);
+        assert_eq!(admit(&c, k, &inst, 0).unwrap().outcome, Outcome::Revoked);
         assert_eq!(
-            admit(&t, k + 100, &inst, 0).unwrap().outcome,
+            admit(&c, k + 100, &inst, 0).unwrap().outcome,
             Outcome::Unknown
         );
     }
@@ -243,6 +300,7 @@ mod tests {
             return;
         };
         let alive = instance(&t, "inst_alive", LEASE_MS);
+        let c = limiter(&t);
         let dying = instance(&t, "inst_dying", 300);
         let k = key(
             &t,
@@ -251,17 +309,18 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        assert_eq!(admit(&t, k, &dying, 0).unwrap().outcome, Outcome::Admitted);
-        assert_eq!(admit(&t, k, &alive, 0).unwrap().outcome, Outcome::InFlight);
+        assert_eq!(admit(&c, k, &dying, 0).unwrap().outcome, Outcome::Admitted);
+        assert_eq!(admit(&c, k, &alive, 0).unwrap().outcome, Outcome::InFlight);
         let live: Vec<_> = instances::live(&t)
             .unwrap()
             .into_iter()
             .map(|i| i.id)
             .collect();
         assert_eq!(live, [alive.clone(), dying.clone()]);
+        let mut own = instances::connection(&t, Duration::from_secs(5)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let reaped = loop {
-            let reaped = instances::reap(&t).unwrap();
+            let reaped = instances::reap(&mut own).unwrap();
             if reaped.instances > 0 || Instant::now() > deadline {
                 break reaped;
             }
@@ -275,11 +334,11 @@ mod tests {
             }
         );
         assert!(
-            !instances::renew(&t, &dying, LEASE_MS).unwrap(),
+            !instances::renew(&mut own, &dying, LEASE_MS).unwrap(),
             "its lease is gone"
         );
-        assert!(instances::renew(&t, &alive, LEASE_MS).unwrap());
-        assert_eq!(admit(&t, k, &alive, 0).unwrap().outcome, Outcome::Admitted);
+        assert!(instances::renew(&mut own, &alive, LEASE_MS).unwrap());
+        assert_eq!(admit(&c, k, &alive, 0).unwrap().outcome, Outcome::Admitted);
     }
 
     /// Admissions a second through the shared limiter on one hot key and on many keys, 8
@@ -292,6 +351,7 @@ mod tests {
             return;
         };
         let inst = instance(&t, "inst_bench", LEASE_MS);
+        let c = limiter(&t);
         let many: Vec<i64> = (0..64)
             .map(|_| {
                 key(
@@ -312,15 +372,15 @@ mod tests {
             let run = Duration::from_secs(5);
             thread::scope(|scope| {
                 for n in 0..threads {
-                    let (t, inst, done) = (&t, &inst, &done);
+                    let (c, inst, done) = (&c, &inst, &done);
                     scope.spawn(move || {
                         let mut i = n;
                         while started.elapsed() < run {
                             let k = keys[i % keys.len()];
                             i += 1;
-                            let a = admit(t, k, inst, 10).unwrap();
+                            let a = admit(c, k, inst, 10).unwrap();
                             assert_eq!(a.outcome, Outcome::Admitted);
-                            settle(t, a.id.unwrap(), Some(12)).unwrap();
+                            settle(c, a.id.unwrap(), Some(12)).unwrap();
                             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                     });

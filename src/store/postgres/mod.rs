@@ -12,6 +12,7 @@ pub(super) mod jobs;
 pub(super) mod keys;
 pub(super) mod limits;
 pub(crate) mod migrate;
+mod own;
 mod probe;
 pub(super) mod requests;
 mod session;
@@ -27,6 +28,7 @@ use anyhow::Context;
 use postgres::error::SqlState;
 use postgres::Client;
 
+pub(crate) use own::Own;
 pub(crate) use session::{Prepared, Session, Tx};
 
 use super::requests::RequestRow;
@@ -43,6 +45,9 @@ use writer::LogWriter;
 /// How long a call waits for a free connection before it is answered busy.
 const CHECKOUT_WAIT: Duration = Duration::from_secs(5);
 
+/// The probe's statement timeout on its own connection.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> StoreError {
         // The server's message alone: never the statement's parameters.
@@ -58,6 +63,7 @@ impl From<postgres::Error> for StoreError {
 }
 
 /// Makes the pool's connections, over TLS as `sslmode` says (`tls.rs`).
+#[derive(Clone)]
 pub(crate) struct Manager {
     config: Box<postgres::Config>,
     tls: MakeRustlsConnect,
@@ -102,7 +108,11 @@ struct ConnectErrors {
 
 impl r2d2::HandleError<postgres::Error> for ConnectErrors {
     fn handle_error(&self, error: postgres::Error) {
-        if connection_lost(&error) {
+        // r2d2 also hands over the errors of `is_valid`: an idle connection found dead at
+        // checkout (the server restarted since) says nothing about the database now, and is
+        // replaced by a fresh one. Only a failed connect does (the driver names it so).
+        let connecting = error.to_string().starts_with("error connecting to server");
+        if connecting && connection_lost(&error) {
             self.up.store(false, Ordering::SeqCst);
         }
         log::debug!("database connection: {error}");
@@ -112,6 +122,7 @@ impl r2d2::HandleError<postgres::Error> for ConnectErrors {
 /// The open database: the pool, the log writer, and the retention thread if rows expire.
 pub(crate) struct Pg {
     pool: Pool,
+    manager: Manager,
     probe: Probe,
     log: LogWriter,
     retention: Option<Retention>,
@@ -152,6 +163,10 @@ impl Pg {
             );
         }
         let up = Arc::new(AtomicBool::new(true));
+        let manager = Manager {
+            config: db.config.clone(),
+            tls: tls::connector(db)?,
+        };
         let pool = r2d2::Pool::builder()
             .max_size(config.read_pool as u32)
             .min_idle(Some(1))
@@ -159,13 +174,16 @@ impl Pg {
             .error_handler(Box::new(ConnectErrors {
                 up: Arc::clone(&up),
             }))
-            .build(Manager {
-                config: db.config.clone(),
-                tls: tls::connector(db)?,
-            })
+            .build(manager.clone())
             .with_context(|| format!("cannot open connections to {}", db.endpoint()))?;
-        let probe = Probe::spawn(pool.clone(), up, db.endpoint())
-            .context("cannot start the database probe")?;
+        // The probe asks on a connection of its own: a pool whose connections are all taken
+        // by slow reads is busy, not unreachable.
+        let probe = Probe::spawn(
+            Own::new(manager.config.clone(), manager.tls.clone(), PROBE_TIMEOUT),
+            up,
+            db.endpoint(),
+        )
+        .context("cannot start the database probe")?;
         let log = LogWriter::spawn(pool.clone(), probe.flag(), config, metrics.clone())
             .context("cannot start the database log writer")?;
         let expire: Expire = {
@@ -184,6 +202,7 @@ impl Pg {
             .context("cannot start the retention thread")?;
         Ok(Pg {
             pool,
+            manager,
             probe,
             log,
             retention,
@@ -196,12 +215,59 @@ impl Pg {
         self.probe.is_up()
     }
 
+    /// A connection of its own for one thread, outside the pool, its statements bounded by
+    /// `statement_timeout` (the lease thread's).
+    pub(crate) fn own(&self, statement_timeout: Duration) -> Own {
+        Own::new(
+            self.manager.config.clone(),
+            self.manager.tls.clone(),
+            statement_timeout,
+        )
+    }
+
+    /// A small pool of its own for calls that must not queue behind the reads (the shared
+    /// limiter's): `size` connections, the first opened now (within the usual checkout wait),
+    /// the others in the background. Start-up does not wait for all of them: opening many
+    /// connections (SCRAM hashing each) on a loaded machine took longer than that wait.
+    pub(crate) fn side_pool(&self, size: usize) -> Result<Pool, StoreError> {
+        let pool = r2d2::Pool::builder()
+            .max_size(size as u32)
+            .connection_timeout(CHECKOUT_WAIT)
+            .error_handler(Box::new(ConnectErrors {
+                up: self.probe.flag(),
+            }))
+            .build_unchecked(self.manager.clone());
+        drop(pool.get().map_err(|e| StoreError::Failed(e.to_string()))?);
+        Ok(pool)
+    }
+
+    /// Runs `read` on a connection of `pool` (a side pool) taken within `checkout`, unmetered:
+    /// the read metrics are the read pool's.
+    pub(crate) fn query_on<T>(
+        &self,
+        pool: &Pool,
+        checkout: Duration,
+        read: impl FnOnce(&mut Session<'_, Client>) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.connection_from(pool, checkout)?;
+        let Conn { client, prepared } = &mut *conn;
+        read(&mut Session::new(client, prepared)).map_err(|e| self.failed(e))
+    }
+
     /// A pooled connection, or at once `Unavailable` while the database cannot be reached.
     fn connection(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
+        self.connection_from(&self.pool, CHECKOUT_WAIT)
+    }
+
+    fn connection_from(
+        &self,
+        pool: &Pool,
+        checkout: Duration,
+    ) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
         if !self.probe.is_up() {
             return Err(StoreError::Unavailable);
         }
-        self.pool.get().map_err(|_| {
+        pool.get_timeout(checkout).map_err(|_| {
             if self.probe.is_up() {
                 StoreError::Busy
             } else {

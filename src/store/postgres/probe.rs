@@ -1,5 +1,6 @@
 //! Whether the database can be reached: the `sg-db-probe` thread asks it `SELECT 1` every
-//! second on a pooled connection. While it cannot, calls that need the database fail at once
+//! second on a connection of its own (`own.rs`), so a pool whose connections are all taken is
+//! not mistaken for a database that is gone. While it cannot, calls that need the database fail at once
 //! with `store_unavailable` instead of each waiting out the pool's timeout, `/readyz` says so,
 //! and the log writer holds its batch; the first probe that gets through ends all of that, so
 //! the server recovers by itself.
@@ -10,13 +11,11 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::Pool;
+use super::Own;
 use crate::store::Background;
 
 /// Between two probes.
 const EVERY: Duration = Duration::from_secs(1);
-/// How long one probe may wait for a connection.
-const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// The probe's verdict, shared with every caller, and its thread.
 pub(super) struct Probe {
@@ -28,13 +27,13 @@ impl Probe {
     /// Starts probing, keeping the verdict in `up` (true at open: the database answered a
     /// moment ago). The pool's error handler clears `up` too, as a connection attempt fails.
     pub(super) fn spawn(
-        pool: Pool,
+        mut own: Own,
         up: Arc<AtomicBool>,
         endpoint: String,
     ) -> std::io::Result<Probe> {
         let flag = Arc::clone(&up);
         let thread = Background::spawn("sg-db-probe", move |stopped| {
-            run(&pool, &flag, &stopped, &endpoint);
+            run(&mut own, &flag, &stopped, &endpoint);
         })?;
         Ok(Probe { up, thread })
     }
@@ -59,11 +58,12 @@ impl Probe {
     }
 }
 
-fn run(pool: &Pool, up: &AtomicBool, stopped: &Receiver<()>, endpoint: &str) {
+fn run(own: &mut Own, up: &AtomicBool, stopped: &Receiver<()>, endpoint: &str) {
     loop {
-        let reachable = pool
-            .get_timeout(PROBE_WAIT)
-            .is_ok_and(|mut conn| conn.simple_query("SELECT 1").is_ok());
+        let ask = |own: &mut Own| own.query(|c| c.execute("SELECT 1", &[])).is_ok();
+        // A kept connection found broken (the server restarted) is opened again at once.
+        let had = own.is_open();
+        let reachable = ask(own) || (had && ask(own));
         let was = up.swap(reachable, Ordering::SeqCst);
         match (was, reachable) {
             (true, false) => log::warn!(
