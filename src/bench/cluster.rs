@@ -5,14 +5,15 @@
 //! key adds, on both in the same run; and, on the side, that the shared limits stayed exact
 //! across the instances.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::client::Conn;
+use super::client::{Conn, IO_TIMEOUT};
 use super::load::{LoadResult, LoadSpec, Target, Work};
 use super::procs::{Backend, GatewaySpec, Gateways, MockSpec};
 use super::report::{ms, us, Outcome, Row};
@@ -128,10 +129,13 @@ impl Side {
     }
 }
 
-/// A mode's result on each backend, its halves merged.
+/// A mode's result on each backend, its halves merged, and the admissions in the sliding
+/// window of the first client's key at the end (none without a key).
 struct Measured {
     sqlite: LoadResult,
     postgres: LoadResult,
+    sqlite_window: Option<u64>,
+    postgres_window: Option<u64>,
 }
 
 /// Every mode's.
@@ -242,7 +246,51 @@ fn measure_mode(b: &mut Bench, sides: &[Side; 2], mode: Mode) -> anyhow::Result<
     let [Some(sqlite), Some(postgres)] = halves else {
         anyhow::bail!("a half of {} was not measured", mode.key());
     };
-    Ok(Measured { sqlite, postgres })
+    let window = |side: &Side| -> anyhow::Result<Option<u64>> {
+        let targets = side.targets(mode)?;
+        Ok(targets.first().and_then(|t| window_of(t.addr, &t.request)))
+    };
+    Ok(Measured {
+        sqlite_window: window(&sides[0])?,
+        postgres_window: window(&sides[1])?,
+        sqlite,
+        postgres,
+    })
+}
+
+/// Admissions in a key's sliding window, this one included, as the gateway at `addr` reports
+/// them in the `x-ratelimit-*` headers of one more `request` with the key. `None` when the
+/// answer has no such headers (no key, or no rpm) or did not come.
+fn window_of(addr: SocketAddr, request: &[u8]) -> Option<u64> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
+    stream.write_all(request).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        if response.parse(&buf).ok()?.is_complete() {
+            let value = |name: &str| {
+                let h = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))?;
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            };
+            let limit = value("x-ratelimit-limit-requests")?;
+            return Some(limit.saturating_sub(value("x-ratelimit-remaining-requests")?));
+        }
+    }
 }
 
 /// Makes the keys in `db` (as `syncgate keys create` does, in this process).
@@ -362,8 +410,9 @@ fn send_exact(addrs: &[SocketAddr], key: &str) -> Exact {
 }
 
 /// A phase's figures.
-fn figures(r: &LoadResult) -> Value {
+fn figures(r: &LoadResult, window: Option<u64>) -> Value {
     json!({
+        "window_at_end": window,
         "rps": r.ok_per_s(),
         "p50_ms": ms(r.tally.ok.p50()),
         "p99_ms": ms(r.tally.ok.p99()),
@@ -395,8 +444,8 @@ fn report(instances: usize, results: &Results, exact: Exact) -> Outcome {
         (Mode::ManyKeys, many),
         (Mode::HotKey, hot),
     ] {
-        json["sqlite"][mode.key()] = figures(&r.sqlite);
-        json["postgres"][mode.key()] = figures(&r.postgres);
+        json["sqlite"][mode.key()] = figures(&r.sqlite, r.sqlite_window);
+        json["postgres"][mode.key()] = figures(&r.postgres, r.postgres_window);
     }
     let rps = |r: &LoadResult| r.ok_per_s();
     let ratio = |a: f64, b: f64| a / b.max(1e-9);
@@ -438,15 +487,19 @@ fn report(instances: usize, results: &Results, exact: Exact) -> Outcome {
     json["keyed_not_ok"] = json!(keyed_refused);
 
     let pg = format!("PostgreSQL ({})", plural(instances, "instance"));
+    let count = |n: Option<u64>| n.map_or("?".to_string(), |n| n.to_string());
     let keyed_row = |what: &str, m: &Measured| {
         Row::info(
             &format!("keyed requests/s, {CLIENTS} clients, {what}"),
             format!(
-                "{pg}: {:.0} = {:.2}× keyless; SQLite: {:.0} = {:.2}× keyless",
+                "{pg}: {:.0} = {:.2}× keyless; SQLite: {:.0} = {:.2}× keyless \
+                 (a key's window at the end: {} and {})",
                 rps(&m.postgres),
                 ratio(rps(&m.postgres), rps(&keyless.postgres)),
                 rps(&m.sqlite),
                 ratio(rps(&m.sqlite), rps(&keyless.sqlite)),
+                count(m.postgres_window),
+                count(m.sqlite_window),
             ),
         )
     };
