@@ -5,16 +5,18 @@
 //! key adds, on both in the same run; and, on the side, that the shared limits stayed exact
 //! across the instances.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::client::{Conn, IO_TIMEOUT};
 use super::load::{LoadResult, LoadSpec, Target, Work};
+use super::observe;
 use super::procs::{Backend, GatewaySpec, Gateways, MockSpec};
 use super::report::{ms, us, Outcome, Row};
 use super::scenarios::{chat_request, keyed_chat_request, plural, warmup};
@@ -136,7 +138,14 @@ struct Measured {
     postgres: LoadResult,
     sqlite_window: Option<u64>,
     postgres_window: Option<u64>,
+    /// CPU seconds used in the measured windows, by process kind.
+    sqlite_cpu: CpuUse,
+    postgres_cpu: CpuUse,
 }
+
+/// CPU seconds by process kind: `gateways`, `postgres` (the server processes serving the
+/// gateways' connections), `upstream`, `load_generator`.
+type CpuUse = BTreeMap<&'static str, f64>;
 
 /// Every mode's.
 struct Results {
@@ -219,8 +228,25 @@ pub(crate) fn cluster(b: &mut Bench) -> anyhow::Result<Outcome> {
 fn measure_mode(b: &mut Bench, sides: &[Side; 2], mode: Mode) -> anyhow::Result<Measured> {
     let half = (b.duration / 2).max(Duration::from_millis(500));
     let mut halves: [Option<LoadResult>; 2] = [None, None];
+    let mut cpu = [CpuUse::new(), CpuUse::new()];
     for i in [0, 1, 1, 0] {
         let side = &sides[i];
+        let mut procs: Vec<(&'static str, Option<u32>)> = vec![
+            ("upstream", b.fleet.upstream_pid()),
+            ("load_generator", None),
+        ];
+        procs.extend(
+            side.gateways
+                .procs
+                .iter()
+                .map(|p| ("gateways", Some(p.pid()))),
+        );
+        procs.extend(
+            server_pids(&side.gateways.store)
+                .into_iter()
+                .map(|p| ("postgres", Some(p))),
+        );
+        let mut meter = observe::CpuMeter::new(procs);
         let spec = LoadSpec {
             addr: side.addrs()[0],
             clients: mode.clients(),
@@ -237,7 +263,17 @@ fn measure_mode(b: &mut Bench, sides: &[Side; 2], mode: Mode) -> anyhow::Result<
             ),
         };
         let label = format!("cluster: {} on {on}", mode.describe());
-        let result = b.measure(label, &spec, warmup(half, Duration::ZERO), half, 0, |_| {})?;
+        let result = b.measure(
+            label,
+            &spec,
+            warmup(half, Duration::ZERO),
+            half,
+            0,
+            |measuring| meter.tick(measuring),
+        )?;
+        for (kind, secs) in meter.used() {
+            *cpu[i].entry(kind).or_default() += secs;
+        }
         halves[i] = Some(match halves[i].take() {
             Some(first) => first.combine(result),
             None => result,
@@ -250,12 +286,30 @@ fn measure_mode(b: &mut Bench, sides: &[Side; 2], mode: Mode) -> anyhow::Result<
         let targets = side.targets(mode)?;
         Ok(targets.first().and_then(|t| window_of(t.addr, &t.request)))
     };
+    let [sqlite_cpu, postgres_cpu] = cpu;
     Ok(Measured {
+        sqlite_cpu,
+        postgres_cpu,
         sqlite_window: window(&sides[0])?,
         postgres_window: window(&sides[1])?,
         sqlite,
         postgres,
     })
+}
+
+/// The PostgreSQL server's processes serving connections to the database `store` names (the
+/// gateways' pools, open by now), or none on SQLite.
+fn server_pids(store: &Database) -> Vec<u32> {
+    let Database::Postgres(pg) = store else {
+        return Vec::new();
+    };
+    let query = "SELECT pid FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    crate::store::postgres::connect(pg)
+        .ok()
+        .and_then(|mut client| client.query(query, &[]).ok())
+        .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
+        .unwrap_or_default()
 }
 
 /// Admissions in a key's sliding window, this one included, as the gateway at `addr` reports
@@ -409,10 +463,20 @@ fn send_exact(addrs: &[SocketAddr], key: &str) -> Exact {
     })
 }
 
+/// CPU microseconds a 200 answer of `r` cost, from `secs` used over its window.
+fn cpu_us(secs: f64, r: &LoadResult) -> f64 {
+    secs * 1e6 / (r.tally.ok.count().max(1) as f64)
+}
+
 /// A phase's figures.
-fn figures(r: &LoadResult, window: Option<u64>) -> Value {
+fn figures(r: &LoadResult, window: Option<u64>, cpu: &CpuUse) -> Value {
+    let per_request: Map<String, Value> = cpu
+        .iter()
+        .map(|(kind, secs)| (kind.to_string(), json!(cpu_us(*secs, r))))
+        .collect();
     json!({
         "window_at_end": window,
+        "cpu_us_per_request": per_request,
         "rps": r.ok_per_s(),
         "p50_ms": ms(r.tally.ok.p50()),
         "p99_ms": ms(r.tally.ok.p99()),
@@ -444,8 +508,8 @@ fn report(instances: usize, results: &Results, exact: Exact) -> Outcome {
         (Mode::ManyKeys, many),
         (Mode::HotKey, hot),
     ] {
-        json["sqlite"][mode.key()] = figures(&r.sqlite, r.sqlite_window);
-        json["postgres"][mode.key()] = figures(&r.postgres, r.postgres_window);
+        json["sqlite"][mode.key()] = figures(&r.sqlite, r.sqlite_window, &r.sqlite_cpu);
+        json["postgres"][mode.key()] = figures(&r.postgres, r.postgres_window, &r.postgres_cpu);
     }
     let rps = |r: &LoadResult| r.ok_per_s();
     let ratio = |a: f64, b: f64| a / b.max(1e-9);
@@ -516,6 +580,26 @@ fn report(instances: usize, results: &Results, exact: Exact) -> Outcome {
             ),
         )
     };
+    let cpu_row = |backend: &str, what: &str, pick: fn(&Measured) -> (&LoadResult, &CpuUse)| {
+        let at = |m: &Measured| {
+            let (r, cpu) = pick(m);
+            let of = |kind| cpu_us(cpu.get(kind).copied().unwrap_or(0.0), r);
+            if cpu.contains_key("postgres") {
+                format!("{:.0} + {:.0}", of("gateways"), of("postgres"))
+            } else {
+                format!("{:.0}", of("gateways"))
+            }
+        };
+        Row::info(
+            &format!("{backend}: CPU µs per request, {CLIENTS} clients"),
+            format!(
+                "{what}: keyless {}, {MANY_KEYS} keys {}, hot key {}",
+                at(keyless),
+                at(many),
+                at(hot)
+            ),
+        )
+    };
     let rows = vec![
         Row::info(
             &format!("keyless requests/s, {CLIENTS} clients"),
@@ -535,6 +619,10 @@ fn report(instances: usize, results: &Results, exact: Exact) -> Outcome {
         ),
         latency("PostgreSQL", |m| &m.postgres),
         latency("SQLite", |m| &m.sqlite),
+        cpu_row("PostgreSQL", "gateways + server", |m| {
+            (&m.postgres, &m.postgres_cpu)
+        }),
+        cpu_row("SQLite", "gateway", |m| (&m.sqlite, &m.sqlite_cpu)),
         Row::goal(
             "keyed answers not 200, limits far away",
             format!("{keyed_refused}"),
