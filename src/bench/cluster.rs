@@ -160,7 +160,10 @@ pub(crate) fn cluster(b: &mut Bench) -> anyhow::Result<Outcome> {
     if b.postgres.is_none() {
         let why = "not run: it needs --db postgres://… (several gateways on one database)";
         b.phase(format!("cluster: {why}"));
-        let rows = vec![Row::info("cluster", why.to_string())];
+        let rows = vec![Row::info(
+            "keyed requests through the shared limiter",
+            why.into(),
+        )];
         return Ok(Outcome::new("cluster", json!({ "skipped": why }), rows));
     }
     let instances = b.instances;
