@@ -229,6 +229,88 @@ fn bench_with_db_postgres_measures_it_beside_sqlite_and_drops_its_databases() {
     );
 }
 
+/// Issue 15 point 11: `--scenarios cluster` starts `--instances` gateways on one scratch
+/// PostgreSQL database beside one on SQLite, measures keyless and keyed requests on both (one
+/// hot key, many keys), finds a small rpm exact across the instances, and drops its database.
+#[test]
+fn bench_cluster_measures_keyed_requests_across_instances_and_drops_its_database() {
+    let url = std::env::var(common::POSTGRES_URL_VAR)
+        .ok()
+        .filter(|u| !u.is_empty());
+    let Some(url) = common::require(
+        "PostgreSQL (SYNCGATE_TEST_POSTGRES_URL, which ./scripts/test sets)",
+        "postgresql",
+        url,
+    ) else {
+        return;
+    };
+    let dir = Scratch::new("bench-cluster");
+    let json_path = dir.file("bench.json");
+    let mut child = start_bench(
+        &dir,
+        &[
+            "--scenarios",
+            "cluster",
+            "--duration-s",
+            "1",
+            "--instances",
+            "2",
+            "--db",
+            &url,
+            "--json",
+            json_path.to_str().unwrap(),
+        ],
+    );
+    let pid = child.id();
+    let status = wait(&mut child, DEADLINE);
+    let (stdout, stderr) = (read(&dir.file("stdout")), read(&dir.file("stderr")));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "expected exit 0, got {status:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+
+    let report: Value = serde_json::from_str(&read(&json_path))
+        .unwrap_or_else(|e| panic!("bad JSON ({e}):\n{}", read(&json_path)));
+    let cluster = ["scenarios", "cluster"];
+    assert_eq!(
+        number(&report, &[&cluster[..], &["instances"]].concat()),
+        2.0
+    );
+    for backend in ["postgres", "sqlite"] {
+        for mode in [
+            "keyless_1_client",
+            "keyless",
+            "keyed_1_client",
+            "many_keys",
+            "hot_key",
+        ] {
+            let rps = number(&report, &[&cluster[..], &[backend, mode, "rps"]].concat());
+            assert!(rps > 0.0, "{backend} {mode}: {report:#}");
+        }
+    }
+    // Correctness, not a figure: the key of rpm 50 was admitted 50 times across the instances.
+    let exact = &report["scenarios"]["cluster"]["exact"];
+    assert_eq!(exact["admitted"], exact["rpm"], "{report:#}");
+    for row in [
+        "keyed requests/s, 64 clients, one hot key",
+        "keyed requests/s, 64 clients, 64 keys",
+        "added by a key, 1 client",
+        "rpm 50 across 2 instances",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?}:\n{stdout}");
+    }
+
+    let left = common::psql_at(
+        &url,
+        &format!("SELECT count(*) FROM pg_database WHERE datname LIKE 'syncgate_bench_{pid}_%'"),
+    );
+    assert_eq!(
+        left.as_deref().map(str::trim),
+        Ok("0"),
+        "scratch databases left behind"
+    );
+}
+
 /// Processes whose parent is `pid`.
 fn children_of(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();

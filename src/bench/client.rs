@@ -18,7 +18,20 @@ const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// A request with `Content-Length`, ready to be written as it is, again and again.
 pub(crate) fn request_bytes(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    request_bytes_with(method, path, &[], body)
+}
+
+/// [`request_bytes`] with more header lines (`name`, `value`).
+pub(crate) fn request_bytes_with(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n").into_bytes();
+    for (name, value) in headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
     if !body.is_empty() || method == "POST" {
         out.extend_from_slice(
             format!(

@@ -36,9 +36,19 @@ pub(crate) enum Work {
         request: Arc<[u8]>,
         stall_gap: Duration,
     },
+    /// Plain requests spread over several gateways (and API keys): client `i` connects to
+    /// `targets[i % n]` and asks its request, whatever the spec's `addr` says.
+    Spread { targets: Arc<[Target]> },
+}
+
+/// Where one client of [`Work::Spread`] connects, and what it asks there.
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) request: Arc<[u8]>,
 }
 
 pub(crate) struct LoadSpec {
+    /// Where the clients connect (unless the work is [`Work::Spread`]).
     pub(crate) addr: SocketAddr,
     pub(crate) clients: usize,
     pub(crate) work: Work,
@@ -54,6 +64,8 @@ pub(crate) struct Tally {
     pub(crate) ok: Histogram,
     /// Latency of 503 answers.
     pub(crate) rejected: Histogram,
+    /// 429 answers (a key's limits refused the request).
+    pub(crate) limited: u64,
     /// Answers with another status.
     pub(crate) other_status: u64,
     /// Failed connects, reads and writes.
@@ -75,6 +87,7 @@ impl Tally {
         Tally {
             ok: Histogram::new(),
             rejected: Histogram::new(),
+            limited: 0,
             other_status: 0,
             errors: 0,
             streams_clean: 0,
@@ -88,6 +101,7 @@ impl Tally {
     fn merge(&mut self, other: &Tally) {
         self.ok.merge(&other.ok);
         self.rejected.merge(&other.rejected);
+        self.limited += other.limited;
         self.other_status += other.other_status;
         self.errors += other.errors;
         self.streams_clean += other.streams_clean;
@@ -198,8 +212,19 @@ impl Load {
         };
         for slot in 0..spec.clients {
             let shared = Arc::clone(&load.shared);
-            let work = spec.work.clone();
-            let addr = spec.addr;
+            let (addr, work) = match &spec.work {
+                Work::Spread { targets } => {
+                    let target = targets
+                        .get(slot % targets.len().max(1))
+                        .context("spread work without targets")?;
+                    let work = Work::Plain {
+                        request: Arc::clone(&target.request),
+                        think_after_503: Duration::ZERO,
+                    };
+                    (target.addr, work)
+                }
+                work => (spec.addr, work.clone()),
+            };
             let delay = spec.stagger.mul_f64(slot as f64 / spec.clients as f64);
             let thread = thread::Builder::new()
                 .name("bench-client".into())
@@ -299,6 +324,7 @@ fn client(shared: &Shared, slot: usize, addr: SocketAddr, work: &Work, delay: Du
                             match answer.status {
                                 200 => tally.ok.record(at - sent),
                                 503 => tally.rejected.record(at - sent),
+                                429 => tally.limited += 1,
                                 _ => tally.other_status += 1,
                             }
                             shared.samples.fetch_add(1, Ordering::Relaxed);
@@ -316,6 +342,8 @@ fn client(shared: &Shared, slot: usize, addr: SocketAddr, work: &Work, delay: Du
                     }
                 }
             }
+            // Load::start hands each client of a spread its own plain work.
+            Work::Spread { .. } => break,
             Work::Stream { request, stall_gap } => {
                 let answer = c.exchange_stream(request);
                 let counted = shared.counts(Instant::now());

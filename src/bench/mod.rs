@@ -4,6 +4,7 @@
 //! run, and reports ratios against the performance goals (docs/benchmarks.md).
 
 mod client;
+mod cluster;
 mod hist;
 mod latency_zero;
 mod load;
@@ -51,6 +52,9 @@ pub(crate) enum Scenario {
     Logging,
     /// The database writer alone: rows/s with group commit against a transaction per row.
     Writer,
+    /// Keyed requests/s through the shared limiter of --instances gateways on one PostgreSQL
+    /// (needs --db), against SQLite's in-process limits.
+    Cluster,
 }
 
 impl Scenario {
@@ -62,6 +66,7 @@ impl Scenario {
             Scenario::Sweep => 2 * latency_zero::SWEEP_CLIENTS.len() as u64,
             Scenario::SlowAi | Scenario::Streams => 2,
             Scenario::SaturatedHealth | Scenario::Overload => 1,
+            Scenario::Cluster => 0,
         }
     }
 
@@ -71,6 +76,7 @@ impl Scenario {
             Scenario::Writer => store::POSTGRES_PHASES,
             Scenario::Logging => 4 * u64::from(latency_zero::LOGGING_ROUNDS),
             Scenario::SlowAi => 1,
+            Scenario::Cluster => cluster::PHASES,
             _ => 0,
         }
     }
@@ -93,15 +99,19 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=8000))]
     streams: u64,
+    /// Gateways on the one PostgreSQL database in cluster.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=16))]
+    instances: u64,
     /// Write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Draw latency and throughput against concurrency as SVG to FILE.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
-    /// A PostgreSQL server (postgres://…) to measure beside SQLite: the writer on its own, and
-    /// the gateway in logging and slow-ai, each in a scratch database the bench makes there
-    /// and drops (the role needs CREATEDB).
+    /// A PostgreSQL server (postgres://…) to measure beside SQLite: the writer on its own, the
+    /// gateway in logging and slow-ai, and the gateways of cluster, each in a scratch database
+    /// the bench makes there and drops (the role needs CREATEDB).
     #[arg(long, value_name = "URL", value_parser = crate::database::Database::parse)]
     db: Option<crate::database::Database>,
 }
@@ -121,6 +131,8 @@ pub(crate) struct Bench {
     duration: Duration,
     clients: usize,
     streams: usize,
+    /// Gateways on PostgreSQL in the cluster scenario.
+    instances: usize,
     /// Latency-0 runs at each concurrency, for the SVG.
     points: Vec<svg::Point>,
     /// The PostgreSQL server `--db` names, measured beside SQLite (the gateways on it are the
@@ -190,6 +202,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         duration: Duration::from_secs(args.duration_s),
         clients,
         streams,
+        instances: args.instances as usize,
         points: Vec::new(),
         postgres: pg,
     };
@@ -207,6 +220,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             Scenario::Streams => streams::streams(&mut bench),
             Scenario::Logging => latency_zero::logging(&mut bench),
             Scenario::Writer => store::writer(&mut bench),
+            Scenario::Cluster => cluster::cluster(&mut bench),
         };
         let outcome = outcome.with_context(|| format!("scenario {scenario:?} failed"))?;
         outcomes.push(outcome);

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::postgres::ScratchDatabase;
-use crate::database::Postgres;
+use crate::database::{Database, Postgres};
 
 /// How long a child may take to print its `listening on` line.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
@@ -351,6 +351,75 @@ impl Fleet {
         gateway.proc.check_alive()?;
         Ok(&mut gateway.proc)
     }
+
+    /// `n` gateways with `spec` side by side on one store, in front of the mock upstream with
+    /// `upstream` (the cluster scenario). On PostgreSQL they share one scratch database, on
+    /// SQLite one file; `tag` names either. The fleet's own gateway is stopped first, so it
+    /// takes no CPU from them.
+    pub(crate) fn gateways(
+        &mut self,
+        upstream: MockSpec,
+        spec: GatewaySpec,
+        n: usize,
+        tag: &str,
+    ) -> anyhow::Result<Gateways> {
+        self.gateway = None;
+        let upstream_addr = self.upstream(upstream)?;
+        self.starts += 1;
+        let config = self.dir.join(format!("{tag}.toml"));
+        fs::write(&config, gateway_toml(upstream_addr, &spec))
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        let (database, store, db, env) = match spec.backend {
+            Backend::Sqlite => {
+                let file = self.dir.join(format!("{tag}.db"));
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = fs::remove_file(format!("{}{suffix}", file.display()));
+                }
+                let db = file.display().to_string();
+                (None, Database::Sqlite(file), db, Vec::new())
+            }
+            Backend::Postgres => {
+                let server = self
+                    .postgres
+                    .as_ref()
+                    .context("gateways on PostgreSQL need --db postgres://…")?;
+                let scratch = ScratchDatabase::create(server, tag)?;
+                let (url, env) = scratch.serve_args();
+                let store = scratch.database();
+                (Some(scratch), store, url, env)
+            }
+        };
+        let mut gateways = Gateways {
+            procs: Vec::with_capacity(n),
+            store,
+            _database: database,
+        };
+        for i in 0..n {
+            let args: Vec<String> = vec![
+                "serve".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--config".into(),
+                config.display().to_string(),
+                "--db".into(),
+                db.clone(),
+            ];
+            let log = self.dir.join(format!("{tag}-{i}.log"));
+            gateways
+                .procs
+                .push(Proc::spawn(&self.exe, &args, &env, log)?);
+        }
+        Ok(gateways)
+    }
+}
+
+/// Gateways started together on one store. The fields drop in order: every process is killed
+/// and reaped before their scratch database is dropped.
+pub(crate) struct Gateways {
+    pub(crate) procs: Vec<Proc>,
+    /// The store they share, for the bench to open (to make API keys in it).
+    pub(crate) store: Database,
+    _database: Option<ScratchDatabase>,
 }
 
 impl Drop for Fleet {

@@ -17,11 +17,23 @@ use super::Bench;
 
 /// A chat completion for `model`, small on the way in and out.
 pub(crate) fn chat_request(model: &str) -> Arc<[u8]> {
+    super::client::request_bytes("POST", "/v1/chat/completions", &chat_body(model)).into()
+}
+
+/// [`chat_request`] with the API key `key`.
+pub(crate) fn keyed_chat_request(model: &str, key: &str) -> Arc<[u8]> {
+    let bearer = format!("Bearer {key}");
+    let headers = [("authorization", bearer.as_str())];
+    super::client::request_bytes_with("POST", "/v1/chat/completions", &headers, &chat_body(model))
+        .into()
+}
+
+fn chat_body(model: &str) -> Vec<u8> {
     let body = json!({
         "model": model,
         "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
     });
-    super::client::request_bytes("POST", "/v1/chat/completions", body.to_string().as_bytes()).into()
+    body.to_string().into_bytes()
 }
 
 /// Warm-up before a measured window: a tenth of it, between 0.2 s and 1 s, plus two upstream
