@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 
 /// A well-formed request placed right after each case: answered only when the case was valid.
-const FOLLOW_UP: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+const FOLLOW_UP: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
 
 /// One raw request and the status it must get.
 struct Case {
@@ -37,7 +37,7 @@ fn body() -> (String, usize, String) {
 /// blank line.
 fn post(fields: &str, rest: &[u8]) -> Vec<u8> {
     let mut raw = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{fields}\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{fields}\r\n"
     )
     .into_bytes();
     raw.extend_from_slice(rest);

@@ -41,7 +41,7 @@ fn job(addr: SocketAddr, id: &str) -> Value {
 fn cancel(addr: SocketAddr, id: &str) -> Resp {
     send(
         addr,
-        &format!("DELETE /api/jobs/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        &format!("DELETE /api/jobs/{id} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .into_bytes(),
     )
 }

@@ -198,7 +198,7 @@ fn oversized_bodies_and_slow_clients_are_stopped_by_nginx_before_syncgate() {
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     conn.write_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
           Content-Length: 5000000\r\nConnection: close\r\n\r\n{\"model\":",
     )
     .unwrap();
@@ -209,7 +209,7 @@ fn oversized_bodies_and_slow_clients_are_stopped_by_nginx_before_syncgate() {
 
     // A client that never finishes its head is closed by nginx (client_header_timeout 10 s).
     let mut slow = TcpStream::connect(nginx.addr).unwrap();
-    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
