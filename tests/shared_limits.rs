@@ -459,9 +459,10 @@ fn keyed_calls_and_the_lease_do_not_wait_for_a_read_pool_held_by_slow_reads() {
 
 /// An instance whose lease is gone (its `instances` row deleted behind its back, and every
 /// attempt to register again failing while a trigger refuses it) answers keyed calls 503
-/// `store_unavailable` with a Retry-After, while calls that need no limits (the admin key,
-/// `/readyz`) go on; once it can register again it does, under a new id, within a tick of the
-/// lease thread, and keyed calls are admitted again.
+/// `store_unavailable` with a Retry-After, while calls that need no limits (the admin key) go
+/// on and `/readyz` says `lease_lost`, so a balancer sends keyed work elsewhere; once it can
+/// register again it does, under a new id, within a tick of the lease thread, and keyed calls
+/// are admitted again and `/readyz` is 200.
 #[test]
 fn a_lost_lease_refuses_keyed_calls_until_the_instance_has_registered_again() {
     let Some(pg) = fresh_postgres() else { return };
@@ -489,7 +490,9 @@ fn a_lost_lease_refuses_keyed_calls_until_the_instance_has_registered_again() {
         let admin = bearer(ADMIN);
         let headers = [("Authorization", admin.as_str()), ("Connection", "close")];
         assert_ok(&send(s.addr, &get_req("/admin/keys", &headers)), "admin");
-        assert_eq!(get(s.addr, "/readyz").status, 200, "{}", s.log());
+        let ready = get(s.addr, "/readyz");
+        assert_eq!(ready.status, 503, "{}", ready.describe());
+        assert_eq!(ready.json()["status"], "lease_lost", "{}", ready.describe());
     }
     let counted = metric_value(
         &scrape(s.addr),
@@ -506,6 +509,7 @@ fn a_lost_lease_refuses_keyed_calls_until_the_instance_has_registered_again() {
     });
     let took = freed.elapsed();
     assert!(back, "keyed calls never came back:\n{}", s.log());
+    assert_eq!(get(s.addr, "/readyz").status, 200, "{}", s.log());
     // The lease thread ticks every fifth of the lease: it registered at its next tick.
     assert!(
         took < Duration::from_millis(LEASE_MS / 5 + 1000),

@@ -19,8 +19,9 @@ pub(crate) fn answer(state: &State, route: Route, request: &Request) -> Result<R
 }
 
 /// What `/readyz` says: 503 while draining, while the queue is at or above its high-water
-/// mark, or while the database cannot be reached, so a load balancer sends new work elsewhere
-/// before this instance has to refuse it.
+/// mark, while the database cannot be reached, or (on PostgreSQL) while this instance holds no
+/// lease and so refuses keyed work, so a load balancer sends new work elsewhere before this
+/// instance has to refuse it.
 pub(crate) fn readiness(state: &State) -> (u16, &'static str) {
     let depth = state.queue_len();
     let high_water = state.config.capacity.ready_high_water * state.config.capacity.queue as f64;
@@ -30,6 +31,10 @@ pub(crate) fn readiness(state: &State) -> (u16, &'static str) {
         (503, "queue_high_water")
     } else if !state.store.is_available() {
         (503, "store_unavailable")
+    } else if matches!(state.config.db, crate::database::Database::Postgres(_))
+        && !state.instance.is_registered()
+    {
+        (503, "lease_lost")
     } else {
         (200, "ready")
     }
