@@ -93,6 +93,7 @@ struct RawHttp {
 struct RawServer {
     shutdown_grace_ms: Option<u64>,
     trusted_proxies: Option<Vec<String>>,
+    local_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +215,9 @@ pub(crate) struct Config {
     pub(crate) shutdown_grace: Duration,
     /// Proxies whose `X-Forwarded-For` is believed. Default loopback.
     pub(crate) trusted_proxies: Vec<crate::http::forwarded::Cidr>,
+    /// Host names besides `localhost` and loopback addresses that development mode serves
+    /// (lower case, no port). Default none.
+    pub(crate) local_hosts: Vec<String>,
     /// Time the built-in `mock` model takes to answer. Default 0.
     pub(crate) mock_latency: Duration,
     /// Serve `POST /debug/panic` (tests only; hidden flag). Default off.
@@ -447,6 +451,7 @@ impl Default for Config {
             },
             shutdown_grace: Duration::from_millis(30_000),
             trusted_proxies: crate::http::forwarded::loopback(),
+            local_hosts: Vec::new(),
             mock_latency: Duration::ZERO,
             debug_routes: false,
             allow_open: false,
@@ -670,6 +675,27 @@ impl Config {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|why| file_invalid("server.trusted_proxies", file, why))?,
         };
+        let local_hosts = match raw.server.local_hosts {
+            None => d.local_hosts.clone(),
+            Some(names) => names
+                .iter()
+                .map(|name| {
+                    let name = name.trim().to_ascii_lowercase();
+                    let plain = !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+                    if plain {
+                        Ok(name)
+                    } else {
+                        Err(format!(
+                            "{name:?} is not a host name (letters, digits, '-' and '.'; no port)"
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|why| file_invalid("server.local_hosts", file, why))?,
+        };
         let mock_latency = millis(
             "mock.latency_ms",
             pick(over.mock_latency_ms, raw.mock.latency_ms, 0),
@@ -784,6 +810,7 @@ impl Config {
             http,
             shutdown_grace,
             trusted_proxies,
+            local_hosts,
             mock_latency,
             debug_routes: over.debug_routes,
             allow_open: over.allow_open,
@@ -1055,6 +1082,26 @@ mod tests {
         assert_eq!(c.capacity.max_connections, 1024);
         assert_eq!(c.http.max_body_bytes, 4 * 1024 * 1024);
         assert_eq!(c.http.keepalive_timeout, Duration::from_secs(75));
+    }
+
+    #[test]
+    fn local_hosts_are_plain_names_kept_in_lower_case() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert!(c.local_hosts.is_empty());
+        let c = parse(
+            "[server]\nlocal_hosts = [\"MyApp.test\", \"dev-box\"]\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.local_hosts, ["myapp.test", "dev-box"]);
+        for bad in ["\"myapp.test:8080\"", "\"\"", "\"a/b\""] {
+            let e = parse(
+                &format!("[server]\nlocal_hosts = [{bad}]\n"),
+                &Overrides::default(),
+            )
+            .expect_err(bad);
+            assert!(e.to_string().contains("server.local_hosts"), "{e}");
+        }
     }
 
     #[test]

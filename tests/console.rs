@@ -405,6 +405,12 @@ fn status_needs_a_key_once_keys_exist_and_a_local_host_while_they_do_not() {
     }
     let r = get_with(open.addr, "/api/requests", &[("Host", "127.0.0.1:8080")]);
     assert_eq!(r.status, 200, "{}", r.describe());
+    // A name the configuration says is this machine's is served too.
+    let named = Server::start_with_config("[server]\nlocal_hosts = [\"myapp.test\"]\n", &[]);
+    let r = get_with(named.addr, "/api/requests", &[("Host", "myapp.test:8080")]);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let r = get_with(named.addr, "/api/requests", &[("Host", "rebind.example")]);
+    assert_eq!(r.status, 403, "{}", r.describe());
 
     let keyed = Server::start_with_env(&[], &[("SYNCGATE_ADMIN_KEY", ADMIN)]);
     let admin = format!("Bearer {ADMIN}");

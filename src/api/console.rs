@@ -91,14 +91,15 @@ fn secured(response: Response) -> Response {
 
 /// Refuses a request whose `Host` is not this machine's, while no key is needed: a page on
 /// another site could otherwise point its own name at 127.0.0.1 (DNS rebinding) and read the
-/// console. Allowed: `localhost` and `*.localhost`, a loopback address, the listen address.
+/// console. Allowed: `localhost` and `*.localhost`, a loopback address, the listen address,
+/// and the names of `[server] local_hosts`.
 /// An HTTP/1.0 request without a Host passes: a browser always sends one, so rebinding cannot
 /// leave it out.
 pub(crate) fn check_host(state: &State, request: &Request) -> Result<(), ApiError> {
     let Some(host) = request.header("host") else {
         return Ok(());
     };
-    if is_local_host(host, state.config.listen.ip()) {
+    if is_local_host(host, state.config.listen.ip(), &state.config.local_hosts) {
         Ok(())
     } else {
         Err(ApiError::ForeignHost {
@@ -107,7 +108,7 @@ pub(crate) fn check_host(state: &State, request: &Request) -> Result<(), ApiErro
     }
 }
 
-fn is_local_host(host: &str, listen: IpAddr) -> bool {
+fn is_local_host(host: &str, listen: IpAddr, named: &[String]) -> bool {
     // Without its port: `[v6]:port`, `[v6]`, `name:port`, `v4:port`, `name`.
     let name = match host.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
@@ -117,7 +118,7 @@ fn is_local_host(host: &str, listen: IpAddr) -> bool {
         None => host.split(':').next().unwrap_or(""),
     };
     let name = name.to_ascii_lowercase();
-    if name == "localhost" || name.ends_with(".localhost") {
+    if name == "localhost" || name.ends_with(".localhost") || named.contains(&name) {
         return true;
     }
     match name.parse::<IpAddr>() {
@@ -144,7 +145,7 @@ mod tests {
             "[::1]:8080",
             "[::1]",
         ] {
-            assert!(is_local_host(ok, loopback), "{ok}");
+            assert!(is_local_host(ok, loopback, &[]), "{ok}");
         }
         for bad in [
             "",
@@ -156,12 +157,16 @@ mod tests {
             "[::1",
             "[2001:db8::1]:80",
         ] {
-            assert!(!is_local_host(bad, loopback), "{bad}");
+            assert!(!is_local_host(bad, loopback, &[]), "{bad}");
         }
         let lan: IpAddr = "10.0.0.5".parse().unwrap();
-        assert!(is_local_host("10.0.0.5:8080", lan));
+        assert!(is_local_host("10.0.0.5:8080", lan, &[]));
         let any: IpAddr = "0.0.0.0".parse().unwrap();
-        assert!(!is_local_host("0.0.0.0", any));
+        assert!(!is_local_host("0.0.0.0", any, &[]));
+        // A name configured in `[server] local_hosts`, any case, with or without a port.
+        let named = ["myapp.test".to_string()];
+        assert!(is_local_host("MyApp.test:8080", loopback, &named));
+        assert!(!is_local_host("other.test", loopback, &named));
     }
 
     #[test]
