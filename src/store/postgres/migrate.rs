@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_requests_key",
         include_str!("../../../migrations/postgres/0004_requests_key.sql"),
     ),
+    (
+        5,
+        "0005_requests_partial",
+        include_str!("../../../migrations/postgres/0005_requests_partial.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.
