@@ -3,8 +3,12 @@
 //! (`store::limits`), and settled in one statement when the answer is done. When the limits
 //! cannot be checked (the database is unreachable, this instance lost its lease), `[limits]
 //! on_store_error` decides: refuse with 503 `store_unavailable` (closed), or admit unchecked
-//! (open), counted either way and logged at most once a minute.
+//! (open), counted either way and logged at most once a minute. An admission call that fails
+//! may still have committed; its ticket is kept, and the slot it may hold is released by that
+//! ticket once the database answers again.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +30,31 @@ const UNSETTLED_MAX: usize = 100_000;
 /// Admissions (and their reported tokens) whose settle statement failed.
 type Unsettled = Arc<Mutex<Vec<(i64, Option<u64>)>>>;
 
+/// How long a lost answer's ticket is looked for: past the longest an admission call can still
+/// commit after its caller gave up on it (the statement timeout, 30 s unless the URL's options
+/// raise it), with room to spare.
+const LOST_FOR: Duration = Duration::from_secs(120);
+
+/// How often the tickets of lost answers are looked for at most: one statement for all of them.
+const LOST_EVERY: Duration = Duration::from_secs(1);
+
+/// An admission call that failed after it may have committed: the database may hold an
+/// admission in flight that this instance never learnt of.
+#[derive(Debug)]
+struct LostAnswer {
+    instance: String,
+    key: i64,
+    ticket: i64,
+    failed_at: Instant,
+}
+
+/// The answers lost, and when they were last looked for.
+#[derive(Debug, Default)]
+struct Lost {
+    answers: Vec<LostAnswer>,
+    looked: Option<Instant>,
+}
+
 /// The shared limiter: the store, this instance, and the policy for store failures.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -35,6 +64,9 @@ pub(crate) struct Shared {
     errors: IntCounterVec,
     last_logged: Mutex<Option<Instant>>,
     unsettled: Unsettled,
+    /// The next admission's ticket: unique within this process, so within this instance.
+    tickets: AtomicI64,
+    lost: Mutex<Lost>,
 }
 
 impl Shared {
@@ -51,6 +83,8 @@ impl Shared {
             errors,
             last_logged: Mutex::new(None),
             unsettled: Arc::default(),
+            tickets: AtomicI64::new(1),
+            lost: Mutex::default(),
         }
     }
 
@@ -60,9 +94,24 @@ impl Shared {
             return self.store_failed("this instance holds no lease");
         }
         self.settle_leftovers();
-        let admission = match limits::admit(&self.db, key, &self.instance.id(), tokens) {
+        self.release_lost();
+        let instance = self.instance.id();
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let admission = match limits::admit(&self.db, key, &instance, tokens, ticket) {
             Ok(admission) => admission,
-            Err(e) => return self.store_failed(&e.to_string()),
+            Err(e) => {
+                let mut lost = lock(&self.lost);
+                if lost.answers.len() < UNSETTLED_MAX {
+                    lost.answers.push(LostAnswer {
+                        instance,
+                        key,
+                        ticket,
+                        failed_at: Instant::now(),
+                    });
+                }
+                drop(lost);
+                return self.store_failed(&e.to_string());
+            }
         };
         let headers = headers(&admission);
         match admission.outcome {
@@ -142,6 +191,42 @@ impl Shared {
             lock(&self.unsettled).extend(still);
         }
     }
+
+    /// Releases the slots of admissions whose answers were lost, at most once every
+    /// [`LOST_EVERY`], in one statement. A ticket is forgotten once released, once its
+    /// instance id is no longer this instance's (the reaper frees that instance's slots when
+    /// its lease runs out), or after [`LOST_FOR`] without being found: that call never
+    /// admitted anything.
+    fn release_lost(&self) {
+        let mut lost = lock(&self.lost);
+        if lost.answers.is_empty() || lost.looked.is_some_and(|at| at.elapsed() < LOST_EVERY) {
+            return;
+        }
+        lost.looked = Some(Instant::now());
+        let instance = self.instance.id();
+        lost.answers.retain(|a| a.instance == instance);
+        let tickets: Vec<i64> = lost.answers.iter().map(|a| a.ticket).collect();
+        let mut keys: Vec<i64> = lost.answers.iter().map(|a| a.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        drop(lost);
+        if tickets.is_empty() {
+            return;
+        }
+        let Ok(released) = limits::release_lost(&self.db, &instance, &keys, &tickets) else {
+            return;
+        };
+        if !released.is_empty() {
+            log::info!(
+                "released {} in-flight slot(s) of admissions whose answers were lost",
+                released.len()
+            );
+        }
+        let released: HashSet<i64> = released.into_iter().collect();
+        lock(&self.lost)
+            .answers
+            .retain(|a| !released.contains(&a.ticket) && a.failed_at.elapsed() < LOST_FOR);
+    }
 }
 
 /// A slot held in the database: settled once, with the reported tokens when they came.
@@ -191,6 +276,61 @@ fn headers(a: &Admission) -> RateHeaders {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Lease;
+    use crate::store::keys::{self, NewKey};
+    use crate::store::testing::postgres_db;
+
+    #[test]
+    fn a_slot_whose_admission_answer_was_lost_is_released_before_the_next_admission() {
+        let Some(db) = postgres_db("shared_lost_answer") else {
+            return;
+        };
+        let store = db.open();
+        let instance = Arc::new(Instance::new("127.0.0.1:1".into()));
+        let _lease = Lease::start(Arc::clone(&instance), &store, Duration::from_secs(60)).unwrap();
+        let errors = IntCounterVec::new(prometheus::Opts::new("e", "e"), &["outcome"]).unwrap();
+        let db = limits::connections(&store, 2).unwrap();
+        let shared = Shared::new(
+            db.clone(),
+            Arc::clone(&instance),
+            OnStoreError::Closed,
+            errors,
+        );
+        let new = NewKey {
+            max_in_flight: Some(1),
+            ..NewKey::default()
+        };
+        let key = keys::insert(&store, keys::make(new, 1).unwrap().stored).unwrap();
+
+        // The call commits, but its answer never reaches the limiter: what admit keeps when
+        // the call fails.
+        let ticket = shared.tickets.fetch_add(1, Ordering::Relaxed);
+        let committed = limits::admit(&db, key, &instance.id(), 0, ticket).unwrap();
+        assert_eq!(committed.outcome, Outcome::Admitted);
+        let refused = limits::admit(&db, key, &instance.id(), 0, 0).unwrap();
+        assert_eq!(
+            refused.outcome,
+            Outcome::InFlight,
+            "the lost admission holds the slot"
+        );
+        lock(&shared.lost).answers.push(LostAnswer {
+            instance: instance.id(),
+            key,
+            ticket,
+            failed_at: Instant::now(),
+        });
+
+        let permit = shared
+            .admit(key, 0)
+            .expect("the lost slot was released first");
+        assert!(lock(&shared.lost).answers.is_empty(), "found, so forgotten");
+        assert!(
+            matches!(shared.admit(key, 0), Err(Refused::Limit(r)) if r.limit == Limit::InFlight),
+            "the permit holds the one slot"
+        );
+        drop(permit);
+        assert!(shared.admit(key, 0).is_ok(), "the permit's drop settled it");
+    }
 
     #[test]
     fn the_database_numbers_render_as_the_in_process_headers_would() {

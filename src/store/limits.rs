@@ -84,17 +84,37 @@ fn shared_only() -> StoreError {
     StoreError::Failed("shared limits exist only on PostgreSQL".into())
 }
 
-/// Admits one request of `key` estimated at `tokens` for `instance`, in one round trip.
+/// Admits one request of `key` estimated at `tokens` for `instance`, in one round trip. The
+/// admission carries `ticket` (unique within the instance), so that it can be found by
+/// [`release_lost`] when this answer never arrives.
 pub(crate) fn admit(
     db: &Connections,
     key: i64,
     instance: &str,
     tokens: u64,
+    ticket: i64,
 ) -> Result<Admission, StoreError> {
     match db.store.backend() {
         Backend::Sqlite(_) => Err(shared_only()),
         Backend::Postgres(pg) => pg.query_on(&db.pool, CHECKOUT_WAIT, |c| {
-            pg::admit(c, key, instance, tokens)
+            pg::admit(c, key, instance, tokens, ticket)
+        }),
+    }
+}
+
+/// Releases the in-flight slots of `instance`'s admissions of `keys` with these `tickets`,
+/// whose answers were lost: one statement. Returns the tickets it found still in flight; the
+/// others were never admitted, or not yet committed.
+pub(crate) fn release_lost(
+    db: &Connections,
+    instance: &str,
+    keys: &[i64],
+    tickets: &[i64],
+) -> Result<Vec<i64>, StoreError> {
+    match db.store.backend() {
+        Backend::Sqlite(_) => Err(shared_only()),
+        Backend::Postgres(pg) => pg.query_on(&db.pool, CHECKOUT_WAIT, |c| {
+            pg::release_lost(c, instance, keys, tickets)
         }),
     }
 }
@@ -174,7 +194,7 @@ mod tests {
                 .map(|_| {
                     scope.spawn(|| {
                         barrier.wait();
-                        admit(store, key, inst, tokens).unwrap()
+                        admit(store, key, inst, tokens, 0).unwrap()
                     })
                 })
                 .collect();
@@ -233,7 +253,7 @@ mod tests {
             settle(&c, a.id.unwrap(), None).unwrap();
         }
         assert_eq!(
-            admit(&c, flying, &inst, 0).unwrap().outcome,
+            admit(&c, flying, &inst, 0, 0).unwrap().outcome,
             Outcome::Admitted
         );
     }
@@ -253,19 +273,22 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        let first = admit(&c, k, &inst, 600).unwrap();
+        let first = admit(&c, k, &inst, 600, 0).unwrap();
         assert_eq!(first.outcome, Outcome::Admitted);
         assert_eq!((first.requests_used, first.tokens_charged), (1, 600));
         assert_eq!(
             (first.requests_reset_ms, first.tokens_reset_ms),
             (60_000, 60_000)
         );
-        assert_eq!(admit(&c, k, &inst, 500).unwrap().outcome, Outcome::Tokens);
+        assert_eq!(
+            admit(&c, k, &inst, 500, 0).unwrap().outcome,
+            Outcome::Tokens
+        );
         settle(&c, first.id.unwrap(), Some(100)).unwrap();
-        let second = admit(&c, k, &inst, 500).unwrap();
+        let second = admit(&c, k, &inst, 500, 0).unwrap();
         assert_eq!(second.outcome, Outcome::Admitted, "{second:?}");
         assert_eq!((second.requests_used, second.tokens_charged), (2, 600));
-        assert_eq!(admit(&c, k, &inst, 1001).unwrap().wait_ms, 60_000);
+        assert_eq!(admit(&c, k, &inst, 1001, 0).unwrap().wait_ms, 60_000);
     }
 
     #[test]
@@ -276,20 +299,20 @@ mod tests {
         let inst = instance(&t, "inst_a", LEASE_MS);
         let c = limiter(&t);
         let k = key(&t, NewKey::default());
-        let free = admit(&c, k, &inst, 0).unwrap();
+        let free = admit(&c, k, &inst, 0, 0).unwrap();
         assert_eq!(
             (free.outcome, free.id),
             (Outcome::Admitted, None),
             "no limits: nothing kept"
         );
         assert_eq!(
-            admit(&c, k, "inst_none", 0).unwrap().outcome,
+            admit(&c, k, "inst_none", 0, 0).unwrap().outcome,
             Outcome::Unregistered
         );
         keys::revoke(&t, k, 2).unwrap();
-        assert_eq!(admit(&c, k, &inst, 0).unwrap().outcome, Outcome::Revoked);
+        assert_eq!(admit(&c, k, &inst, 0, 0).unwrap().outcome, Outcome::Revoked);
         assert_eq!(
-            admit(&c, k + 100, &inst, 0).unwrap().outcome,
+            admit(&c, k + 100, &inst, 0, 0).unwrap().outcome,
             Outcome::Unknown
         );
     }
@@ -309,8 +332,14 @@ mod tests {
                 ..NewKey::default()
             },
         );
-        assert_eq!(admit(&c, k, &dying, 0).unwrap().outcome, Outcome::Admitted);
-        assert_eq!(admit(&c, k, &alive, 0).unwrap().outcome, Outcome::InFlight);
+        assert_eq!(
+            admit(&c, k, &dying, 0, 0).unwrap().outcome,
+            Outcome::Admitted
+        );
+        assert_eq!(
+            admit(&c, k, &alive, 0, 0).unwrap().outcome,
+            Outcome::InFlight
+        );
         let live: Vec<_> = instances::live(&t)
             .unwrap()
             .into_iter()
@@ -338,7 +367,54 @@ mod tests {
             "its lease is gone"
         );
         assert!(instances::renew(&mut own, &alive, LEASE_MS).unwrap());
-        assert_eq!(admit(&c, k, &alive, 0).unwrap().outcome, Outcome::Admitted);
+        assert_eq!(
+            admit(&c, k, &alive, 0, 0).unwrap().outcome,
+            Outcome::Admitted
+        );
+    }
+
+    #[test]
+    fn an_admission_whose_answer_was_lost_is_released_by_its_ticket() {
+        let Some(t) = shared_store("shared_lost") else {
+            return;
+        };
+        let a = instance(&t, "inst_a", LEASE_MS);
+        let b = instance(&t, "inst_b", LEASE_MS);
+        let c = limiter(&t);
+        let k = key(
+            &t,
+            NewKey {
+                rpm: Some(10),
+                max_in_flight: Some(2),
+                ..NewKey::default()
+            },
+        );
+        // Two admissions whose answers instance A "never saw" (tickets 7 and 8), and one of
+        // B's with the same ticket number as one of A's.
+        for ticket in [7, 8] {
+            assert_eq!(
+                admit(&c, k, &a, 0, ticket).unwrap().outcome,
+                Outcome::Admitted
+            );
+        }
+        assert_eq!(admit(&c, k, &b, 0, 7).unwrap().outcome, Outcome::InFlight);
+        // Released by ticket, only A's, and a ticket never admitted (9) is not found.
+        let mut released = release_lost(&c, &a, &[k], &[7, 8, 9]).unwrap();
+        released.sort();
+        assert_eq!(released, [7, 8]);
+        assert!(
+            release_lost(&c, &a, &[k], &[7, 8]).unwrap().is_empty(),
+            "once"
+        );
+        let third = admit(&c, k, &b, 0, 7).unwrap();
+        assert_eq!(third.outcome, Outcome::Admitted);
+        // The slot is free again; the window still counts the lost admissions.
+        assert_eq!(third.requests_used, 3);
+        assert!(
+            release_lost(&c, &a, &[k], &[7]).unwrap().is_empty(),
+            "B's is not A's"
+        );
+        assert_eq!(release_lost(&c, &b, &[k], &[7]).unwrap(), [7]);
     }
 
     /// Admissions a second through the shared limiter on one hot key and on many keys, 8
@@ -378,7 +454,7 @@ mod tests {
                         while started.elapsed() < run {
                             let k = keys[i % keys.len()];
                             i += 1;
-                            let a = admit(c, k, inst, 10).unwrap();
+                            let a = admit(c, k, inst, 10, 0).unwrap();
                             assert_eq!(a.outcome, Outcome::Admitted);
                             settle(c, a.id.unwrap(), Some(12)).unwrap();
                             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

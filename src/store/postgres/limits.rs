@@ -14,11 +14,17 @@ pub(crate) fn admit(
     key: i64,
     instance: &str,
     tokens: u64,
+    ticket: i64,
 ) -> Result<Admission> {
     let row = c.query_one(
         "SELECT outcome, admission, rpm, requests_used, requests_reset_ms, tpm, \
-         tokens_charged, tokens_reset_ms, wait_ms FROM syncgate_admit($1, $2, $3)",
-        &[&key, &instance, &(tokens.min(i64::MAX as u64) as i64)],
+         tokens_charged, tokens_reset_ms, wait_ms FROM syncgate_admit($1, $2, $3, $4)",
+        &[
+            &key,
+            &instance,
+            &(tokens.min(i64::MAX as u64) as i64),
+            &ticket,
+        ],
     )?;
     let outcome = match row.get::<_, Option<&str>>(0).unwrap_or_default() {
         "admitted" => Outcome::Admitted,
@@ -55,4 +61,24 @@ pub(crate) fn settle(
         &[&admission, &tokens.map(|t| t.min(i64::MAX as u64) as i64)],
     )
     .map(drop)
+}
+
+/// Releases the in-flight slots of `instance`'s admissions with these tickets (their answers
+/// were lost) among `keys`' in-flight rows: one statement, through the in-flight index. Returns
+/// the tickets it released.
+pub(crate) fn release_lost(
+    c: &mut Session<'_, impl GenericClient>,
+    instance: &str,
+    keys: &[i64],
+    tickets: &[i64],
+) -> Result<Vec<i64>> {
+    Ok(c.query(
+        "UPDATE limit_admissions SET in_flight = false \
+             WHERE in_flight AND key_id = ANY($2) AND instance = $1 AND ticket = ANY($3) \
+             RETURNING ticket",
+        &[&instance, &keys, &tickets],
+    )?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
 }

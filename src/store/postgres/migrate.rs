@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0005_requests_partial",
         include_str!("../../../migrations/postgres/0005_requests_partial.sql"),
     ),
+    (
+        6,
+        "0006_admission_tickets",
+        include_str!("../../../migrations/postgres/0006_admission_tickets.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.
