@@ -179,8 +179,8 @@ fn claim(state: &State) -> Result<Option<Claimed>, StoreError> {
     if !store::claimable(&state.store, now)? {
         return Ok(None);
     }
-    let lease_until = now + state.config.jobs.lease.as_millis() as i64;
-    let job = store::claim(&state.store, now, lease_until)?;
+    let lease_ms = state.config.jobs.lease.as_millis() as i64;
+    let job = store::claim(&state.store, now, lease_ms)?;
     if let Some(job) = &job {
         if job.attempt == 1 {
             let waited = (now - job.created_ms).max(0) as f64 / 1000.0;
@@ -285,8 +285,8 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
             .map(|(id, attempt)| (id.clone(), *attempt))
             .collect();
         if !held.is_empty() {
-            let until = now_ms() + state.config.jobs.lease.as_millis() as i64;
-            let renewed = store::renew(&state.store, held, until);
+            let lease_ms = state.config.jobs.lease.as_millis() as i64;
+            let renewed = store::renew(&state.store, held, now_ms(), lease_ms);
             if let Err(e) = renewed {
                 state.metrics.store.count_error(e.kind());
                 log::warn!("cannot renew job leases: {e}");

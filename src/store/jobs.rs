@@ -167,22 +167,25 @@ pub(crate) fn submit(
 pub(crate) fn claimable(store: &Store, now_ms: i64) -> Result<bool, StoreError> {
     match store.backend() {
         Backend::Sqlite(db) => db.query(|c| sql::claimable(c, now_ms)),
-        Backend::Postgres(db) => db.query(|c| pg::claimable(c, now_ms)),
+        Backend::Postgres(db) => db.query(pg::claimable),
     }
 }
 
 /// Takes the oldest job that is queued or whose lease ran out, with one more attempt and a
-/// lease until `lease_until_ms`; one out of attempts is failed instead.
+/// lease of `lease_ms`; one out of attempts is failed instead. SQLite times leases by `now_ms`
+/// (one process a file: its clock is the only one). PostgreSQL times them by the database's
+/// clock, never an instance's, so instances whose clocks disagree still agree on when a lease
+/// ran out; `now_ms` only stamps when the job started or failed.
 pub(crate) fn claim(
     store: &Store,
     now_ms: i64,
-    lease_until_ms: i64,
+    lease_ms: i64,
 ) -> Result<Option<Claimed>, StoreError> {
     match store.backend() {
         Backend::Sqlite(db) => db
             .writer()
-            .call(move |conn| sql::claim(conn, now_ms, lease_until_ms)),
-        Backend::Postgres(db) => db.write(|tx| pg::claim(tx, now_ms, lease_until_ms)),
+            .call(move |conn| sql::claim(conn, now_ms, now_ms.saturating_add(lease_ms))),
+        Backend::Postgres(db) => db.write(|tx| pg::claim(tx, now_ms, lease_ms)),
     }
 }
 
@@ -200,17 +203,19 @@ pub(crate) fn resume_orphans(store: &Store, now_ms: i64) -> Result<usize, StoreE
     }
 }
 
-/// Extends the leases of the jobs a runner still holds (same attempt).
+/// Extends the leases of the jobs a runner still holds (same attempt) to `lease_ms` from now:
+/// `now_ms` on SQLite, the database's clock on PostgreSQL (see [`claim`]).
 pub(crate) fn renew(
     store: &Store,
     held: Vec<(String, u32)>,
-    lease_until_ms: i64,
+    now_ms: i64,
+    lease_ms: i64,
 ) -> Result<(), StoreError> {
     match store.backend() {
         Backend::Sqlite(db) => db
             .writer()
-            .call(move |conn| sql::renew(conn, &held, lease_until_ms)),
-        Backend::Postgres(db) => db.write(|tx| pg::renew(tx, &held, lease_until_ms)),
+            .call(move |conn| sql::renew(conn, &held, now_ms.saturating_add(lease_ms))),
+        Backend::Postgres(db) => db.write(|tx| pg::renew(tx, &held, lease_ms)),
     }
 }
 
@@ -348,22 +353,72 @@ mod tests {
     #[test]
     fn a_lost_lease_lets_another_claim_and_attempts_run_out() {
         for t in stores("jobs") {
+            // SQLite times leases by the times given here; PostgreSQL by its own clock, so
+            // there the test waits, polling, for the lease to run out.
+            let sqlite = matches!(t.backend(), Backend::Sqlite(_));
+            let lease = 2_000;
+            let after_lease = |at_ms: i64, done: &dyn Fn(Option<Claimed>) -> bool| {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                loop {
+                    let claimed = claim(&t, at_ms, lease).unwrap();
+                    if done(claimed) || sqlite {
+                        return;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the lease never ran out"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            };
             submit(&t, new_job("a", None), 10).unwrap();
-            let first = claim(&t, 100, 200).unwrap().unwrap();
+            let first = claim(&t, 100, lease).unwrap().unwrap();
             assert_eq!((first.id.as_str(), first.attempt), ("a", 1));
             assert!(
-                claim(&t, 150, 250).unwrap().is_none(),
+                claim(&t, 150, lease).unwrap().is_none(),
                 "the lease still holds"
             );
-            let second = claim(&t, 201, 300).unwrap().unwrap();
-            assert_eq!(second.attempt, 2);
+            after_lease(2_101, &|claimed| {
+                claimed.is_some_and(|second| {
+                    assert_eq!(second.attempt, 2);
+                    true
+                })
+            });
             // The first runner's late outcome is not recorded: it lost the job.
             let late = RunEnd::Succeeded(serde_json::json!({"x": 1}));
-            assert_eq!(finish(&t, "a".into(), 1, late.clone(), 250).unwrap(), None);
+            assert_eq!(
+                finish(&t, "a".into(), 1, late.clone(), 2_150).unwrap(),
+                None
+            );
             // Past the second lease with no attempts left, the job fails instead of running.
-            assert!(claim(&t, 301, 400).unwrap().is_none());
+            after_lease(4_102, &|claimed| {
+                assert!(claimed.is_none(), "no attempts left");
+                get(&t, "a").unwrap().unwrap().status == Status::Failed
+            });
             assert_eq!(get(&t, "a").unwrap().unwrap().status, Status::Failed);
         }
+    }
+
+    /// Issue 15: on PostgreSQL the instances' clocks may disagree; a job's lease runs on the
+    /// database's clock, so an instance whose clock is ahead never takes a job another runs.
+    #[test]
+    fn on_postgresql_a_lease_runs_on_the_database_clock_whatever_an_instance_says() {
+        let Some(db) = crate::store::testing::postgres_db("jobs-db-clock") else {
+            return;
+        };
+        let t = db.open();
+        let hour = 3_600_000;
+        let now = crate::store::now_ms();
+        submit(&t, new_job("a", None), 10).unwrap();
+        // Instance A, its clock an hour behind, claims the job with a 60 s lease.
+        assert_eq!(claim(&t, now - hour, 60_000).unwrap().unwrap().attempt, 1);
+        // Instance B, its clock an hour ahead, sees nothing to take.
+        assert!(!claimable(&t, now + hour).unwrap());
+        assert!(claim(&t, now + hour, 60_000).unwrap().is_none());
+        // A renews, its clock still behind: the lease still runs on the database's clock.
+        renew(&t, vec![("a".into(), 1)], now - hour, 60_000).unwrap();
+        assert!(claim(&t, now + hour, 60_000).unwrap().is_none());
+        assert_eq!(get(&t, "a").unwrap().unwrap().status, Status::Running);
     }
 
     /// Issue 15, point 6: a restarted SQLite server takes its dead predecessor's running jobs
@@ -388,7 +443,7 @@ mod tests {
                 second.close();
                 drop(second);
                 assert!(
-                    claim(&t, 200, 300).unwrap().is_none(),
+                    claim(&t, 200, 100).unwrap().is_none(),
                     "the lease still holds"
                 );
             }
@@ -396,7 +451,7 @@ mod tests {
             t.reopen(crate::store::Keep::default());
             let resumed = resume_orphans(&t, 200).unwrap();
             assert_eq!(resumed, usize::from(sqlite));
-            let again = claim(&t, 200, 300).unwrap();
+            let again = claim(&t, 200, 100).unwrap();
             if sqlite {
                 assert_eq!(again.unwrap().attempt, 2, "taken again at once");
             } else {
@@ -410,7 +465,7 @@ mod tests {
         for t in stores("jobs") {
             submit(&t, new_job("q", None), 10).unwrap();
             submit(&t, new_job("r", None), 10).unwrap();
-            let running = claim(&t, 1, 1000).unwrap().unwrap();
+            let running = claim(&t, 1, 1_000).unwrap().unwrap();
             assert_eq!(running.id, "q");
             assert_eq!(cancel(&t, "r".into(), 2).unwrap(), Cancelled::Now);
             assert_eq!(cancel(&t, "q".into(), 2).unwrap(), Cancelled::WhenItReturns);
@@ -431,7 +486,7 @@ mod tests {
 
     /// Claims the next job, which must be `id`, at `at_ms`.
     fn claim_next(store: &Store, id: &str, at_ms: i64) -> u32 {
-        let job = claim(store, at_ms, at_ms + 1_000_000).unwrap().unwrap();
+        let job = claim(store, at_ms, 1_000_000).unwrap().unwrap();
         assert_eq!(job.id, id, "claimed out of order");
         job.attempt
     }

@@ -52,28 +52,34 @@ pub(crate) fn submit(tx: &mut Tx<'_, '_>, job: &NewJob, max_queued: usize) -> Re
     Ok(Submitted::Created(job.id.clone()))
 }
 
-pub(crate) fn claimable(c: &mut Session<'_, impl GenericClient>, now_ms: i64) -> Result<bool> {
+/// The database's clock in milliseconds since the epoch: what job leases are timed by, so that
+/// instances whose clocks disagree still agree on when a lease ran out.
+const DB_NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+pub(crate) fn claimable(c: &mut Session<'_, impl GenericClient>) -> Result<bool> {
     Ok(c.query_one(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' \
-         OR (status = 'running' AND lease_until_ms < $1))",
-        &[&now_ms],
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' \
+             OR (status = 'running' AND lease_until_ms < {DB_NOW_MS}))"
+        ),
+        &[],
     )?
     .get(0))
 }
 
-/// Takes the oldest job that is queued or whose lease ran out, skipping rows another runner
-/// is claiming; a job out of attempts is failed instead, and the next one looked at.
-pub(crate) fn claim(
-    tx: &mut Tx<'_, '_>,
-    now_ms: i64,
-    lease_until_ms: i64,
-) -> Result<Option<Claimed>> {
+/// Takes the oldest job that is queued or whose lease ran out (by the database's clock),
+/// skipping rows another runner is claiming, with a lease of `lease_ms` from the database's
+/// now; a job out of attempts is failed instead, and the next one looked at. `now_ms` stamps
+/// when the job started or failed.
+pub(crate) fn claim(tx: &mut Tx<'_, '_>, now_ms: i64, lease_ms: i64) -> Result<Option<Claimed>> {
     loop {
         let Some(row) = tx.query_opt(
-            "SELECT id, attempts, max_attempts, request, created_ms FROM jobs \
-             WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < $1) \
-             ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-            &[&now_ms],
+            &format!(
+                "SELECT id, attempts, max_attempts, request, created_ms FROM jobs \
+                 WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < {DB_NOW_MS}) \
+                 ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ),
+            &[],
         )?
         else {
             return Ok(None);
@@ -91,9 +97,12 @@ pub(crate) fn claim(
             continue;
         }
         tx.execute(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
-             started_ms = coalesce(started_ms, $2), lease_until_ms = $3 WHERE id = $1",
-            &[&id, &now_ms, &lease_until_ms],
+            &format!(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, \
+                 started_ms = coalesce(started_ms, $2), lease_until_ms = {DB_NOW_MS} + $3 \
+                 WHERE id = $1"
+            ),
+            &[&id, &now_ms, &lease_ms],
         )?;
         let request: String = row.get(3);
         return Ok(Some(Claimed {
@@ -105,15 +114,15 @@ pub(crate) fn claim(
     }
 }
 
-pub(crate) fn renew(
-    tx: &mut Tx<'_, '_>,
-    held: &[(String, u32)],
-    lease_until_ms: i64,
-) -> Result<()> {
-    let renew = "UPDATE jobs SET lease_until_ms = $3 \
-                 WHERE id = $1 AND attempts = $2 AND status = 'running'";
+/// Extends the leases of the jobs still held (same attempt) to `lease_ms` from the database's
+/// now.
+pub(crate) fn renew(tx: &mut Tx<'_, '_>, held: &[(String, u32)], lease_ms: i64) -> Result<()> {
+    let renew = format!(
+        "UPDATE jobs SET lease_until_ms = {DB_NOW_MS} + $3 \
+         WHERE id = $1 AND attempts = $2 AND status = 'running'"
+    );
     for (id, attempt) in held {
-        tx.execute(renew, &[id, &(*attempt as i32), &lease_until_ms])?;
+        tx.execute(&renew, &[id, &(*attempt as i32), &lease_ms])?;
     }
     Ok(())
 }
