@@ -7,6 +7,11 @@ ALTER TABLE limit_admissions ADD COLUMN ticket BIGINT;
 
 -- syncgate_admit (0003) with the caller's ticket written on the admission it records. The
 -- three-argument function stays: it does the work, and an instance not yet upgraded calls it.
+-- The admission's commit does not wait for the WAL to reach the disk: the key's row lock is
+-- held until the commit, so a flush per admission capped a hot key at one admission per disk
+-- flush, cluster-wide; and what the commit makes durable is little, since limit_admissions is
+-- UNLOGGED (a crash of the server forgets the window anyway). Revocation is not affected: it
+-- is its own transaction.
 CREATE FUNCTION syncgate_admit(
     p_key BIGINT, p_instance TEXT, p_tokens BIGINT, p_ticket BIGINT,
     OUT outcome TEXT, OUT admission BIGINT,
@@ -15,6 +20,7 @@ CREATE FUNCTION syncgate_admit(
     OUT wait_ms BIGINT)
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT a.outcome, a.admission, a.rpm, a.requests_used, a.requests_reset_ms, a.tpm,
            a.tokens_charged, a.tokens_reset_ms, a.wait_ms
       INTO outcome, admission, rpm, requests_used, requests_reset_ms, tpm,

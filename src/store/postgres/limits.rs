@@ -82,3 +82,63 @@ pub(crate) fn release_lost(
     .map(|r| r.get(0))
     .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::store::instances::{self, NewInstance};
+    use crate::store::keys::{self, NewKey};
+    use crate::store::testing::postgres_db;
+    use crate::store::Backend;
+
+    /// Migration 0006: an admission's commit does not wait for the WAL flush (the key's row
+    /// lock is held until it), for its own transaction only.
+    #[test]
+    fn an_admission_commits_without_waiting_for_the_disk_and_only_it() {
+        let Some(db) = postgres_db("admit_async") else {
+            return;
+        };
+        let store = db.open();
+        let new = NewInstance {
+            id: "inst".into(),
+            host: "h".into(),
+            listen: "127.0.0.1:1".into(),
+            version: "t".into(),
+        };
+        let mut own = instances::connection(&store, Duration::from_secs(5)).unwrap();
+        instances::register(&mut own, &new, 60_000).unwrap();
+        let limited = NewKey {
+            rpm: Some(5),
+            ..NewKey::default()
+        };
+        let key = keys::insert(&store, keys::make(limited, 1).unwrap().stored).unwrap();
+        let Backend::Postgres(pg) = store.backend() else {
+            unreachable!("postgres_db opens PostgreSQL");
+        };
+        let mut conn = pg.pool.get().unwrap();
+        let client = &mut conn.client;
+        // The test cluster turns it off for the whole server; a production one has it on.
+        client.batch_execute("SET synchronous_commit = on").unwrap();
+        let setting = |c: &mut postgres::Transaction<'_>| -> String {
+            c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0)
+        };
+        let mut tx = client.transaction().unwrap();
+        assert_eq!(setting(&mut tx), "on");
+        let outcome: String = tx
+            .query_one(
+                "SELECT outcome FROM syncgate_admit($1, 'inst', 0, 1)",
+                &[&key],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(outcome, "admitted");
+        assert_eq!(setting(&mut tx), "off", "for the admission's transaction");
+        tx.rollback().unwrap();
+        let after: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(after, "on", "and only for it");
+    }
+}
