@@ -277,8 +277,8 @@ fn headers(a: &Admission) -> RateHeaders {
 mod tests {
     use super::*;
     use crate::cluster::Lease;
-    use crate::store::keys::{self, NewKey};
-    use crate::store::testing::postgres_db;
+    use crate::store::keys::NewKey;
+    use crate::store::testing::{insert_key, postgres_db};
 
     #[test]
     fn a_slot_whose_admission_answer_was_lost_is_released_before_the_next_admission() {
@@ -300,7 +300,7 @@ mod tests {
             max_in_flight: Some(1),
             ..NewKey::default()
         };
-        let key = keys::insert(&store, keys::make(new, 1).unwrap().stored).unwrap();
+        let key = insert_key(&store, new);
 
         // The call commits, but its answer never reaches the limiter: what admit keeps when
         // the call fails.

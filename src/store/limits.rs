@@ -143,26 +143,16 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::store::instances::{self, NewInstance};
+    use crate::store::instances;
     use crate::store::keys::{self, NewKey};
-    use crate::store::testing::{postgres_db, TempStore};
+    use crate::store::testing::{
+        insert_key as key, postgres_db, register_instance as instance, TempStore,
+    };
 
     const LEASE_MS: i64 = 60_000;
 
     fn shared_store(name: &str) -> Option<TempStore> {
         postgres_db(name).map(|db| db.open())
-    }
-
-    fn instance(store: &Store, id: &str, lease_ms: i64) -> String {
-        let new = NewInstance {
-            id: id.into(),
-            host: "h".into(),
-            listen: "127.0.0.1:1".into(),
-            version: "t".into(),
-        };
-        let mut own = instances::connection(store, Duration::from_secs(5)).unwrap();
-        instances::register(&mut own, &new, lease_ms).unwrap();
-        id.to_string()
     }
 
     /// The limiter's connections, as many as the tests' threads, once all are open (they open
@@ -174,10 +164,6 @@ mod tests {
             thread::sleep(Duration::from_millis(10));
         }
         c
-    }
-
-    fn key(store: &Store, new: NewKey) -> i64 {
-        keys::insert(store, keys::make(new, 1).unwrap().stored).unwrap()
     }
 
     /// `n` admissions of `key` at once from `n` threads (each on its own pooled connection).

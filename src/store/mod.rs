@@ -446,6 +446,27 @@ pub(crate) mod testing {
         all
     }
 
+    /// Registers instance `id` with a lease of `lease_ms` (PostgreSQL), for tests of what
+    /// instances do; returns the id.
+    pub(crate) fn register_instance(store: &Store, id: &str, lease_ms: i64) -> String {
+        use crate::store::instances::{self, NewInstance};
+        let new = NewInstance {
+            id: id.into(),
+            host: "h".into(),
+            listen: "127.0.0.1:1".into(),
+            version: "t".into(),
+        };
+        let mut own = instances::connection(store, std::time::Duration::from_secs(5)).unwrap();
+        instances::register(&mut own, &new, lease_ms).unwrap();
+        id.to_string()
+    }
+
+    /// Inserts a key made from `new`; returns its id.
+    pub(crate) fn insert_key(store: &Store, new: crate::store::keys::NewKey) -> i64 {
+        use crate::store::keys;
+        keys::insert(store, keys::make(new, 1).unwrap().stored).unwrap()
+    }
+
     /// A fresh, empty PostgreSQL database when `SYNCGATE_TEST_POSTGRES_URL` names a server;
     /// `None` (with one line on stderr) when it does not and the run need not test everything.
     pub(crate) fn postgres_db(name: &str) -> Option<TempDb> {

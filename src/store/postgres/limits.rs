@@ -85,11 +85,8 @@ pub(crate) fn release_lost(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use crate::store::instances::{self, NewInstance};
-    use crate::store::keys::{self, NewKey};
-    use crate::store::testing::postgres_db;
+    use crate::store::keys::NewKey;
+    use crate::store::testing::{insert_key, postgres_db, register_instance};
     use crate::store::Backend;
 
     /// Migration 0006: an admission's commit does not wait for the WAL flush (the key's row
@@ -100,19 +97,12 @@ mod tests {
             return;
         };
         let store = db.open();
-        let new = NewInstance {
-            id: "inst".into(),
-            host: "h".into(),
-            listen: "127.0.0.1:1".into(),
-            version: "t".into(),
-        };
-        let mut own = instances::connection(&store, Duration::from_secs(5)).unwrap();
-        instances::register(&mut own, &new, 60_000).unwrap();
+        register_instance(&store, "inst", 60_000);
         let limited = NewKey {
             rpm: Some(5),
             ..NewKey::default()
         };
-        let key = keys::insert(&store, keys::make(limited, 1).unwrap().stored).unwrap();
+        let key = insert_key(&store, limited);
         let Backend::Postgres(pg) = store.backend() else {
             unreachable!("postgres_db opens PostgreSQL");
         };
