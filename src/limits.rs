@@ -125,6 +125,12 @@ impl Limiter {
         }
     }
 
+    /// Whether the limiter can take a burst: in-process limits always can; shared ones once
+    /// all their connections are open.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.shared.as_ref().is_none_or(Shared::is_connected)
+    }
+
     /// Admits one keyed request: in the database when the limits are shared, else here.
     pub(crate) fn admit_key(
         &self,

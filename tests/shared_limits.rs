@@ -11,7 +11,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,19 @@ const LEASE_MS: u64 = 2000;
 /// wait for a connection at most 1 s, then get 503 store_unavailable. On a loaded machine 90
 /// serialised admissions take longer than that (4 test threads on 2 cores: 6 of 90 got 503,
 /// the 30 admitted still exact); with a connection each, they wait for the key's lock instead.
+/// The pool opens in the background, so `instance` waits for `/readyz`, which waits for it:
+/// a burst into a pool still opening got 503s the same way (CI: 7 of 90, all on the instance
+/// started last).
 const BURST_POOL: &str = "pool = 32";
+
+/// Held by each test that runs three instances with `BURST_POOL`, so no two run at once: each
+/// holds 127 connections to the test cluster and 90 client threads, which two at once on a
+/// 2-core machine made slow enough to miss the readiness deadline.
+static BURSTS: Mutex<()> = Mutex::new(());
+
+fn one_burst_at_a_time() -> MutexGuard<'static, ()> {
+    BURSTS.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
@@ -47,11 +59,13 @@ fn instance(db: &str, up: SocketAddr, slow: Option<SocketAddr>, extra: &str) -> 
              [[models]]\nname = \"slow\"\ntargets = [\"slow/upstream-model\"]\n"
         ));
     }
-    Server::start_full(
+    let server = Server::start_full(
         &["--db", db],
         &[("SYNCGATE_ADMIN_KEY", ADMIN)],
         Some(TempConfig::new(&toml)),
-    )
+    );
+    wait_ready(&server);
+    server
 }
 
 /// `POST /admin/keys` through `gw`; then waits until every instance in `all` knows the key:
@@ -149,6 +163,7 @@ fn live_instances(addr: SocketAddr) -> Vec<Value> {
 
 #[test]
 fn limits_are_exact_across_three_instances() {
+    let _alone = one_burst_at_a_time();
     let Some(pg) = fresh_postgres() else { return };
     // Each admitted call is held upstream long enough that all 90 arrive before any ends.
     let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
@@ -530,6 +545,7 @@ fn a_lost_lease_refuses_keyed_calls_until_the_instance_has_registered_again() {
 #[test]
 fn rpm_is_exact_across_three_instances_behind_the_shipped_nginx() {
     let Some(nginx) = nginx_program() else { return };
+    let _alone = one_burst_at_a_time();
     let Some(pg) = fresh_postgres() else { return };
     // Each admitted call is held upstream long enough that all 90 arrive before any ends.
     let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);

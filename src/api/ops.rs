@@ -20,8 +20,8 @@ pub(crate) fn answer(state: &State, route: Route, request: &Request) -> Result<R
 
 /// What `/readyz` says: 503 while draining, while the queue is at or above its high-water
 /// mark, while the database cannot be reached, or (on PostgreSQL) while this instance holds no
-/// lease and so refuses keyed work, so a load balancer sends new work elsewhere before this
-/// instance has to refuse it.
+/// lease and so refuses keyed work, or is still opening the shared limiter's connections, so a
+/// load balancer sends new work elsewhere before this instance has to refuse it.
 pub(crate) fn readiness(state: &State) -> (u16, &'static str) {
     let depth = state.queue_len();
     let high_water = state.config.capacity.ready_high_water * state.config.capacity.queue as f64;
@@ -35,6 +35,8 @@ pub(crate) fn readiness(state: &State) -> (u16, &'static str) {
         && !state.instance.is_registered()
     {
         (503, "lease_lost")
+    } else if !state.auth.limiter.is_connected() {
+        (503, "limits_connecting")
     } else {
         (200, "ready")
     }

@@ -8,7 +8,7 @@
 //! ticket once the database answers again.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,10 @@ pub(crate) struct Shared {
     /// The next admission's ticket: unique within this process, so within this instance.
     tickets: AtomicI64,
     lost: Mutex<Lost>,
+    /// Set once every one of the limiter's connections has been open: until then a burst on
+    /// one key (whose admissions each hold a connection while they wait for its lock) can
+    /// outrun the pool, so `/readyz` says `limits_connecting`.
+    connected: AtomicBool,
 }
 
 impl Shared {
@@ -85,7 +89,22 @@ impl Shared {
             unsettled: Arc::default(),
             tickets: AtomicI64::new(1),
             lost: Mutex::default(),
+            connected: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the limiter's connections have all been opened since start-up. It stays true
+    /// after: a connection lost later is the database's trouble, which `/readyz` reports as
+    /// `store_unavailable`.
+    pub(crate) fn is_connected(&self) -> bool {
+        if self.connected.load(Ordering::Relaxed) {
+            return true;
+        }
+        let open = self.db.all_open();
+        if open {
+            self.connected.store(true, Ordering::Relaxed);
+        }
+        open
     }
 
     /// Admits one request of `key` estimated at `tokens`, in the database.

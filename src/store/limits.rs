@@ -41,6 +41,14 @@ pub(crate) fn connections(store: &Store, size: usize) -> Result<Connections, Sto
     }
 }
 
+impl Connections {
+    /// Whether every one of the limiter's connections is open (they open in the background
+    /// after the first).
+    pub(crate) fn all_open(&self) -> bool {
+        self.pool.state().connections >= self.pool.max_size()
+    }
+}
+
 /// What the database decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -160,7 +168,7 @@ mod tests {
     fn limiter(store: &Store) -> Connections {
         let c = connections(store, 8).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while c.pool.state().idle_connections < 8 && Instant::now() < deadline {
+        while !c.all_open() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
         c

@@ -18,6 +18,20 @@ pub const SHIPPED_NGINX: &str = include_str!("../../deploy/nginx/syncgate.conf")
 /// How long an instance may take to answer `/readyz` with 200 after its `listening on` line.
 const READY_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Waits until `server` answers `/readyz` with 200: on PostgreSQL that includes its lease and
+/// all of the shared limiter's connections open, so a burst right after start finds them.
+pub fn wait_ready(server: &Server) {
+    let ready = poll_until(READY_DEADLINE, Duration::from_millis(20), || {
+        get(server.addr, "/readyz").status == 200
+    });
+    assert!(
+        ready,
+        "{} never became ready:\n{}",
+        server.addr,
+        server.log()
+    );
+}
+
 /// N `syncgate serve` processes on one database, each on a port of its own, with the same
 /// config file. Killed and reaped on drop (each `Server` does it).
 pub struct Fleet {
@@ -80,10 +94,7 @@ impl Fleet {
             &self.db_url,
         ];
         let server = Server::start_command(&args, &[], None);
-        let ready = poll_until(READY_DEADLINE, Duration::from_millis(20), || {
-            get(server.addr, "/readyz").status == 200
-        });
-        assert!(ready, "instance {i} never became ready:\n{}", server.log());
+        wait_ready(&server);
         self.instances[i] = Some(server);
     }
 
