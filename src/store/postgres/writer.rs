@@ -1,7 +1,8 @@
 //! The request log on PostgreSQL: rows no client waits for, queued on a bounded channel and
 //! copied in batches by one `sg-log-writer` thread with `COPY … FROM STDIN`, which measured
 //! 2–3 times the rows per second of a multi-row INSERT here (docs/decisions/0003). While rows
-//! arrive it copies them every `log_flush`; at close it copies what is queued, then stops.
+//! arrive it copies them every `log_flush`, sleeping between batches rather than waiting on the
+//! queue (so a logged request does not wake it); at close it copies what is queued, then stops.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,30 +84,43 @@ struct Copier {
 
 impl Copier {
     fn run(&self) {
+        // Whether the last batch found rows waiting: then the thread sleeps out `flush` and
+        // takes what came, instead of waiting on the queue, where each row sent would wake it
+        // (a wake-up per logged request: a context switch each way on a saturated machine).
+        let mut flowing = false;
         loop {
-            let first = select! {
-                recv(self.inbox) -> row => match row {
-                    Ok(row) => row,
-                    Err(_) => return,
-                },
-                recv(self.stopped) -> _ => {
-                    let rest: Vec<RequestRow> = self.inbox.try_iter().collect();
-                    for batch in rest.chunks(self.batch_max.max(1)) {
-                        self.copy(batch);
-                    }
-                    return;
-                }
-            };
-            // Whatever else arrives within `flush` goes in the same batch.
-            let mut batch = vec![first];
-            let deadline = Instant::now() + self.flush;
-            while batch.len() < self.batch_max {
-                match self.inbox.recv_deadline(deadline) {
-                    Ok(row) => batch.push(row),
-                    Err(_) => break,
+            let mut batch = Vec::new();
+            if !flowing {
+                select! {
+                    recv(self.inbox) -> row => match row {
+                        Ok(row) => batch.push(row),
+                        Err(_) => return,
+                    },
+                    recv(self.stopped) -> _ => return self.copy_the_rest(),
                 }
             }
-            self.copy(&batch);
+            // Whatever else arrives within `flush` goes in the same batch; a full batch goes
+            // at once, and the next one does not wait.
+            if batch.len() + self.inbox.len() < self.batch_max && !self.pause(self.flush) {
+                batch.extend(self.inbox.try_iter().take(self.batch_max - batch.len()));
+                if !batch.is_empty() {
+                    self.copy(&batch);
+                }
+                return self.copy_the_rest();
+            }
+            batch.extend(self.inbox.try_iter().take(self.batch_max - batch.len()));
+            flowing = !batch.is_empty();
+            if flowing {
+                self.copy(&batch);
+            }
+        }
+    }
+
+    /// At close: copies what is queued, in batches.
+    fn copy_the_rest(&self) {
+        let rest: Vec<RequestRow> = self.inbox.try_iter().collect();
+        for batch in rest.chunks(self.batch_max.max(1)) {
+            self.copy(batch);
         }
     }
 
