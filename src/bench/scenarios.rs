@@ -42,6 +42,18 @@ pub(crate) fn warmup(duration: Duration, latency: Duration) -> Duration {
     (duration / 10).clamp(Duration::from_millis(200), Duration::from_secs(1)) + latency * 2
 }
 
+/// The middle value of `xs` (the mean of the two middle ones when their number is even); 0
+/// when there are none.
+pub(crate) fn median(xs: &[f64]) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// "1 client", "8 clients".
 pub(crate) fn plural(n: usize, noun: &str) -> String {
     if n == 1 {
@@ -421,4 +433,16 @@ pub(crate) fn overload(b: &mut Bench) -> anyhow::Result<Outcome> {
         ),
     ];
     Ok(Outcome::new("overload", json, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_ignores_one_outlying_round() {
+        assert_eq!(median(&[0.95, 0.62, 0.93, 0.91, 0.97]), 0.93);
+        assert!((median(&[0.9, 0.8]) - 0.85).abs() < 1e-12);
+        assert_eq!(median(&[]), 0.0);
+    }
 }
