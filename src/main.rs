@@ -11,6 +11,7 @@ mod config;
 mod database;
 mod http;
 mod jobs;
+mod knowledge;
 mod limits;
 mod malloc;
 mod metrics;

@@ -3,6 +3,7 @@
 //! See docs/decisions/0001-http-front-end.md for why this is not tiny_http.
 
 pub(crate) mod forwarded;
+pub(crate) mod multipart;
 pub(crate) mod presence;
 mod read;
 mod response;
