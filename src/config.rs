@@ -63,6 +63,10 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    files: RawFiles,
+    #[serde(default)]
+    knowledge: RawKnowledge,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -146,6 +150,24 @@ struct RawLimits {
     on_store_error: Option<String>,
     lease_ms: Option<u64>,
     pool: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    max_bytes: Option<u64>,
+    max_uploads: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKnowledge {
+    embedding_model: Option<String>,
+    cache_mb: Option<u64>,
+    max_files_per_store: Option<u64>,
+    max_chunks_per_store: Option<u64>,
+    max_ingesting: Option<usize>,
+    embed_batch: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +257,8 @@ pub(crate) struct Config {
     /// the conversation's system prompt is always sent). Default 50.
     pub(crate) max_history_messages: usize,
     pub(crate) batch: BatchConfig,
+    pub(crate) files: FilesConfig,
+    pub(crate) knowledge: KnowledgeConfig,
     /// Configured providers (the built-in `mock` is not listed here; it always exists).
     pub(crate) providers: Vec<ProviderConfig>,
     /// Configured model names and their targets, tried in order.
@@ -364,6 +388,39 @@ pub(crate) struct JobsConfig {
     pub(crate) retention_days: u64,
 }
 
+/// Uploads through `POST /v1/files`.
+#[derive(Debug, Clone)]
+pub(crate) struct FilesConfig {
+    /// Largest file; an upload declaring more is answered 413 from its head, unread. Its own
+    /// cap, beside `[http] max_body_bytes`. Default 32 MiB.
+    pub(crate) max_bytes: u64,
+    /// Uploads read at once at most: each is held in memory whole while it is read and
+    /// stored; one more is answered 503 with `Retry-After`. Default 4.
+    pub(crate) max_uploads: usize,
+}
+
+/// The knowledge base: vector stores, their ingestion and their search.
+#[derive(Debug, Clone)]
+pub(crate) struct KnowledgeConfig {
+    /// The model a new vector store embeds with, unless its `metadata.embedding_model` names
+    /// another; pinned at creation. Default none: then the built-in `mock` when it is the
+    /// only way to embed (development), else a store needs one named.
+    #[allow(dead_code)] // read by vector-store creation (issue 16), being wired
+    pub(crate) embedding_model: Option<String>,
+    /// Memory for vector stores' vectors loaded for search (least recently used go first).
+    /// Default 256 MiB.
+    pub(crate) cache_bytes: u64,
+    /// Files attached to one store at most. Default 10,000 (OpenAI's limit).
+    pub(crate) max_files_per_store: u64,
+    /// Chunks in one store at most; a file that would pass it fails naming the limit.
+    /// Default 100,000 (at 1,536 dimensions, 614 MB of vectors).
+    pub(crate) max_chunks_per_store: u64,
+    /// Ingestion jobs running at once at most, across the job runner's threads. Default 2.
+    pub(crate) max_ingesting: usize,
+    /// Chunks embedded per call to the embedding model. Default 64.
+    pub(crate) embed_batch: usize,
+}
+
 /// Per-key limits shared by several instances on PostgreSQL (SQLite keeps them in memory).
 #[derive(Debug, Clone)]
 pub(crate) struct LimitsConfig {
@@ -489,6 +546,18 @@ impl Default for Config {
                 parallelism: 8,
                 threads: 32,
                 queue: 256,
+            },
+            files: FilesConfig {
+                max_bytes: 32 * 1024 * 1024,
+                max_uploads: 4,
+            },
+            knowledge: KnowledgeConfig {
+                embedding_model: None,
+                cache_bytes: 256 * 1024 * 1024,
+                max_files_per_store: 10_000,
+                max_chunks_per_store: 100_000,
+                max_ingesting: 2,
+                embed_batch: 64,
             },
             providers: Vec::new(),
             models: Vec::new(),
@@ -790,6 +859,48 @@ impl Config {
             threads: batch_value("batch.threads", b.threads, d.batch.threads)?,
             queue: batch_value("batch.queue", b.queue, d.batch.queue)?,
         };
+        let f = raw.files;
+        let files = FilesConfig {
+            max_bytes: at_least(
+                "files.max_bytes",
+                (f.max_bytes.unwrap_or(d.files.max_bytes), false),
+                1,
+            )?,
+            max_uploads: at_least(
+                "files.max_uploads",
+                (f.max_uploads.unwrap_or(d.files.max_uploads) as u64, false),
+                1,
+            )? as usize,
+        };
+        let k = raw.knowledge;
+        let count =
+            |key, v: Option<u64>, default: u64| at_least(key, (v.unwrap_or(default), false), 1);
+        let knowledge = KnowledgeConfig {
+            embedding_model: k.embedding_model.filter(|m| !m.is_empty()),
+            cache_bytes: k
+                .cache_mb
+                .map_or(d.knowledge.cache_bytes, |mb| mb * 1024 * 1024),
+            max_files_per_store: count(
+                "knowledge.max_files_per_store",
+                k.max_files_per_store,
+                d.knowledge.max_files_per_store,
+            )?,
+            max_chunks_per_store: count(
+                "knowledge.max_chunks_per_store",
+                k.max_chunks_per_store,
+                d.knowledge.max_chunks_per_store,
+            )?,
+            max_ingesting: count(
+                "knowledge.max_ingesting",
+                k.max_ingesting.map(|n| n as u64),
+                d.knowledge.max_ingesting as u64,
+            )? as usize,
+            embed_batch: count(
+                "knowledge.embed_batch",
+                k.embed_batch.map(|n| n as u64),
+                d.knowledge.embed_batch as u64,
+            )? as usize,
+        };
         let providers = raw
             .providers
             .into_iter()
@@ -821,6 +932,8 @@ impl Config {
             limits,
             max_history_messages,
             batch,
+            files,
+            knowledge,
             providers,
             models,
         })
@@ -1136,6 +1249,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("limits.lease_ms"), "{err}");
+    }
+
+    #[test]
+    fn files_and_knowledge_have_explicit_defaults_and_a_zero_is_named() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!((c.files.max_bytes, c.files.max_uploads), (32 << 20, 4));
+        assert_eq!(c.knowledge.embedding_model, None);
+        assert_eq!(c.knowledge.cache_bytes, 256 << 20);
+        assert_eq!(
+            (
+                c.knowledge.max_files_per_store,
+                c.knowledge.max_chunks_per_store
+            ),
+            (10_000, 100_000)
+        );
+        let c = parse(
+            "[files]\nmax_bytes = 1024\nmax_uploads = 2\n\
+             [knowledge]\nembedding_model = \"emb\"\ncache_mb = 8\nmax_chunks_per_store = 50\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!((c.files.max_bytes, c.files.max_uploads), (1024, 2));
+        assert_eq!(c.knowledge.embedding_model.as_deref(), Some("emb"));
+        assert_eq!(c.knowledge.cache_bytes, 8 << 20);
+        assert_eq!(c.knowledge.max_chunks_per_store, 50);
+        for (toml, key) in [
+            ("[files]\nmax_bytes = 0\n", "files.max_bytes"),
+            (
+                "[knowledge]\nmax_ingesting = 0\n",
+                "knowledge.max_ingesting",
+            ),
+            ("[knowledge]\nembed_batch = 0\n", "knowledge.embed_batch"),
+        ] {
+            let err = parse(toml, &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 
 use super::postgres::conversations as pg;
 use super::sqlite::conversations as sql;
-use super::{Backend, Store, StoreError};
+pub(crate) use super::Page;
+use super::{page, Backend, Store, StoreError};
 use crate::tokens::Usage;
 
 /// One conversation.
@@ -43,13 +44,6 @@ pub(crate) struct Turn {
     pub(crate) reply: Message,
     /// The request's `Idempotency-Key`, kept on the reply so a repeat finds it.
     pub(crate) idempotency_key: Option<String>,
-}
-
-/// A page of a list, and whether more follow it.
-#[derive(Debug)]
-pub(crate) struct Page<T> {
-    pub(crate) items: Vec<T>,
-    pub(crate) has_more: bool,
 }
 
 /// Stores a new conversation and returns it. With `idempotency_key`, a conversation already
@@ -167,13 +161,6 @@ pub(crate) fn add_turn(store: &Store, turn: Turn) -> Result<(), StoreError> {
         Backend::Sqlite(db) => db.writer().call(move |conn| sql::insert_turn(conn, &turn)),
         Backend::Postgres(db) => db.write(|tx| pg::insert_turn(tx, &turn)),
     }
-}
-
-/// Keeps the first `limit` items; one more was fetched to tell whether more follow.
-fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
-    let has_more = items.len() > limit as usize;
-    items.truncate(limit as usize);
-    Page { items, has_more }
 }
 
 #[cfg(test)]

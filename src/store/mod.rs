@@ -5,6 +5,7 @@
 //! `sqlite/<family>.rs` or `postgres/<family>.rs`.
 
 pub(crate) mod conversations;
+pub(crate) mod files;
 pub(crate) mod instances;
 pub(crate) mod jobs;
 pub(crate) mod keys;
@@ -22,6 +23,20 @@ use crate::database::Database;
 use crate::metrics::StoreMetrics;
 pub(crate) use retention::Keep;
 pub(crate) use sqlite::writer::Writer;
+
+/// A page of a list, and whether more follow it.
+#[derive(Debug)]
+pub(crate) struct Page<T> {
+    pub(crate) items: Vec<T>,
+    pub(crate) has_more: bool,
+}
+
+/// Keeps the first `limit` items; one more was fetched to tell whether more follow.
+pub(crate) fn page<T>(mut items: Vec<T>, limit: u32) -> Page<T> {
+    let has_more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    Page { items, has_more }
+}
 
 /// Why a store operation failed. Never carries a row's content.
 #[derive(Debug, Clone)]

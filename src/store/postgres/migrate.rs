@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0006_admission_tickets",
         include_str!("../../../migrations/postgres/0006_admission_tickets.sql"),
     ),
+    (
+        7,
+        "0007_knowledge",
+        include_str!("../../../migrations/postgres/0007_knowledge.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.

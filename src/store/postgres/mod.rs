@@ -7,6 +7,7 @@
 //! Choices and figures: docs/decisions/0003-postgresql-store.md.
 
 pub(super) mod conversations;
+pub(super) mod files;
 pub(super) mod instances;
 pub(super) mod jobs;
 pub(super) mod keys;

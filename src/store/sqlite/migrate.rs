@@ -32,6 +32,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
         "0005_requests_key",
         include_str!("../../../migrations/sqlite/0005_requests_key.sql"),
     ),
+    (
+        6,
+        "0006_knowledge",
+        include_str!("../../../migrations/sqlite/0006_knowledge.sql"),
+    ),
 ];
 
 /// The schema version this build writes.

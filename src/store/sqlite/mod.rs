@@ -4,6 +4,7 @@
 //! measures SQLite itself): the rest of the code asks `store::jobs` and its siblings.
 
 pub(super) mod conversations;
+pub(super) mod files;
 pub(super) mod jobs;
 pub(super) mod keys;
 pub(crate) mod migrate;
