@@ -388,6 +388,12 @@ pub(crate) struct JobsConfig {
     pub(crate) retention_days: u64,
 }
 
+/// Where files are uploaded.
+pub(crate) const UPLOAD_PATH: &str = "/v1/files";
+/// What an upload's body may carry besides the file: its other parts (`purpose`, expiry) and
+/// every part's headers and boundaries.
+pub(crate) const MULTIPART_OVERHEAD: u64 = 64 * 1024;
+
 /// Uploads through `POST /v1/files`.
 #[derive(Debug, Clone)]
 pub(crate) struct FilesConfig {
@@ -476,6 +482,9 @@ pub(crate) struct LogConfig {
 pub(crate) struct HttpLimits {
     /// Largest request body; over it → 413 without reading it. Default 4 MiB.
     pub(crate) max_body_bytes: u64,
+    /// File uploads (`POST /v1/files`): their own size cap and how many are held at once,
+    /// from `[files]`. `None` where nothing is uploaded (the mock upstream).
+    pub(crate) uploads: Option<crate::http::Uploads>,
     /// A whole request head must arrive within this, the first timed from accept and a later
     /// one from its first byte; else 408. Default 10 s.
     pub(crate) header_timeout: Duration,
@@ -501,6 +510,7 @@ impl Default for Config {
             },
             http: HttpLimits {
                 max_body_bytes: 4 * 1024 * 1024,
+                uploads: None,
                 header_timeout: Duration::from_millis(10_000),
                 body_timeout: Duration::from_millis(10_000),
                 keepalive_timeout: Duration::from_millis(75_000),
@@ -708,8 +718,9 @@ impl Config {
             pick(over.max_body_bytes, h.max_body_bytes, d.http.max_body_bytes),
             1,
         )?;
-        let http = HttpLimits {
+        let mut http = HttpLimits {
             max_body_bytes,
+            uploads: None,
             header_timeout: millis(
                 "http.header_timeout_ms",
                 pick(over.header_timeout_ms, h.header_timeout_ms, 10_000),
@@ -872,6 +883,11 @@ impl Config {
                 1,
             )? as usize,
         };
+        http.uploads = Some(crate::http::Uploads::new(
+            UPLOAD_PATH,
+            files.max_bytes + MULTIPART_OVERHEAD,
+            files.max_uploads,
+        ));
         let k = raw.knowledge;
         let count =
             |key, v: Option<u64>, default: u64| at_least(key, (v.unwrap_or(default), false), 1);

@@ -39,6 +39,7 @@ pub(crate) const REJECT_REASONS: &[&str] = &[
     "body_timeout",
     "bad_request",
     "draining",
+    "uploads_busy",
 ];
 
 pub(crate) struct Metrics {
@@ -102,6 +103,9 @@ pub(crate) struct Metrics {
     pub(crate) batch_pool_busy: IntGauge,
     /// `syncgate_batch_pool_queue_depth`: batch calls waiting for a thread (set when scraped).
     pub(crate) batch_pool_queue_depth: IntGauge,
+    /// `syncgate_uploads_held`: file uploads read or being answered, each held in memory whole
+    /// (set when scraped).
+    pub(crate) uploads_held: IntGauge,
     pub(crate) store: StoreMetrics,
     pub(crate) jobs: JobMetrics,
 }
@@ -398,6 +402,10 @@ impl Metrics {
                 "syncgate_batch_pool_queue_depth",
                 "Batch calls waiting for a batch thread",
             ),
+            uploads_held: gauge(
+                "syncgate_uploads_held",
+                "File uploads held in memory: being read or answered",
+            ),
             store: StoreMetrics::new(),
             jobs: JobMetrics {
                 by_state: IntGaugeVec::new(
@@ -473,6 +481,7 @@ impl Metrics {
             Box::new(self.batch_items.clone()),
             Box::new(self.batch_pool_busy.clone()),
             Box::new(self.batch_pool_queue_depth.clone()),
+            Box::new(self.uploads_held.clone()),
             Box::new(self.store.batch_rows.clone()),
             Box::new(self.store.commit_seconds.clone()),
             Box::new(self.store.queue_depth.clone()),
@@ -668,6 +677,7 @@ mod tests {
             "syncgate_batch_items_bucket",
             "syncgate_batch_pool_busy 0",
             "syncgate_batch_pool_queue_depth 0",
+            "syncgate_uploads_held 0",
             "syncgate_upstream_concurrency_limit{provider=\"capped\"} 8",
             "syncgate_upstream_in_flight{provider=\"mock\"} 0",
             "syncgate_upstream_first_byte_seconds_count{provider=\"capped\"} 0",

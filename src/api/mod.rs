@@ -473,6 +473,7 @@ impl ApiError {
                 Rejection::RequestLineTooLong => 414,
                 Rejection::HeaderTooLarge(_) => 431,
                 Rejection::BodyTooLarge { .. } => 413,
+                Rejection::UploadsBusy { .. } => 503,
                 Rejection::Malformed(_) => 400,
                 Rejection::UnsupportedTransferCoding(_) => 501,
                 Rejection::ExpectationFailed => 417,
@@ -579,6 +580,7 @@ impl ApiError {
                 Rejection::RequestLineTooLong => "request_line_too_long",
                 Rejection::HeaderTooLarge(_) => "header_too_large",
                 Rejection::BodyTooLarge { .. } => "body_too_large",
+                Rejection::UploadsBusy { .. } => "uploads_busy",
                 Rejection::Malformed(_) => "bad_request",
                 Rejection::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
                 Rejection::ExpectationFailed => "expectation_failed",
@@ -620,6 +622,7 @@ impl ApiError {
             ApiError::Http(r) => Some(match r {
                 Rejection::RequestLineTooLong | Rejection::HeaderTooLarge(_) => "header_too_large",
                 Rejection::BodyTooLarge { .. } => "body_too_large",
+                Rejection::UploadsBusy { .. } => "uploads_busy",
                 Rejection::HeadTimeout => "header_timeout",
                 Rejection::BodyTimeout => "body_timeout",
                 Rejection::Malformed(_)
@@ -694,6 +697,7 @@ impl ApiError {
                 response.with_header("retry-after", retry_after_s.to_string())
             }
             ApiError::Draining
+            | ApiError::Http(Rejection::UploadsBusy { .. })
             | ApiError::JobsFull { .. }
             | ApiError::TooManyConnections
             | ApiError::Denied(crate::auth::Denied::StoreUnavailable)
@@ -750,6 +754,11 @@ impl fmt::Display for ApiError {
                 Rejection::BodyTooLarge { limit } => {
                     write!(f, "request body larger than the limit of {limit} bytes")
                 }
+                Rejection::UploadsBusy { at_once } => write!(
+                    f,
+                    "{at_once} uploads are being received already, the most held at once \
+                     ([files] max_uploads); retry in a moment"
+                ),
                 Rejection::Malformed(why) => f.write_str(why),
                 Rejection::UnsupportedTransferCoding(c) => {
                     write!(f, "transfer coding {c:?} is not supported; only chunked is")

@@ -56,6 +56,9 @@ fn metrics(state: &State) -> Response {
         .metrics
         .batch_pool_queue_depth
         .set(state.batch.queue_len() as i64);
+    if let Some(uploads) = &state.config.http.uploads {
+        state.metrics.uploads_held.set(uploads.held() as i64);
+    }
     state.store.observe();
     Response::text(
         200,

@@ -7,12 +7,14 @@ pub(crate) mod multipart;
 pub(crate) mod presence;
 mod read;
 mod response;
+mod uploads;
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 pub(crate) use read::{HeadClock, ReadError, Rejection, RequestReader};
 pub(crate) use response::{write_response, Body, BodyStream, Response, WriteMeta};
+pub(crate) use uploads::{UploadSlot, Uploads};
 
 /// The protocol version of a request; the answer uses the same one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,8 @@ pub(crate) struct Request {
     pub(crate) record: std::sync::Arc<crate::api::record::Record>,
     /// Who is calling, once admission has decided (its key's permit is freed with it).
     pub(crate) caller: Option<crate::auth::Caller>,
+    /// An upload's slot among those held at once, given back when the request is dropped.
+    pub(crate) _upload: Option<UploadSlot>,
 }
 
 impl Request {

@@ -31,8 +31,11 @@ pub(crate) enum Rejection {
     RequestLineTooLong,
     /// The header block is over [`MAX_HEADER_BLOCK`] or has over [`MAX_HEADERS`] fields (431).
     HeaderTooLarge(&'static str),
-    /// The declared or decoded body is over `max_body_bytes` (413).
+    /// The declared or decoded body is over `max_body_bytes`, or an upload's over its own cap
+    /// (413).
     BodyTooLarge { limit: u64 },
+    /// An upload while `at_once` others are held (503, before its body is read).
+    UploadsBusy { at_once: usize },
     /// The head or the body framing is malformed (400).
     Malformed(String),
     /// A transfer coding other than `chunked` (501).
@@ -57,6 +60,14 @@ pub(crate) enum ReadError {
 impl From<Rejection> for ReadError {
     fn from(r: Rejection) -> ReadError {
         ReadError::Reject(r)
+    }
+}
+
+/// Refuses a body whose declared length is over `max` (413), before any of it is read.
+fn check_declared(framing: Option<&Framing>, max: u64) -> Result<(), Rejection> {
+    match framing {
+        Some(Framing::Length(n)) if *n > max => Err(Rejection::BodyTooLarge { limit: max }),
+        _ => Ok(()),
     }
 }
 
@@ -123,8 +134,18 @@ impl RequestReader {
         check_host(&head.headers, head.version)?;
         let framing = framing(&head.headers, head.version)?;
         let keep_alive = wants_keep_alive(&head.headers, head.version);
-        let body = self.read_body(stream, &head, framing, limits)?;
         let (path, query) = request_path(&head.target);
+        let (max_body, upload) = match &limits.uploads {
+            Some(uploads) if uploads.is_upload(&head.method, &path) => {
+                check_declared(framing.as_ref(), uploads.max_bytes())?;
+                let slot = uploads.take().ok_or(Rejection::UploadsBusy {
+                    at_once: uploads.at_once(),
+                })?;
+                (uploads.max_bytes(), Some(slot))
+            }
+            _ => (limits.max_body_bytes, None),
+        };
+        let body = self.read_body(stream, &head, framing, limits, max_body)?;
         let request_id = request_id(header(&head.headers, "x-request-id"));
         Ok(Some(Request {
             method: head.method,
@@ -139,6 +160,7 @@ impl RequestReader {
             request_id,
             record: Default::default(),
             caller: None,
+            _upload: upload,
         }))
     }
 
@@ -196,30 +218,26 @@ impl RequestReader {
         }
     }
 
-    /// Reads the body `framing` announces, refusing a declared length over the limit before
-    /// reading any of it.
+    /// Reads the body `framing` announces, refusing one over `max_body` (a declared length
+    /// before reading any of it).
     fn read_body(
         &mut self,
         stream: &mut TcpStream,
         head: &Head,
         framing: Option<Framing>,
         limits: &HttpLimits,
+        max_body: u64,
     ) -> Result<Vec<u8>, ReadError> {
+        check_declared(framing.as_ref(), max_body)?;
         match framing {
             None => Ok(Vec::new()),
             Some(Framing::Length(n)) => {
-                if n > limits.max_body_bytes {
-                    return Err(Rejection::BodyTooLarge {
-                        limit: limits.max_body_bytes,
-                    }
-                    .into());
-                }
                 self.continue_if_expected(stream, head)?;
                 self.read_exact_body(stream, n as usize, limits.body_timeout)
             }
             Some(Framing::Chunked) => {
                 self.continue_if_expected(stream, head)?;
-                self.read_chunked_body(stream, limits)
+                self.read_chunked_body(stream, limits, max_body)
             }
         }
     }
@@ -327,11 +345,12 @@ impl RequestReader {
         Ok(body)
     }
 
-    /// Decodes a chunked body (RFC 9112 §7.1), refusing it once it passes `max_body_bytes`.
+    /// Decodes a chunked body (RFC 9112 §7.1), refusing it once it passes `max_body`.
     fn read_chunked_body(
         &mut self,
         stream: &mut TcpStream,
         limits: &HttpLimits,
+        max_body: u64,
     ) -> Result<Vec<u8>, ReadError> {
         let mut body = Vec::new();
         loop {
@@ -340,11 +359,8 @@ impl RequestReader {
             if size == 0 {
                 break;
             }
-            if body.len() as u64 + size > limits.max_body_bytes {
-                return Err(Rejection::BodyTooLarge {
-                    limit: limits.max_body_bytes,
-                }
-                .into());
+            if body.len() as u64 + size > max_body {
+                return Err(Rejection::BodyTooLarge { limit: max_body }.into());
             }
             let mut left = size as usize;
             while left > 0 {
@@ -1014,5 +1030,79 @@ mod tests {
         assert_eq!(request_path("http://h:1/a/b?q"), pair("/a/b", "q"));
         assert_eq!(request_path("http://h:1"), pair("/", ""));
         assert_eq!(request_path("*"), pair("*", ""));
+    }
+
+    /// Reads one request sent as `raw` over a real loopback connection with `limits`.
+    fn read_sent(raw: Vec<u8>, limits: &HttpLimits) -> Result<Option<Request>, ReadError> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut c = TcpStream::connect(addr).unwrap();
+            // The reader may refuse before reading it all: a reset then is expected.
+            let _ = c.write_all(&raw);
+            c
+        });
+        let (mut stream, peer) = listener.accept().unwrap();
+        let read = RequestReader::new().read_request(
+            &mut stream,
+            limits,
+            HeadClock::Accepted(Instant::now()),
+            peer,
+        );
+        drop(client.join().unwrap());
+        read
+    }
+
+    fn post(path: &str, body_len: usize) -> Vec<u8> {
+        let mut raw = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {body_len}\r\n\r\n"
+        )
+        .into_bytes();
+        raw.resize(raw.len() + body_len, b'x');
+        raw
+    }
+
+    #[test]
+    fn uploads_have_their_own_size_cap_and_a_cap_on_how_many_are_held() {
+        let uploads = crate::http::Uploads::new("/v1/files", 4096, 1);
+        let limits = HttpLimits {
+            max_body_bytes: 1024,
+            uploads: Some(uploads.clone()),
+            header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+        };
+        let too_large = |r: Result<Option<Request>, ReadError>| matches!(r, Err(ReadError::Reject(Rejection::BodyTooLarge { limit })) if limit == 1024);
+        assert!(too_large(read_sent(
+            post("/v1/chat/completions", 3000),
+            &limits
+        )));
+        let upload = read_sent(post("/v1/files", 3000), &limits)
+            .unwrap()
+            .unwrap();
+        assert_eq!(upload.body.len(), 3000);
+        assert_eq!(uploads.held(), 1, "the request holds its slot");
+        // One slot, held: the next upload is refused from its head.
+        let busy = read_sent(post("/v1/files", 10), &limits);
+        assert!(
+            matches!(
+                busy,
+                Err(ReadError::Reject(Rejection::UploadsBusy { at_once: 1 }))
+            ),
+            "{busy:?}"
+        );
+        drop(upload);
+        assert_eq!(uploads.held(), 0);
+        let over = read_sent(post("/v1/files", 5000), &limits);
+        assert!(
+            matches!(
+                over,
+                Err(ReadError::Reject(Rejection::BodyTooLarge { limit: 4096 }))
+            ),
+            "{over:?}"
+        );
+        assert_eq!(uploads.held(), 0, "a refused upload holds no slot");
     }
 }

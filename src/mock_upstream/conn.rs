@@ -28,6 +28,7 @@ const FAULT_HEADER: &str = "x-mock-fault";
 /// connection is never closed by the mock first (a race a real provider would not cause).
 const LIMITS: HttpLimits = HttpLimits {
     max_body_bytes: 16 * 1024 * 1024,
+    uploads: None,
     header_timeout: Duration::from_secs(10),
     body_timeout: Duration::from_secs(10),
     keepalive_timeout: Duration::from_secs(300),

@@ -154,6 +154,7 @@ mod tests {
             request_id: "id".into(),
             record: Default::default(),
             caller: None,
+            _upload: None,
         }
     }
 
