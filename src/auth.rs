@@ -282,6 +282,11 @@ impl Auth {
         }
     }
 
+    /// Whether the request carries the admin key.
+    pub(crate) fn is_admin(&self, request: &Request) -> bool {
+        matches!((&self.admin, bearer(request)), (Some(admin), Some(presented)) if same(&keys::hash(presented), admin))
+    }
+
     /// Decides an `/admin` request: only the admin key passes.
     pub(crate) fn admit_admin(&self, request: &Request) -> Result<Caller, Denied> {
         let Some(admin) = &self.admin else {

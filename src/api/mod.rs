@@ -7,6 +7,7 @@ pub(crate) mod chat;
 pub(crate) mod console;
 mod conversations;
 mod embeddings;
+mod files;
 mod jobs;
 mod models;
 pub(crate) mod ops;
@@ -61,6 +62,16 @@ pub(crate) enum Route {
     JobGet,
     /// `DELETE /api/jobs/{id}`: cancel.
     JobCancel,
+    /// `GET /v1/files`: the caller's files.
+    FileList,
+    /// `POST /v1/files`: an upload.
+    FileUpload,
+    /// `GET /v1/files/{id}`.
+    FileGet,
+    /// `DELETE /v1/files/{id}`.
+    FileDelete,
+    /// `GET /v1/files/{id}/content`: the bytes as uploaded.
+    FileContent,
     /// `GET /admin/keys`: every key, never a secret.
     AdminKeyList,
     /// `POST /admin/keys`: a new key, its secret shown once.
@@ -94,6 +105,9 @@ impl Route {
             Route::MessageList | Route::MessageCreate => "/api/conversations/{id}/messages",
             Route::JobList | Route::JobSubmit => "/api/jobs",
             Route::JobGet | Route::JobCancel => "/api/jobs/{id}",
+            Route::FileList | Route::FileUpload => "/v1/files",
+            Route::FileGet | Route::FileDelete => "/v1/files/{id}",
+            Route::FileContent => "/v1/files/{id}/content",
             Route::AdminKeyList | Route::AdminKeyCreate => "/admin/keys",
             Route::AdminKeyRevoke => "/admin/keys/{id}",
             Route::AdminInstances => "/admin/instances",
@@ -118,6 +132,9 @@ impl Route {
             | Route::MessageList
             | Route::JobList
             | Route::JobGet
+            | Route::FileList
+            | Route::FileGet
+            | Route::FileContent
             | Route::AdminKeyList
             | Route::AdminInstances => "GET",
             Route::ChatCompletions
@@ -127,8 +144,12 @@ impl Route {
             | Route::MessageCreate
             | Route::AdminKeyCreate
             | Route::JobSubmit
+            | Route::FileUpload
             | Route::DebugPanic => "POST",
-            Route::ConversationDelete | Route::AdminKeyRevoke | Route::JobCancel => "DELETE",
+            Route::ConversationDelete
+            | Route::AdminKeyRevoke
+            | Route::JobCancel
+            | Route::FileDelete => "DELETE",
         }
     }
 
@@ -140,6 +161,19 @@ impl Route {
                 | Route::AdminKeyCreate
                 | Route::AdminKeyRevoke
                 | Route::AdminInstances
+        )
+    }
+
+    /// The knowledge base's routes, where the admin key is a caller too (it sees every key's
+    /// files and stores) besides a key.
+    pub(crate) fn admin_may_call(self) -> bool {
+        matches!(
+            self,
+            Route::FileList
+                | Route::FileUpload
+                | Route::FileGet
+                | Route::FileDelete
+                | Route::FileContent
         )
     }
 
@@ -181,11 +215,18 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/admin/keys" => &[Route::AdminKeyList, Route::AdminKeyCreate],
         "/admin/instances" => &[Route::AdminInstances],
         "/api/jobs" => &[Route::JobList, Route::JobSubmit],
+        "/v1/files" => &[Route::FileList, Route::FileUpload],
         "/debug/panic" if debug_routes => &[Route::DebugPanic],
         p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
         p if matches!(path_id(p, ADMIN_KEYS_PREFIX), Some((_, ""))) => &[Route::AdminKeyRevoke],
         p if matches!(path_id(p, jobs::JOBS_PREFIX), Some((_, ""))) => {
             &[Route::JobGet, Route::JobCancel]
+        }
+        p if matches!(path_id(p, files::FILES_PREFIX), Some((_, ""))) => {
+            &[Route::FileGet, Route::FileDelete]
+        }
+        p if matches!(path_id(p, files::FILES_PREFIX), Some((_, "/content"))) => {
+            &[Route::FileContent]
         }
         p => match path_id(p, CONVERSATIONS_PREFIX) {
             Some((_, "")) => &[Route::ConversationGet, Route::ConversationDelete],
@@ -239,6 +280,11 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::JobSubmit => jobs::submit(state, request),
         Route::JobGet => jobs::get(state, request),
         Route::JobCancel => jobs::cancel(state, request),
+        Route::FileList => files::list(state, request),
+        Route::FileUpload => files::upload(state, request),
+        Route::FileGet => files::get(state, request),
+        Route::FileDelete => files::delete(state, request),
+        Route::FileContent => files::content(state, request),
         Route::AdminKeyList => admin::list_keys(state),
         Route::AdminKeyCreate => admin::create_key(state, request),
         Route::AdminKeyRevoke => admin::revoke_key(state, request),

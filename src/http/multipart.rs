@@ -7,8 +7,6 @@
 //! the hand-written clients that do that. The first delimiter decides, so a CRLF body's content
 //! may hold `\n--boundary` without ending its part. Header lines are read either way.
 
-#![allow(dead_code)] // used by the files and vector-store routes (issue 16), being wired
-
 use std::fmt;
 
 /// The longest boundary RFC 2046 allows.

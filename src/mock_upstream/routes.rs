@@ -75,7 +75,13 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::AdminKeyCreate
         | api::Route::AdminKeyRevoke
         | api::Route::AdminInstances
-        | api::Route::DebugPanic => Err(ApiError::UnknownRoute {
+        | api::Route::DebugPanic
+        // The gateway's knowledge base, kept by the gateway itself: no provider is asked.
+        | api::Route::FileList
+        | api::Route::FileUpload
+        | api::Route::FileGet
+        | api::Route::FileDelete
+        | api::Route::FileContent => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),
         }),

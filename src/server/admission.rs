@@ -142,12 +142,15 @@ pub(crate) fn admit(
     }
 }
 
-/// The caller of a queued route: the admin key for `/admin`, else a key (or none, in open mode).
+/// The caller of a queued route: the admin key for `/admin` (and, besides keys, on the
+/// knowledge base's routes), else a key (or none, in open mode).
 fn authorize(state: &State, route: Route, request: &Request) -> Result<Caller, Denied> {
     if route.is_admin() {
         state.auth.admit_admin(request)
     } else if route == Route::DebugPanic {
         Ok(Caller::Open)
+    } else if route.admin_may_call() && state.auth.is_admin(request) {
+        Ok(Caller::Admin)
     } else {
         state.auth.admit(request, crate::store::now_ms())
     }
