@@ -15,6 +15,7 @@ pub(crate) mod requests;
 mod retention;
 pub(crate) mod sqlite;
 pub(crate) mod usage;
+pub(crate) mod vector_stores;
 
 use std::sync::Arc;
 

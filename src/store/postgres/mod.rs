@@ -19,6 +19,7 @@ pub(super) mod requests;
 mod session;
 pub(crate) mod tls;
 pub(super) mod usage;
+pub(super) mod vector_stores;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,6 +10,7 @@ pub(super) mod keys;
 pub(crate) mod migrate;
 pub(crate) mod requests;
 pub(super) mod usage;
+pub(super) mod vector_stores;
 pub(crate) mod writer;
 
 use std::path::Path;

@@ -1,0 +1,489 @@
+//! Vector stores and the files attached to them (issue 16), at rest: what OpenAI's
+//! `/v1/vector_stores` routes show, with each store's file counts and bytes counted from its
+//! files in the same query. A store's `version` rises whenever its chunks change, so a copy
+//! of its vectors loaded for search knows when it is stale. The owner is the store's: its
+//! files are reached through it.
+#![allow(dead_code)] // used by the /v1/vector_stores routes (issue 16), being wired
+
+use serde_json::Value;
+
+use super::files::{Order, Owner};
+use super::postgres::vector_stores as pg;
+use super::sqlite::vector_stores as sql;
+use super::{page, Backend, Page, Store, StoreError};
+
+/// A vector store as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VectorStore {
+    pub(crate) id: String,
+    pub(crate) key_id: Option<i64>,
+    pub(crate) name: Option<String>,
+    pub(crate) metadata: Option<Value>,
+    pub(crate) embedding_model: String,
+    /// Unix seconds.
+    pub(crate) created_at: i64,
+    pub(crate) last_active_at: i64,
+    /// `expires_after: {anchor: "last_active_at", days}`.
+    pub(crate) expires_after_days: Option<i64>,
+    pub(crate) version: i64,
+}
+
+/// A store's files by status, and the bytes their chunks take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) in_progress: i64,
+    pub(crate) completed: i64,
+    pub(crate) failed: i64,
+    pub(crate) cancelled: i64,
+    pub(crate) usage_bytes: i64,
+}
+
+impl Counts {
+    pub(crate) fn total(&self) -> i64 {
+        self.in_progress + self.completed + self.failed + self.cancelled
+    }
+}
+
+/// A store with its counts: what the API shows.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Counted {
+    pub(crate) store: VectorStore,
+    pub(crate) counts: Counts,
+}
+
+impl Counted {
+    /// OpenAI's status: `expired` once unused for its `expires_after` days, `in_progress`
+    /// while a file is being ingested, else `completed`.
+    pub(crate) fn status(&self, now: i64) -> &'static str {
+        let s = &self.store;
+        if s.expires_after_days
+            .is_some_and(|days| s.last_active_at + days * 86_400 <= now)
+        {
+            "expired"
+        } else if self.counts.in_progress > 0 {
+            "in_progress"
+        } else {
+            "completed"
+        }
+    }
+
+    /// When it will expire, unix seconds, if it does.
+    pub(crate) fn expires_at(&self) -> Option<i64> {
+        let s = &self.store;
+        s.expires_after_days
+            .map(|days| s.last_active_at + days * 86_400)
+    }
+}
+
+/// A file's ingestion status in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileStatus {
+    InProgress,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl FileStatus {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            FileStatus::InProgress => "in_progress",
+            FileStatus::Completed => "completed",
+            FileStatus::Cancelled => "cancelled",
+            FileStatus::Failed => "failed",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<FileStatus> {
+        [
+            FileStatus::InProgress,
+            FileStatus::Completed,
+            FileStatus::Cancelled,
+            FileStatus::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.name() == text)
+    }
+}
+
+/// A file attached to a store.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoreFile {
+    pub(crate) vector_store_id: String,
+    pub(crate) file_id: String,
+    pub(crate) batch_id: Option<String>,
+    pub(crate) status: FileStatus,
+    /// `{"code", "message"}` once failed.
+    pub(crate) last_error: Option<Value>,
+    pub(crate) attributes: Option<Value>,
+    /// The resolved strategy as OpenAI shows it.
+    pub(crate) chunking_strategy: Value,
+    pub(crate) usage_bytes: i64,
+    pub(crate) created_at: i64,
+}
+
+/// A page of one store's files: `limit` after the file `after`, in `order`, maybe of one
+/// status or one batch.
+#[derive(Debug, Clone)]
+pub(crate) struct FileListing {
+    pub(crate) vector_store_id: String,
+    pub(crate) status: Option<FileStatus>,
+    pub(crate) batch_id: Option<String>,
+    pub(crate) limit: u32,
+    pub(crate) after: Option<String>,
+    pub(crate) order: Order,
+}
+
+/// What an update changes; `None` leaves a field as it is. `expires_after_days: Some(None)`
+/// removes the expiry.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Changes {
+    pub(crate) name: Option<String>,
+    pub(crate) metadata: Option<Value>,
+    pub(crate) expires_after_days: Option<Option<i64>>,
+}
+
+pub(crate) fn create(store: &Store, vs: VectorStore) -> Result<(), StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::insert(conn, &vs)),
+        Backend::Postgres(db) => db.write(|tx| pg::insert(tx, &vs)),
+    }
+}
+
+/// The store with this id and its counts, if `owner` may see it.
+pub(crate) fn get(store: &Store, owner: Owner, id: &str) -> Result<Option<Counted>, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::get(c, owner, id)),
+        Backend::Postgres(db) => db.query(|c| pg::get(c, owner, id)),
+    }
+}
+
+/// A page of `owner`'s stores. `None` when `after` names no store the owner may see.
+pub(crate) fn list(
+    store: &Store,
+    owner: Owner,
+    limit: u32,
+    after: Option<&str>,
+    order: Order,
+) -> Result<Option<Page<Counted>>, StoreError> {
+    let found = match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::list(c, owner, limit + 1, after, order)),
+        Backend::Postgres(db) => db.query(|c| pg::list(c, owner, limit + 1, after, order)),
+    }?;
+    Ok(found.map(|items| page(items, limit)))
+}
+
+/// Applies `changes` to the store if `owner` may see it; false when there is none.
+pub(crate) fn update(
+    store: &Store,
+    owner: Owner,
+    id: &str,
+    changes: Changes,
+) -> Result<bool, StoreError> {
+    let id = id.to_string();
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::update(conn, owner, &id, &changes)),
+        Backend::Postgres(db) => db.write(|tx| pg::update(tx, owner, &id, &changes)),
+    }
+}
+
+/// Marks the store used now (its expiry counts from its last use).
+pub(crate) fn touch(store: &Store, id: &str, now: i64) -> Result<(), StoreError> {
+    let id = id.to_string();
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::touch(conn, &id, now)),
+        Backend::Postgres(db) => db.write(|tx| pg::touch(tx, &id, now)),
+    }
+}
+
+/// Deletes the store, its attachments, batches and chunks, if `owner` may see it.
+pub(crate) fn delete(store: &Store, owner: Owner, id: &str) -> Result<bool, StoreError> {
+    let id = id.to_string();
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::delete(conn, owner, &id)),
+        Backend::Postgres(db) => db.write(|tx| pg::delete(tx, owner, &id)),
+    }
+}
+
+/// Attaches a file (status in progress). A file already attached to the store is a unique
+/// violation: the caller answers with the attachment there is.
+pub(crate) fn attach(store: &Store, file: StoreFile) -> Result<(), StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::attach(conn, &file)),
+        Backend::Postgres(db) => db.write(|tx| pg::attach(tx, &file)),
+    }
+}
+
+/// One attachment, if the store has the file.
+pub(crate) fn file(
+    store: &Store,
+    vector_store_id: &str,
+    file_id: &str,
+) -> Result<Option<StoreFile>, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::file(c, vector_store_id, file_id)),
+        Backend::Postgres(db) => db.query(|c| pg::file(c, vector_store_id, file_id)),
+    }
+}
+
+/// A page of a store's files. `None` when `after` names no file of the store.
+pub(crate) fn files(
+    store: &Store,
+    listing: &FileListing,
+) -> Result<Option<Page<StoreFile>>, StoreError> {
+    let found = match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::files(c, listing)),
+        Backend::Postgres(db) => db.query(|c| pg::files(c, listing)),
+    }?;
+    Ok(found.map(|items| page(items, listing.limit)))
+}
+
+/// Replaces an attachment's attributes; false when the store has no such file.
+pub(crate) fn set_attributes(
+    store: &Store,
+    vector_store_id: &str,
+    file_id: &str,
+    attributes: Option<Value>,
+) -> Result<bool, StoreError> {
+    let (vs, file) = (vector_store_id.to_string(), file_id.to_string());
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::set_attributes(conn, &vs, &file, attributes.as_ref())),
+        Backend::Postgres(db) => {
+            db.write(|tx| pg::set_attributes(tx, &vs, &file, attributes.as_ref()))
+        }
+    }
+}
+
+/// Detaches a file, its chunks with it; false when the store had no such file.
+pub(crate) fn detach(
+    store: &Store,
+    vector_store_id: &str,
+    file_id: &str,
+) -> Result<bool, StoreError> {
+    let (vs, file) = (vector_store_id.to_string(), file_id.to_string());
+    match store.backend() {
+        Backend::Sqlite(db) => db.writer().call(move |conn| sql::detach(conn, &vs, &file)),
+        Backend::Postgres(db) => db.write(|tx| pg::detach(tx, &vs, &file)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::files::{self, File};
+    use crate::store::testing::stores;
+
+    fn vector_store(id: &str, key: Option<i64>) -> VectorStore {
+        VectorStore {
+            id: id.to_string(),
+            key_id: key,
+            name: Some(format!("{id} name")),
+            metadata: Some(json!({"team": "docs"})),
+            embedding_model: "mock".into(),
+            created_at: 1_000,
+            last_active_at: 1_000,
+            expires_after_days: None,
+            version: 0,
+        }
+    }
+
+    fn attachment(vs: &str, file: &str, status: FileStatus, bytes: i64) -> StoreFile {
+        StoreFile {
+            vector_store_id: vs.to_string(),
+            file_id: file.to_string(),
+            batch_id: None,
+            status,
+            last_error: None,
+            attributes: Some(json!({"lang": "en"})),
+            chunking_strategy: json!({"type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}}),
+            usage_bytes: bytes,
+            created_at: 1_001,
+        }
+    }
+
+    fn upload(store: &Store, id: &str) {
+        let f = File {
+            id: id.to_string(),
+            key_id: Some(1),
+            filename: format!("{id}.txt"),
+            purpose: "assistants".into(),
+            bytes: 1,
+            created_at: 1_000,
+            expires_at: None,
+        };
+        files::insert(store, f, b"x".to_vec()).unwrap();
+    }
+
+    #[test]
+    fn stores_are_counted_from_their_files_and_seen_only_by_their_owner() {
+        for t in stores("vs_owner") {
+            let owner = Owner::Key(Some(1));
+            create(&t.store, vector_store("vs_a", Some(1))).unwrap();
+            create(&t.store, vector_store("vs_b", Some(2))).unwrap();
+            for f in ["file-1", "file-2", "file-3"] {
+                upload(&t.store, f);
+            }
+            attach(
+                &t.store,
+                attachment("vs_a", "file-1", FileStatus::Completed, 100),
+            )
+            .unwrap();
+            attach(
+                &t.store,
+                attachment("vs_a", "file-2", FileStatus::InProgress, 0),
+            )
+            .unwrap();
+            attach(
+                &t.store,
+                attachment("vs_a", "file-3", FileStatus::Failed, 0),
+            )
+            .unwrap();
+            let twice = attach(
+                &t.store,
+                attachment("vs_a", "file-1", FileStatus::InProgress, 0),
+            );
+            assert!(twice.unwrap_err().is_unique_violation());
+
+            let a = get(&t.store, owner, "vs_a").unwrap().unwrap();
+            assert_eq!(
+                a.counts,
+                Counts {
+                    in_progress: 1,
+                    completed: 1,
+                    failed: 1,
+                    cancelled: 0,
+                    usage_bytes: 100
+                }
+            );
+            assert_eq!(a.status(2_000), "in_progress");
+            assert_eq!(a.store.metadata, Some(json!({"team": "docs"})));
+            assert_eq!(get(&t.store, owner, "vs_b").unwrap(), None);
+            assert!(get(&t.store, Owner::All, "vs_b").unwrap().is_some());
+
+            let mine = list(&t.store, owner, 10, None, Order::Desc)
+                .unwrap()
+                .unwrap();
+            assert_eq!(mine.items.len(), 1);
+            assert_eq!(mine.items[0].counts.total(), 3);
+            let all = list(&t.store, Owner::All, 1, None, Order::Asc)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (all.items[0].store.id.as_str(), all.has_more),
+                ("vs_a", true)
+            );
+            assert!(list(&t.store, owner, 10, Some("vs_b"), Order::Desc)
+                .unwrap()
+                .is_none());
+
+            assert!(!delete(&t.store, owner, "vs_b").unwrap());
+            assert!(delete(&t.store, owner, "vs_a").unwrap());
+            assert_eq!(
+                file(&t.store, "vs_a", "file-1").unwrap(),
+                None,
+                "attachments went with it"
+            );
+        }
+    }
+
+    #[test]
+    fn updates_change_only_what_they_name_and_expiry_follows_last_use() {
+        for t in stores("vs_update") {
+            let owner = Owner::Key(Some(1));
+            create(&t.store, vector_store("vs_a", Some(1))).unwrap();
+            let changes = Changes {
+                name: Some("renamed".into()),
+                expires_after_days: Some(Some(2)),
+                ..Changes::default()
+            };
+            assert!(update(&t.store, owner, "vs_a", changes).unwrap());
+            assert!(!update(&t.store, Owner::Key(Some(2)), "vs_a", Changes::default()).unwrap());
+            let a = get(&t.store, owner, "vs_a").unwrap().unwrap();
+            assert_eq!(a.store.name.as_deref(), Some("renamed"));
+            assert_eq!(a.store.metadata, Some(json!({"team": "docs"})));
+            assert_eq!(a.expires_at(), Some(1_000 + 2 * 86_400));
+            assert_eq!(a.status(1_000 + 2 * 86_400), "expired");
+            touch(&t.store, "vs_a", 5_000).unwrap();
+            let a = get(&t.store, owner, "vs_a").unwrap().unwrap();
+            assert_eq!(a.status(1_000 + 2 * 86_400), "completed");
+            let clear = Changes {
+                expires_after_days: Some(None),
+                ..Changes::default()
+            };
+            update(&t.store, owner, "vs_a", clear).unwrap();
+            assert_eq!(
+                get(&t.store, owner, "vs_a").unwrap().unwrap().expires_at(),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn a_stores_files_page_filter_by_status_take_attributes_and_detach() {
+        for t in stores("vs_files") {
+            create(&t.store, vector_store("vs_a", None)).unwrap();
+            for (i, status) in [
+                FileStatus::Completed,
+                FileStatus::InProgress,
+                FileStatus::Completed,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let id = format!("file-{i}");
+                upload(&t.store, &id);
+                attach(&t.store, attachment("vs_a", &id, status, 10)).unwrap();
+            }
+            let listing = FileListing {
+                vector_store_id: "vs_a".into(),
+                status: None,
+                batch_id: None,
+                limit: 2,
+                after: None,
+                order: Order::Desc,
+            };
+            let first = files(&t.store, &listing).unwrap().unwrap();
+            let ids: Vec<_> = first.items.iter().map(|f| f.file_id.as_str()).collect();
+            assert_eq!((ids, first.has_more), (vec!["file-2", "file-1"], true));
+            let rest = FileListing {
+                after: Some("file-1".into()),
+                ..listing.clone()
+            };
+            let rest = files(&t.store, &rest).unwrap().unwrap();
+            assert_eq!(rest.items.len(), 1);
+            let done = FileListing {
+                status: Some(FileStatus::Completed),
+                limit: 10,
+                ..listing.clone()
+            };
+            assert_eq!(files(&t.store, &done).unwrap().unwrap().items.len(), 2);
+
+            assert!(
+                set_attributes(&t.store, "vs_a", "file-0", Some(json!({"year": 2024}))).unwrap()
+            );
+            let f = file(&t.store, "vs_a", "file-0").unwrap().unwrap();
+            assert_eq!(f.attributes, Some(json!({"year": 2024})));
+            assert!(detach(&t.store, "vs_a", "file-0").unwrap());
+            assert!(!detach(&t.store, "vs_a", "file-0").unwrap());
+            // Deleting the file itself detaches it too.
+            files::delete(&t.store, Owner::All, "file-1").unwrap();
+            let left = files(
+                &t.store,
+                &FileListing {
+                    limit: 10,
+                    ..listing
+                },
+            )
+            .unwrap()
+            .unwrap();
+            let ids: Vec<_> = left.items.iter().map(|f| f.file_id.as_str()).collect();
+            assert_eq!(ids, ["file-2"]);
+        }
+    }
+}
