@@ -9,7 +9,7 @@ use super::{json_object, known_params, path_id, query_limit, query_param, ApiErr
 use crate::auth::Caller;
 use crate::http::{Request, Response};
 use crate::server::State;
-use crate::store::jobs::{self as store, Cancelled, Job, NewJob, Status, Submitted};
+use crate::store::jobs::{self as store, Cancelled, Job, JobKind, NewJob, Status, Submitted};
 use crate::store::{new_id, now_ms};
 
 /// Where a job's path starts; the id follows.
@@ -140,6 +140,7 @@ fn parse_submission(state: &State, request: &Request) -> Result<NewJob, ApiError
         idempotency_key: key,
         key_id: request.caller.as_ref().and_then(Caller::key_id),
         created_ms: now_ms(),
+        kind: JobKind::Chat,
     };
     Ok(new)
 }

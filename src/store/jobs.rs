@@ -49,6 +49,30 @@ impl Status {
     }
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobKind {
+    /// A chat completion (`POST /api/jobs`).
+    Chat,
+    /// A file's ingestion into a vector store: `{"vector_store_id", "file_id"}`.
+    Ingest,
+}
+
+impl JobKind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            JobKind::Chat => "chat",
+            JobKind::Ingest => "ingest",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<JobKind> {
+        [JobKind::Chat, JobKind::Ingest]
+            .into_iter()
+            .find(|k| k.name() == text)
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Job {
@@ -79,6 +103,7 @@ pub(crate) struct NewJob {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) key_id: Option<i64>,
     pub(crate) created_ms: i64,
+    pub(crate) kind: JobKind,
 }
 
 /// What a submission did.
@@ -98,6 +123,7 @@ pub(crate) struct Claimed {
     pub(crate) attempt: u32,
     pub(crate) request: Value,
     pub(crate) created_ms: i64,
+    pub(crate) kind: JobKind,
 }
 
 /// How a run ended.
@@ -331,6 +357,25 @@ mod tests {
             idempotency_key: key.map(str::to_string),
             key_id: None,
             created_ms: 1,
+            kind: JobKind::Chat,
+        }
+    }
+
+    #[test]
+    fn a_jobs_kind_comes_back_with_its_claim() {
+        for t in stores("job_kind") {
+            let ingest = NewJob {
+                request: serde_json::json!({"vector_store_id": "vs_1", "file_id": "file-1"}),
+                kind: JobKind::Ingest,
+                ..new_job("job_ingest", None)
+            };
+            submit(&t.store, ingest, 10).unwrap();
+            submit(&t.store, new_job("job_chat", None), 10).unwrap();
+            let first = claim(&t.store, 10, 60_000).unwrap().unwrap();
+            assert_eq!((first.id.as_str(), first.kind), ("job_ingest", JobKind::Ingest));
+            assert_eq!(first.request["file_id"], "file-1");
+            let second = claim(&t.store, 10, 60_000).unwrap().unwrap();
+            assert_eq!(second.kind, JobKind::Chat);
         }
     }
 

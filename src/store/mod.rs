@@ -599,6 +599,7 @@ pub(crate) mod testing {
             idempotency_key: None,
             key_id: None,
             created_ms: 1,
+            kind: jobs::JobKind::Chat,
         };
         jobs::submit(store, new, 100).unwrap();
         assert_eq!(

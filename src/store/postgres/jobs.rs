@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use super::{Session, Tx};
 use crate::store::jobs::{
-    attempts_exhausted, Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES,
+    attempts_exhausted, Cancelled, Claimed, Job, JobKind, NewJob, RunEnd, Status, Submitted,
+    STATUSES,
 };
 
 type Result<T> = std::result::Result<T, postgres::Error>;
@@ -36,8 +37,8 @@ pub(crate) fn submit(tx: &mut Tx<'_, '_>, job: &NewJob, max_queued: usize) -> Re
     }
     tx.execute(
         "INSERT INTO jobs (id, status, request, metadata, model, max_attempts, \
-         idempotency_key, key_id, created_ms) \
-         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8)",
+         idempotency_key, key_id, created_ms, kind) \
+         VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9)",
         &[
             &job.id,
             &job.request.to_string(),
@@ -47,6 +48,7 @@ pub(crate) fn submit(tx: &mut Tx<'_, '_>, job: &NewJob, max_queued: usize) -> Re
             &job.idempotency_key,
             &job.key_id,
             &job.created_ms,
+            &job.kind.name(),
         ],
     )?;
     Ok(Submitted::Created(job.id.clone()))
@@ -75,7 +77,7 @@ pub(crate) fn claim(tx: &mut Tx<'_, '_>, now_ms: i64, lease_ms: i64) -> Result<O
     loop {
         let Some(row) = tx.query_opt(
             &format!(
-                "SELECT id, attempts, max_attempts, request, created_ms FROM jobs \
+                "SELECT id, attempts, max_attempts, request, created_ms, kind FROM jobs \
                  WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < {DB_NOW_MS}) \
                  ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED"
             ),
@@ -110,6 +112,7 @@ pub(crate) fn claim(tx: &mut Tx<'_, '_>, now_ms: i64, lease_ms: i64) -> Result<O
             attempt: attempts + 1,
             request: serde_json::from_str(&request).unwrap_or(Value::Null),
             created_ms: row.get(4),
+            kind: JobKind::parse(row.get(5)).unwrap_or(JobKind::Chat),
         }));
     }
 }

@@ -5,7 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
 
 use crate::store::jobs::{
-    attempts_exhausted, Cancelled, Claimed, Job, NewJob, RunEnd, Status, Submitted, STATUSES,
+    attempts_exhausted, Cancelled, Claimed, Job, JobKind, NewJob, RunEnd, Status, Submitted,
+    STATUSES,
 };
 
 /// Adds a job unless its idempotency key names one already or the table is at capacity
@@ -32,8 +33,8 @@ pub(crate) fn submit(
     }
     conn.prepare_cached(
         "INSERT INTO jobs (id, status, request, metadata, model, max_attempts, \
-         idempotency_key, key_id, created_ms) \
-         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         idempotency_key, key_id, created_ms, kind) \
+         VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         job.id,
@@ -44,6 +45,7 @@ pub(crate) fn submit(
         job.idempotency_key,
         job.key_id,
         job.created_ms,
+        job.kind.name(),
     ])?;
     Ok(Submitted::Created(job.id.clone()))
 }
@@ -68,7 +70,7 @@ pub(crate) fn claim(
     loop {
         let next = conn
             .prepare_cached(
-                "SELECT id, attempts, max_attempts, request, created_ms FROM jobs \
+                "SELECT id, attempts, max_attempts, request, created_ms, kind FROM jobs \
                  WHERE status = 'queued' OR (status = 'running' AND lease_until_ms < ?1) \
                  ORDER BY seq LIMIT 1",
             )?
@@ -79,10 +81,11 @@ pub(crate) fn claim(
                     r.get::<_, u32>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
                 ))
             })
             .optional()?;
-        let Some((id, attempts, max_attempts, request, created_ms)) = next else {
+        let Some((id, attempts, max_attempts, request, created_ms, kind)) = next else {
             return Ok(None);
         };
         if attempts >= max_attempts {
@@ -104,6 +107,7 @@ pub(crate) fn claim(
             attempt: attempts + 1,
             request: serde_json::from_str(&request).unwrap_or(Value::Null),
             created_ms,
+            kind: JobKind::parse(&kind).unwrap_or(JobKind::Chat),
         }));
     }
 }
