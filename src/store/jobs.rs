@@ -372,7 +372,10 @@ mod tests {
             submit(&t.store, ingest, 10).unwrap();
             submit(&t.store, new_job("job_chat", None), 10).unwrap();
             let first = claim(&t.store, 10, 60_000).unwrap().unwrap();
-            assert_eq!((first.id.as_str(), first.kind), ("job_ingest", JobKind::Ingest));
+            assert_eq!(
+                (first.id.as_str(), first.kind),
+                ("job_ingest", JobKind::Ingest)
+            );
             assert_eq!(first.request["file_id"], "file-1");
             let second = claim(&t.store, 10, 60_000).unwrap().unwrap();
             assert_eq!(second.kind, JobKind::Chat);

@@ -4,6 +4,7 @@
 //! and never knows which backend answers: each family function picks the backend's SQL,
 //! `sqlite/<family>.rs` or `postgres/<family>.rs`.
 
+pub(crate) mod chunks;
 pub(crate) mod conversations;
 pub(crate) mod files;
 pub(crate) mod instances;

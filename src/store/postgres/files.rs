@@ -97,8 +97,18 @@ pub(crate) fn list(
     ))
 }
 
+/// Deletes the file (its attachments and chunks go by cascade), raising the version of every
+/// store it was in.
 pub(crate) fn delete(tx: &mut Tx<'_, '_>, owner: Owner, id: &str) -> Result<bool> {
     let (all, key) = owner.sql_params();
+    if get(tx, owner, id)?.is_none() {
+        return Ok(false);
+    }
+    tx.execute(
+        "UPDATE vector_stores SET version = version + 1 WHERE id IN \
+         (SELECT vector_store_id FROM vector_store_files WHERE file_id = $1)",
+        &[&id],
+    )?;
     tx.execute(
         &format!("DELETE FROM files WHERE {OWNED} AND id = $3"),
         &[&all, &key, &id],

@@ -6,6 +6,7 @@
 //! pool's checkout timeout. Its SQL is one file per table family, like SQLite's.
 //! Choices and figures: docs/decisions/0003-postgresql-store.md.
 
+pub(super) mod chunks;
 pub(super) mod conversations;
 pub(super) mod files;
 pub(super) mod instances;

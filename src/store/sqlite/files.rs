@@ -88,8 +88,18 @@ pub(crate) fn list(conn: &Connection, listing: &Listing) -> rusqlite::Result<Opt
     Ok(Some(files))
 }
 
+/// Deletes the file (its attachments and chunks go by cascade), raising the version of every
+/// store it was in.
 pub(crate) fn delete(conn: &Connection, owner: Owner, id: &str) -> rusqlite::Result<bool> {
     let (all, key) = owner.sql_params();
+    if get(conn, owner, id)?.is_none() {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "UPDATE vector_stores SET version = version + 1 WHERE id IN \
+         (SELECT vector_store_id FROM vector_store_files WHERE file_id = ?1)",
+    )?
+    .execute([id])?;
     conn.prepare_cached(&format!("DELETE FROM files WHERE {OWNED} AND id = ?3"))?
         .execute(params![all, key, id])
         .map(|n| n > 0)

@@ -3,6 +3,7 @@
 //! Its SQL is one file per table family. Only `store` calls it (and the store bench, which
 //! measures SQLite itself): the rest of the code asks `store::jobs` and its siblings.
 
+pub(super) mod chunks;
 pub(super) mod conversations;
 pub(super) mod files;
 pub(super) mod jobs;
