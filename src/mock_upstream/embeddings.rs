@@ -1,9 +1,11 @@
-//! `POST /v1/embeddings` for the mock upstream: deterministic unit vectors derived from a hash of
-//! each input, so the same text always embeds the same way and different texts differ.
+//! `POST /v1/embeddings` for the mock upstream: deterministic unit vectors from the words of
+//! each input, the same as the built-in `mock` model's, so texts that share words embed close
+//! together and the same text always embeds the same way.
 
 use serde_json::{json, Value};
 
 use crate::api::ApiError;
+use crate::knowledge::words;
 use crate::providers::mock::estimate_tokens;
 
 /// Dimensions when the request does not ask for `dimensions`.
@@ -118,36 +120,10 @@ pub(crate) fn reply_json(request: &EmbeddingsRequest) -> Value {
     })
 }
 
-/// A unit vector of `dimensions` components, each from a hash of the text and its index.
+/// A unit vector of `dimensions` components from the text's words ([`words::embed`]): exactly
+/// what the gateway's built-in `mock` model answers.
 pub(crate) fn embed(text: &str, dimensions: usize) -> Vec<f32> {
-    let seed = fnv1a(text.as_bytes());
-    let mut vector: Vec<f32> = (0..dimensions as u64)
-        .map(|i| {
-            let bits = splitmix64(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            // The top 24 bits as a fraction in [0, 1), moved to [-1, 1).
-            (bits >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect();
-    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        vector.iter_mut().for_each(|x| *x /= norm);
-    }
-    vector
-}
-
-/// FNV-1a: a fixed hash, unlike std's, so vectors stay the same across builds and versions.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// splitmix64's finaliser: spreads one hash into well-mixed, independent-looking components.
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    words::embed(text, dimensions)
 }
 
 /// The vector as OpenAI sends `encoding_format: "base64"`: little-endian f32s, standard base64.
@@ -179,11 +155,41 @@ mod tests {
     fn vectors_are_deterministic_unit_length_and_differ_by_text() {
         let a = embed("hello", 16);
         assert_eq!(a, embed("hello", 16));
-        assert_ne!(a, embed("hello!", 16));
+        assert_eq!(a, embed("Hello!", 16), "words, not characters, count");
+        assert_ne!(a, embed("goodbye", 16));
         assert_eq!(a.len(), 16);
         let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "{norm}");
         assert_eq!(embed("", 3).len(), 3);
+    }
+
+    #[test]
+    fn the_mock_upstream_embeds_exactly_as_the_mock_model() {
+        for text in [
+            "",
+            "hello",
+            "Otters hold hands while they sleep.",
+            "東京の川 🦦",
+        ] {
+            for dimensions in [1, 16, 1536] {
+                assert_eq!(
+                    embed(text, dimensions),
+                    crate::providers::mock::embed(text, dimensions)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_query_is_closer_to_a_document_sharing_its_words_than_to_an_unrelated_one() {
+        let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let query = embed("refund policy for damaged items", 64);
+        let document = embed(
+            "Our refund policy: damaged items are replaced or refunded.",
+            64,
+        );
+        let unrelated = embed("Sea otters hold hands while they sleep.", 64);
+        assert!(cosine(&query, &document) > cosine(&query, &unrelated) + 0.3);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! where every provider's is, in `providers::call`, blocking the worker as a real call would.
 
 use super::{ChatReply, ChatRequest, Usage};
+use crate::knowledge::words;
 
 /// The longest part of the last user message the reply repeats.
 const ECHO_CHARS: usize = 1000;
@@ -53,25 +54,11 @@ pub(crate) fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
 }
 
-/// A deterministic unit vector for `text`: each component from a hash of the text and its
-/// index (FNV-1a), so equal texts embed equally and different texts differ.
-pub(crate) fn embed(text: &str, dimensions: usize) -> Vec<f64> {
-    let raw: Vec<f64> = (0..dimensions)
-        .map(|i| {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            for b in text.bytes() {
-                h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-            (h >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect();
-    let norm = raw
-        .iter()
-        .map(|x| x * x)
-        .sum::<f64>()
-        .sqrt()
-        .max(f64::MIN_POSITIVE);
-    raw.iter().map(|x| x / norm).collect()
+/// A deterministic unit vector for `text` from its words ([`words::embed`]): texts that share
+/// words point the same way, as a real model's do, so file search over mock vectors finds what
+/// a person would expect; `syncgate mock-upstream` embeds exactly the same.
+pub(crate) fn embed(text: &str, dimensions: usize) -> Vec<f32> {
+    words::embed(text, dimensions)
 }
 
 /// The reply cut into the pieces a stream sends: one word (with its leading space) each.
@@ -151,9 +138,23 @@ mod tests {
         let a = embed("hello", 16);
         assert_eq!(a, embed("hello", 16));
         assert_ne!(a, embed("hullo", 16));
-        let norm: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-9, "{norm}");
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-6, "{norm}");
         assert_eq!(embed("x", 3).len(), 3);
+    }
+
+    #[test]
+    fn a_query_is_closer_to_a_document_sharing_its_words_than_to_an_unrelated_one() {
+        let cosine = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let query = embed("how do otters sleep", 64);
+        let document = embed("Otters sleep floating on their backs, holding hands.", 64);
+        let unrelated = embed("The invoice is due at the end of the month.", 64);
+        assert!(
+            cosine(&query, &document) > cosine(&query, &unrelated) + 0.3,
+            "{} vs {}",
+            cosine(&query, &document),
+            cosine(&query, &unrelated)
+        );
     }
 
     #[test]
