@@ -411,7 +411,6 @@ pub(crate) struct KnowledgeConfig {
     /// The model a new vector store embeds with, unless its `metadata.embedding_model` names
     /// another; pinned at creation. Default none: then the built-in `mock` when it is the
     /// only way to embed (development), else a store needs one named.
-    #[allow(dead_code)] // read by vector-store creation (issue 16), being wired
     pub(crate) embedding_model: Option<String>,
     /// Memory for vector stores' vectors loaded for search (least recently used go first).
     /// Default 256 MiB.

@@ -21,11 +21,13 @@ use crate::api::record::Record;
 use crate::api::ApiError;
 use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock};
 use crate::server::State;
-use crate::store::jobs::{self as store, Claimed, RunEnd, Status};
+use crate::store::jobs::{self as store, Claimed, JobKind, RunEnd, Status};
 use crate::store::{now_ms, StoreError};
 
 /// Stack of a runner thread: a provider call and JSON, as a request worker's.
 const RUNNER_STACK_BYTES: usize = 512 * 1024;
+/// How often the lease thread deletes files past their `expires_at` (`/v1/files`).
+const EXPIRE_FILES_EVERY: Duration = Duration::from_secs(60);
 /// The longest an idle runner sleeps before looking for work again (a lease of a dead process
 /// may have run out meanwhile; submissions in this process wake it at once).
 const IDLE_LOOK: Duration = Duration::from_secs(1);
@@ -46,6 +48,7 @@ impl JobBell {
                 stop_lock: Mutex::new(()),
                 stopped: Condvar::new(),
                 held: Mutex::new(HashMap::new()),
+                ingesting: Slots::default(),
             }),
         }
     }
@@ -74,6 +77,41 @@ struct Shared {
     stopped: Condvar,
     /// Jobs this process is running, and their attempt: the leases to renew.
     held: Mutex<HashMap<String, u32>>,
+    /// Ingestions running now: at most `[knowledge] max_ingesting` of the runner's threads
+    /// ingest at once; the others wait here (their leases renewed meanwhile).
+    ingesting: Slots,
+}
+
+/// A count of slots taken, and a wait for one to come back.
+#[derive(Default)]
+struct Slots {
+    taken: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    /// Waits until fewer than `max` are taken, then takes one until the guard is dropped.
+    fn take(&self, max: usize) -> SlotGuard<'_> {
+        let mut taken = lock(&self.taken);
+        while *taken >= max.max(1) {
+            taken = self
+                .freed
+                .wait(taken)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *taken += 1;
+        SlotGuard(self)
+    }
+}
+
+/// A taken slot, given back when dropped.
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.taken) -= 1;
+        self.0.freed.notify_one();
+    }
 }
 
 impl Runner {
@@ -144,7 +182,7 @@ fn run_jobs(state: &Weak<State>, shared: &Shared) {
         match claim(&state) {
             Ok(Some(job)) => {
                 lock(&shared.held).insert(job.id.clone(), job.attempt);
-                run_one(&state, &job);
+                run_one(&state, shared, &job);
                 lock(&shared.held).remove(&job.id);
             }
             Ok(None) => {
@@ -191,9 +229,15 @@ fn claim(state: &State) -> Result<Option<Claimed>, StoreError> {
 }
 
 /// Runs one attempt of a job and records how it ended.
-fn run_one(state: &State, job: &Claimed) {
+fn run_one(state: &State, shared: &Shared, job: &Claimed) {
     let started = Instant::now();
-    let end = execute(state, job);
+    let end = match job.kind {
+        JobKind::Chat => execute(state, job),
+        JobKind::Ingest => {
+            let _slot = shared.ingesting.take(state.config.knowledge.max_ingesting);
+            crate::ingest::run(state, job)
+        }
+    };
     state
         .metrics
         .jobs
@@ -277,6 +321,7 @@ fn error_json(e: &ApiError) -> Value {
 /// The lease thread: renews the leases of the jobs this process runs, and refreshes the jobs
 /// gauges, every third of a lease (at most every second).
 fn keep_leases(state: &Weak<State>, shared: &Shared) {
+    let mut expired_at = Instant::now() - EXPIRE_FILES_EVERY;
     loop {
         let Some(state) = state.upgrade() else { return };
         let every = (state.config.jobs.lease / 3).min(Duration::from_secs(1));
@@ -290,6 +335,14 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
             if let Err(e) = renewed {
                 state.metrics.store.count_error(e.kind());
                 log::warn!("cannot renew job leases: {e}");
+            }
+        }
+        if expired_at.elapsed() >= EXPIRE_FILES_EVERY {
+            expired_at = Instant::now();
+            match crate::store::files::delete_expired(&state.store, now_ms() / 1000) {
+                Ok(0) => {}
+                Ok(n) => log::info!("deleted {n} files past their expires_at"),
+                Err(e) => log::warn!("cannot delete expired files: {e}"),
             }
         }
         if let Err(e) = refresh_gauges(&state) {

@@ -10,6 +10,7 @@ mod cluster;
 mod config;
 mod database;
 mod http;
+mod ingest;
 mod jobs;
 mod knowledge;
 mod limits;

@@ -93,6 +93,17 @@ pub(crate) struct Metrics {
     pub(crate) auth_failures: IntCounterVec,
     /// `syncgate_rate_limited_total{limit}`: requests refused by a key's limit.
     pub(crate) rate_limited: IntCounterVec,
+    /// `syncgate_knowledge_ingested_total{outcome}`: files ingested into a vector store
+    /// (`completed` or `failed`).
+    pub(crate) knowledge_ingested: IntCounterVec,
+    /// `syncgate_knowledge_search_seconds`: a vector-store search, its embedding included.
+    pub(crate) knowledge_search: Histogram,
+    /// `syncgate_knowledge_cache_bytes`, `…_cache_stores`: vectors held for search (set when
+    /// scraped).
+    pub(crate) knowledge_cache_bytes: IntGauge,
+    pub(crate) knowledge_cache_stores: IntGauge,
+    /// `syncgate_knowledge_cache_lookups_total{result}`: hits and misses (set when scraped).
+    pub(crate) knowledge_cache_lookups: IntCounterVec,
     /// `syncgate_limit_store_errors_total{outcome}`: keyed requests whose shared limits could
     /// not be checked (PostgreSQL unreachable, lease lost), `refused` or `admitted` as
     /// `[limits] on_store_error` says.
@@ -381,12 +392,44 @@ impl Metrics {
                 &["limit"],
             )
             .expect("valid metric"),
+            knowledge_ingested: IntCounterVec::new(
+                Opts::new(
+                    "syncgate_knowledge_ingested_total",
+                    "Files ingested into a vector store, by outcome (completed, failed)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
             limit_store_errors: IntCounterVec::new(
                 Opts::new(
                     "syncgate_limit_store_errors_total",
                     "Keyed requests whose shared limits could not be checked, refused or admitted as [limits] on_store_error says",
                 ),
                 &["outcome"],
+            )
+            .expect("valid metric"),
+            knowledge_search: Histogram::with_opts(
+                HistogramOpts::new(
+                    "syncgate_knowledge_search_seconds",
+                    "Vector store searches, the query's embedding included",
+                )
+                .buckets(REQUEST_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            knowledge_cache_bytes: gauge(
+                "syncgate_knowledge_cache_bytes",
+                "Bytes of vector stores' vectors held for search ([knowledge] cache_mb)",
+            ),
+            knowledge_cache_stores: gauge(
+                "syncgate_knowledge_cache_stores",
+                "Vector stores whose vectors are held for search",
+            ),
+            knowledge_cache_lookups: IntCounterVec::new(
+                Opts::new(
+                    "syncgate_knowledge_cache_lookups_total",
+                    "Searches that found their store's vectors held (hit) or loaded them (miss)",
+                ),
+                &["result"],
             )
             .expect("valid metric"),
             batch_items: Histogram::with_opts(
@@ -439,6 +482,9 @@ impl Metrics {
         for limit in ["requests", "tokens", "in_flight"] {
             metrics.rate_limited.with_label_values(&[limit]);
         }
+        for outcome in ["completed", "failed"] {
+            metrics.knowledge_ingested.with_label_values(&[outcome]);
+        }
         for outcome in ["refused", "admitted"] {
             metrics.limit_store_errors.with_label_values(&[outcome]);
         }
@@ -474,6 +520,11 @@ impl Metrics {
             Box::new(self.tokens.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.rate_limited.clone()),
+            Box::new(self.knowledge_ingested.clone()),
+            Box::new(self.knowledge_search.clone()),
+            Box::new(self.knowledge_cache_bytes.clone()),
+            Box::new(self.knowledge_cache_stores.clone()),
+            Box::new(self.knowledge_cache_lookups.clone()),
             Box::new(self.limit_store_errors.clone()),
             Box::new(self.jobs.by_state.clone()),
             Box::new(self.jobs.wait_seconds.clone()),
@@ -497,6 +548,16 @@ impl Metrics {
                 .register(c)
                 .expect("each metric registered once");
         }
+    }
+
+    /// Times a vector-store search.
+    pub(crate) fn knowledge_search(&self, seconds: f64) {
+        self.knowledge_search.observe(seconds);
+    }
+
+    /// Counts a file's ingestion by its outcome (`completed` or `failed`).
+    pub(crate) fn knowledge_ingest(&self, outcome: &str) {
+        self.knowledge_ingested.with_label_values(&[outcome]).inc();
     }
 
     /// Counts a refusal; `reason` is one of [`REJECT_REASONS`].

@@ -17,48 +17,6 @@ fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
-/// One part of a multipart body: name, filename, content type, data.
-type PartSpec<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
-
-/// A multipart body of `parts` with `boundary`.
-fn multipart(boundary: &str, parts: &[PartSpec<'_>]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, filename, content_type, data) in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-        let disposition = match filename {
-            Some(f) => {
-                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n")
-            }
-            None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n"),
-        };
-        body.extend_from_slice(disposition.as_bytes());
-        if let Some(ct) = content_type {
-            body.extend_from_slice(format!("Content-Type: {ct}\r\n").as_bytes());
-        }
-        body.extend_from_slice(b"\r\n");
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
-}
-
-/// `POST /v1/files` with `body`, as `key` (none: no Authorization).
-fn upload_req(boundary: &str, body: &[u8], key: Option<&str>) -> Vec<u8> {
-    let mut head = format!(
-        "POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(key) = key {
-        head.push_str(&format!("Authorization: {}\r\n", bearer(key)));
-    }
-    head.push_str("\r\n");
-    let mut raw = head.into_bytes();
-    raw.extend_from_slice(body);
-    raw
-}
-
 /// Uploads `data` as `filename` for `purpose`, as `key`; the file object.
 fn upload(gw: &Server, key: &str, filename: &str, data: &[u8]) -> Value {
     // The boundary curl uses, and the content carrying a line that looks like one.

@@ -16,6 +16,7 @@ mod relay;
 mod requests;
 pub(crate) mod status;
 mod usage;
+mod vector_stores;
 
 use std::fmt;
 
@@ -72,6 +73,24 @@ pub(crate) enum Route {
     FileDelete,
     /// `GET /v1/files/{id}/content`: the bytes as uploaded.
     FileContent,
+    VectorStoreList,
+    VectorStoreCreate,
+    VectorStoreGet,
+    /// `POST /v1/vector_stores/{id}`: name, metadata, expiry.
+    VectorStoreUpdate,
+    VectorStoreDelete,
+    VectorStoreFileList,
+    /// `POST /v1/vector_stores/{id}/files`: attach a file and queue its ingestion.
+    VectorStoreFileAttach,
+    VectorStoreFileGet,
+    /// `POST /v1/vector_stores/{id}/files/{file_id}`: its attributes.
+    VectorStoreFileUpdate,
+    /// `DELETE /v1/vector_stores/{id}/files/{file_id}`: detach (the file stays).
+    VectorStoreFileDetach,
+    /// `GET /v1/vector_stores/{id}/files/{file_id}/content`: its chunks.
+    VectorStoreFileContent,
+    /// `POST /v1/vector_stores/{id}/search`.
+    VectorStoreSearch,
     /// `GET /admin/keys`: every key, never a secret.
     AdminKeyList,
     /// `POST /admin/keys`: a new key, its secret shown once.
@@ -108,6 +127,18 @@ impl Route {
             Route::FileList | Route::FileUpload => "/v1/files",
             Route::FileGet | Route::FileDelete => "/v1/files/{id}",
             Route::FileContent => "/v1/files/{id}/content",
+            Route::VectorStoreList | Route::VectorStoreCreate => "/v1/vector_stores",
+            Route::VectorStoreGet | Route::VectorStoreUpdate | Route::VectorStoreDelete => {
+                "/v1/vector_stores/{id}"
+            }
+            Route::VectorStoreFileList | Route::VectorStoreFileAttach => {
+                "/v1/vector_stores/{id}/files"
+            }
+            Route::VectorStoreFileGet
+            | Route::VectorStoreFileUpdate
+            | Route::VectorStoreFileDetach => "/v1/vector_stores/{id}/files/{file_id}",
+            Route::VectorStoreFileContent => "/v1/vector_stores/{id}/files/{file_id}/content",
+            Route::VectorStoreSearch => "/v1/vector_stores/{id}/search",
             Route::AdminKeyList | Route::AdminKeyCreate => "/admin/keys",
             Route::AdminKeyRevoke => "/admin/keys/{id}",
             Route::AdminInstances => "/admin/instances",
@@ -135,6 +166,11 @@ impl Route {
             | Route::FileList
             | Route::FileGet
             | Route::FileContent
+            | Route::VectorStoreList
+            | Route::VectorStoreGet
+            | Route::VectorStoreFileList
+            | Route::VectorStoreFileGet
+            | Route::VectorStoreFileContent
             | Route::AdminKeyList
             | Route::AdminInstances => "GET",
             Route::ChatCompletions
@@ -145,11 +181,18 @@ impl Route {
             | Route::AdminKeyCreate
             | Route::JobSubmit
             | Route::FileUpload
+            | Route::VectorStoreCreate
+            | Route::VectorStoreUpdate
+            | Route::VectorStoreFileAttach
+            | Route::VectorStoreFileUpdate
+            | Route::VectorStoreSearch
             | Route::DebugPanic => "POST",
             Route::ConversationDelete
             | Route::AdminKeyRevoke
             | Route::JobCancel
-            | Route::FileDelete => "DELETE",
+            | Route::FileDelete
+            | Route::VectorStoreDelete
+            | Route::VectorStoreFileDetach => "DELETE",
         }
     }
 
@@ -174,6 +217,18 @@ impl Route {
                 | Route::FileGet
                 | Route::FileDelete
                 | Route::FileContent
+                | Route::VectorStoreList
+                | Route::VectorStoreCreate
+                | Route::VectorStoreGet
+                | Route::VectorStoreUpdate
+                | Route::VectorStoreDelete
+                | Route::VectorStoreFileList
+                | Route::VectorStoreFileAttach
+                | Route::VectorStoreFileGet
+                | Route::VectorStoreFileUpdate
+                | Route::VectorStoreFileDetach
+                | Route::VectorStoreFileContent
+                | Route::VectorStoreSearch
         )
     }
 
@@ -216,6 +271,7 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/admin/instances" => &[Route::AdminInstances],
         "/api/jobs" => &[Route::JobList, Route::JobSubmit],
         "/v1/files" => &[Route::FileList, Route::FileUpload],
+        "/v1/vector_stores" => &[Route::VectorStoreList, Route::VectorStoreCreate],
         "/debug/panic" if debug_routes => &[Route::DebugPanic],
         p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
         p if matches!(path_id(p, ADMIN_KEYS_PREFIX), Some((_, ""))) => &[Route::AdminKeyRevoke],
@@ -228,6 +284,7 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         p if matches!(path_id(p, files::FILES_PREFIX), Some((_, "/content"))) => {
             &[Route::FileContent]
         }
+        p if path_id(p, vector_stores::PREFIX).is_some() => vector_store_routes(p),
         p => match path_id(p, CONVERSATIONS_PREFIX) {
             Some((_, "")) => &[Route::ConversationGet, Route::ConversationDelete],
             Some((_, "/messages")) => &[Route::MessageList, Route::MessageCreate],
@@ -239,6 +296,12 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
             }
         },
     };
+    if routes.is_empty() {
+        return Err(ApiError::UnknownRoute {
+            method: method.to_string(),
+            path: path.to_string(),
+        });
+    }
     match routes.iter().find(|r| r.method() == method) {
         Some(route) => Ok(*route),
         None => Err(ApiError::MethodNotAllowed {
@@ -249,6 +312,31 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
                 .join(", "),
             template: routes[0].template(),
         }),
+    }
+}
+
+/// The routes of a path under `/v1/vector_stores/{id}`; none for an unknown tail.
+fn vector_store_routes(path: &str) -> &'static [Route] {
+    let Some((_, tail)) = path_id(path, vector_stores::PREFIX) else {
+        return &[];
+    };
+    match tail {
+        "" => &[
+            Route::VectorStoreGet,
+            Route::VectorStoreUpdate,
+            Route::VectorStoreDelete,
+        ],
+        "/files" => &[Route::VectorStoreFileList, Route::VectorStoreFileAttach],
+        "/search" => &[Route::VectorStoreSearch],
+        t => match path_id(t, "/files/") {
+            Some((_, "")) => &[
+                Route::VectorStoreFileGet,
+                Route::VectorStoreFileUpdate,
+                Route::VectorStoreFileDetach,
+            ],
+            Some((_, "/content")) => &[Route::VectorStoreFileContent],
+            _ => &[],
+        },
     }
 }
 
@@ -285,6 +373,18 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::FileGet => files::get(state, request),
         Route::FileDelete => files::delete(state, request),
         Route::FileContent => files::content(state, request),
+        Route::VectorStoreList => vector_stores::list(state, request),
+        Route::VectorStoreCreate => vector_stores::create(state, request),
+        Route::VectorStoreGet => vector_stores::get(state, request),
+        Route::VectorStoreUpdate => vector_stores::update(state, request),
+        Route::VectorStoreDelete => vector_stores::delete(state, request),
+        Route::VectorStoreFileList => vector_stores::list_files(state, request),
+        Route::VectorStoreFileAttach => vector_stores::attach_file(state, request),
+        Route::VectorStoreFileGet => vector_stores::get_file(state, request),
+        Route::VectorStoreFileUpdate => vector_stores::update_file(state, request),
+        Route::VectorStoreFileDetach => vector_stores::detach_file(state, request),
+        Route::VectorStoreFileContent => vector_stores::file_content(state, request),
+        Route::VectorStoreSearch => vector_stores::search(state, request),
         Route::AdminKeyList => admin::list_keys(state),
         Route::AdminKeyCreate => admin::create_key(state, request),
         Route::AdminKeyRevoke => admin::revoke_key(state, request),

@@ -56,6 +56,14 @@ fn metrics(state: &State) -> Response {
         .metrics
         .batch_pool_queue_depth
         .set(state.batch.queue_len() as i64);
+    let cache = state.matrices.stats();
+    let m = &state.metrics;
+    m.knowledge_cache_bytes.set(cache.bytes as i64);
+    m.knowledge_cache_stores.set(cache.entries as i64);
+    for (result, n) in [("hit", cache.hits), ("miss", cache.misses)] {
+        let counter = m.knowledge_cache_lookups.with_label_values(&[result]);
+        counter.inc_by(n.saturating_sub(counter.get()));
+    }
     if let Some(uploads) = &state.config.http.uploads {
         state.metrics.uploads_held.set(uploads.held() as i64);
     }

@@ -2,8 +2,6 @@
 //! from the store only when the vector store changed or was pushed out. Bounded in bytes,
 //! least recently used out first, shared by every worker.
 
-#![allow(dead_code)] // used by the files and vector-store routes (issue 16), being wired
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

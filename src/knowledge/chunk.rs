@@ -2,8 +2,6 @@
 //! tokens that overlap, sized by the file's chunking strategy (`auto`, or `static` with its
 //! own sizes). Each chunk is embedded and searched on its own.
 
-#![allow(dead_code)] // used by the files and vector-store routes (issue 16), being wired
-
 use serde_json::{json, Map, Value};
 use tiktoken_rs::{cl100k_base_singleton, CoreBPE, Rank};
 
@@ -147,6 +145,7 @@ pub(crate) struct Chunk {
 }
 
 /// Tokens in `text` as cl100k_base counts them (special tokens count as ordinary text).
+#[cfg(test)]
 pub(crate) fn count_tokens(text: &str) -> usize {
     segments(text)
         .map(|segment| bpe().encode_ordinary(segment).len())

@@ -3,8 +3,6 @@
 //! pdf-extract crate on a thread of its own, each under caps on input size, output size and (for
 //! PDF, the one parser we did not write) time.
 
-#![allow(dead_code)] // used by the files and vector-store routes (issue 16), being wired
-
 use std::borrow::Cow;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};

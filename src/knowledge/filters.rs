@@ -8,8 +8,6 @@
 //! ordering comparisons (`gt`, `gte`, `lt`, `lte`) fail. Numbers compare as f64, strings by
 //! code point, booleans only for equality.
 
-#![allow(dead_code)] // used by the files and vector-store routes (issue 16), being wired
-
 use std::cmp::Ordering;
 
 use serde_json::{Map, Value};

@@ -3,8 +3,6 @@
 //! no index), fanned out on rayon because it is pure CPU work. Also the fusion of several
 //! rankings into one, for hybrid (vector + keyword) search.
 
-#![allow(dead_code)] // used by the files and vector-store routes (issue 16), being wired
-
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fmt;
@@ -113,10 +111,16 @@ pub(crate) struct Matrix {
     rows: Vec<f32>,
     /// The chunk id of each row.
     ids: Vec<i64>,
+    /// Each row's group (its file), an index into `group_names`; empty when rows were pushed
+    /// without one.
+    groups: Vec<u32>,
+    /// The groups' names (file ids), so a filter decided per file applies to its rows.
+    group_names: Vec<String>,
 }
 
 impl Matrix {
     /// An empty matrix for vectors of `dims` dimensions.
+    #[cfg(test)]
     pub(crate) fn new(dims: usize) -> Matrix {
         Matrix::with_capacity(dims, 0)
     }
@@ -127,7 +131,39 @@ impl Matrix {
             dims,
             rows: Vec::with_capacity(dims * rows),
             ids: Vec::with_capacity(rows),
+            groups: Vec::new(),
+            group_names: Vec::new(),
         }
+    }
+
+    /// Adds chunk `id`'s vector as a new row of the group (file) named `group`, scaled to unit
+    /// length. Rows of one matrix are pushed all with a group or all without.
+    pub(crate) fn push_in(
+        &mut self,
+        id: i64,
+        group: &str,
+        vector: &[f32],
+    ) -> Result<(), VectorError> {
+        self.push(id, vector)?;
+        let index = match self.group_names.iter().rposition(|g| g == group) {
+            Some(i) => i,
+            None => {
+                self.group_names.push(group.to_string());
+                self.group_names.len() - 1
+            }
+        };
+        self.groups.push(index as u32);
+        Ok(())
+    }
+
+    /// The group names (file ids), in the order first pushed.
+    pub(crate) fn group_names(&self) -> &[String] {
+        &self.group_names
+    }
+
+    /// The group of row `index`, an index into [`Matrix::group_names`].
+    pub(crate) fn group(&self, index: usize) -> usize {
+        self.groups[index] as usize
     }
 
     /// Adds chunk `id`'s vector as a new row, scaled to unit length.
@@ -148,10 +184,6 @@ impl Matrix {
         self.ids.is_empty()
     }
 
-    pub(crate) fn dims(&self) -> usize {
-        self.dims
-    }
-
     /// The chunk id of row `index`.
     pub(crate) fn id(&self, index: usize) -> i64 {
         self.ids[index]
@@ -162,8 +194,15 @@ impl Matrix {
         std::mem::size_of::<Matrix>()
             + self.rows.capacity() * std::mem::size_of::<f32>()
             + self.ids.capacity() * std::mem::size_of::<i64>()
+            + self.groups.capacity() * std::mem::size_of::<u32>()
+            + self
+                .group_names
+                .iter()
+                .map(|g| g.capacity() + std::mem::size_of::<String>())
+                .sum::<usize>()
     }
 
+    #[cfg(test)]
     /// The at most `k` rows most similar to `query` with a score of at least `threshold`, best
     /// first, equal scores by chunk id. An empty matrix has no hits, whatever the query.
     pub(crate) fn search(

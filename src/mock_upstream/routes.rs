@@ -81,7 +81,19 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::FileUpload
         | api::Route::FileGet
         | api::Route::FileDelete
-        | api::Route::FileContent => Err(ApiError::UnknownRoute {
+        | api::Route::FileContent
+        | api::Route::VectorStoreList
+        | api::Route::VectorStoreCreate
+        | api::Route::VectorStoreGet
+        | api::Route::VectorStoreUpdate
+        | api::Route::VectorStoreDelete
+        | api::Route::VectorStoreFileList
+        | api::Route::VectorStoreFileAttach
+        | api::Route::VectorStoreFileGet
+        | api::Route::VectorStoreFileUpdate
+        | api::Route::VectorStoreFileDetach
+        | api::Route::VectorStoreFileContent
+        | api::Route::VectorStoreSearch => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),
         }),

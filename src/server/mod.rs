@@ -50,6 +50,8 @@ pub(crate) struct State {
     pub(crate) batch: batch::Pool,
     /// The last 15 minutes for the console, one sample a second (the `sg-status` thread).
     pub(crate) history: crate::api::status::History,
+    /// Vector stores' vectors loaded for search, within `[knowledge] cache_mb`.
+    pub(crate) matrices: crate::knowledge::cache::MatrixCache,
     queue: Sender<Job>,
     /// Wakes a worker for each job sent to `queue`.
     doorbell: Doorbell,
@@ -199,6 +201,7 @@ impl Server {
         );
         let (batch, batch_tasks) = batch::Pool::new(b);
         let waits = waits::Waits::new(capacity.workers + capacity.queue);
+        let knowledge_cache_bytes = config.knowledge.cache_bytes;
         let state = Arc::new(State {
             config,
             metrics,
@@ -209,6 +212,9 @@ impl Server {
             jobs: JobBell::new(),
             batch,
             history: Default::default(),
+            matrices: crate::knowledge::cache::MatrixCache::new(
+                usize::try_from(knowledge_cache_bytes).unwrap_or(usize::MAX),
+            ),
             queue,
             doorbell: Doorbell::new(),
             draining: AtomicBool::new(false),

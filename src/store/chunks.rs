@@ -3,7 +3,6 @@
 //! marks the file completed in one transaction, and only while the file is still being
 //! ingested, so a file detached or cancelled meanwhile keeps nothing; every change raises the
 //! store's version, so a cached copy of its vectors knows it is stale.
-#![allow(dead_code)] // used by ingestion and search (issue 16), being wired
 
 use serde_json::Value;
 
@@ -205,7 +204,10 @@ mod tests {
             position,
             text: text.to_string(),
             tokens: 3,
-            embedding: [position as f32, 1.0].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            embedding: [position as f32, 1.0]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
         }
     }
 

@@ -2,7 +2,6 @@
 //! it. An upload is one acknowledged write of the file and its bytes together; lists and
 //! lookups never read the bytes. Deleting a file detaches it from every vector store, its
 //! chunks with it (the schema's cascades).
-#![allow(dead_code)] // used by the /v1/files routes (issue 16), being wired
 
 use super::postgres::files as pg;
 use super::sqlite::files as sql;

@@ -3,7 +3,6 @@
 //! files in the same query. A store's `version` rises whenever its chunks change, so a copy
 //! of its vectors loaded for search knows when it is stale. The owner is the store's: its
 //! files are reached through it.
-#![allow(dead_code)] // used by the /v1/vector_stores routes (issue 16), being wired
 
 use serde_json::Value;
 

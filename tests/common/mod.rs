@@ -30,6 +30,10 @@ mod fleet;
 // Only the nginx and multi-instance tests use it.
 #[allow(unused_imports)]
 pub use fleet::*;
+mod upload;
+// Only the knowledge base's tests use it.
+#[allow(unused_imports)]
+pub use upload::*;
 
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_syncgate");

@@ -1,0 +1,395 @@
+//! Vector stores end to end (issue 16): files uploaded, attached and ingested by the durable
+//! job runner with the built-in `mock` model's word-hashing embeddings, then searched; the top
+//! hit is the file whose words the query shares, plainly and hybrid, and filters on file
+//! attributes narrow it. A file syncgate cannot read fails with `unsupported_file`; another
+//! key's store is 404; an ingestion cut by kill -9 completes after the restart. The flow runs
+//! on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "adm-0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f50";
+
+const LIGHTHOUSE: &str = "# Lighthouses\n\nA lighthouse keeper trims the lamp wick every evening \
+    and winds the clockwork that turns the lens. Keepers logged every passing ship.";
+const BREAD: &str = "# Baking bread\n\nSourdough bread rises slowly: the starter feeds on flour \
+    and water, and the dough is folded before it is baked in a hot oven.";
+
+fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    key: Option<&str>,
+) -> Resp {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(key) = key {
+        raw.push_str(&format!("Authorization: Bearer {key}\r\n"));
+    }
+    raw.push_str("\r\n");
+    raw.push_str(&body);
+    send(addr, raw.as_bytes())
+}
+
+fn ok(r: &Resp) -> Value {
+    assert_eq!(r.status, 200, "{}", r.describe());
+    r.json()
+}
+
+/// Uploads `text` as `name`; the file id.
+fn upload(addr: SocketAddr, name: &str, text: &str, key: Option<&str>) -> String {
+    let body = multipart(
+        "sgtestboundary",
+        &[
+            ("purpose", None, None, b"assistants"),
+            ("file", Some(name), Some("text/markdown"), text.as_bytes()),
+        ],
+    );
+    let r = send(addr, &upload_req("sgtestboundary", &body, key));
+    ok(&r)["id"].as_str().unwrap().to_string()
+}
+
+/// Polls the store until no file is in progress; the store.
+fn settled(addr: SocketAddr, vs: &str, key: Option<&str>, within: Duration) -> Value {
+    let mut last = Value::Null;
+    let done = poll_until(within, Duration::from_millis(50), || {
+        last = ok(&call(
+            addr,
+            "GET",
+            &format!("/v1/vector_stores/{vs}"),
+            None,
+            key,
+        ));
+        last["file_counts"]["in_progress"] == 0
+    });
+    assert!(done, "files still in progress after {within:?}: {last}");
+    last
+}
+
+fn search(addr: SocketAddr, vs: &str, body: Value) -> Vec<Value> {
+    let r = call(
+        addr,
+        "POST",
+        &format!("/v1/vector_stores/{vs}/search"),
+        Some(&body),
+        None,
+    );
+    let page = ok(&r);
+    assert_eq!(page["object"], "vector_store.search_results.page", "{page}");
+    page["data"].as_array().unwrap().clone()
+}
+
+fn knowledge_flow(db: &str) {
+    let gw = Server::start(&["--db", db]);
+    let lighthouse = upload(gw.addr, "lighthouse.md", LIGHTHOUSE, None);
+    let bread = upload(gw.addr, "bread.md", BREAD, None);
+    let binary = upload(gw.addr, "blob.bin", "\u{1}\u{2}", None);
+
+    let created = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(
+            &json!({"name": "handbook", "file_ids": [lighthouse, bread], "metadata": {"team": "docs"}}),
+        ),
+        None,
+    ));
+    assert_eq!(created["object"], "vector_store");
+    assert_eq!(created["name"], "handbook");
+    assert_eq!(created["metadata"], json!({"team": "docs"}));
+    let vs = created["id"].as_str().unwrap().to_string();
+    let store = settled(gw.addr, &vs, None, Duration::from_secs(30));
+    assert_eq!(store["status"], "completed", "{store}");
+    assert_eq!(store["file_counts"]["completed"], 2, "{store}");
+    assert!(store["usage_bytes"].as_u64() > Some(0), "{store}");
+
+    // A file syncgate cannot read fails with OpenAI's code and a reason.
+    let r = call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{vs}/files"),
+        Some(&json!({"file_id": binary})),
+        None,
+    );
+    assert_eq!(ok(&r)["status"], "in_progress");
+    assert_eq!(r.header("openai-poll-after-ms"), Some("500"));
+    settled(gw.addr, &vs, None, Duration::from_secs(30));
+    let failed = ok(&call(
+        gw.addr,
+        "GET",
+        &format!("/v1/vector_stores/{vs}/files/{binary}"),
+        None,
+        None,
+    ));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["last_error"]["code"], "unsupported_file", "{failed}");
+    let listed = ok(&call(
+        gw.addr,
+        "GET",
+        &format!("/v1/vector_stores/{vs}/files?filter=completed"),
+        None,
+        None,
+    ));
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed}");
+
+    // The file whose words the query shares comes first, plainly and hybrid.
+    for ranker in ["auto", "hybrid"] {
+        let hits = search(
+            gw.addr,
+            &vs,
+            json!({"query": "who trims the lighthouse lamp?", "ranking_options": {"ranker": ranker}}),
+        );
+        assert!(!hits.is_empty(), "{ranker}: no hits");
+        assert_eq!(
+            hits[0]["file_id"],
+            lighthouse.as_str(),
+            "{ranker}: {hits:?}"
+        );
+        assert_eq!(hits[0]["filename"], "lighthouse.md");
+        let score = hits[0]["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score), "{score}");
+        assert!(
+            hits[0]["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("keeper"),
+            "{hits:?}"
+        );
+    }
+    let hits = search(
+        gw.addr,
+        &vs,
+        json!({"query": ["sourdough starter", "oven"], "max_num_results": 1}),
+    );
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0]["file_id"], bread.as_str(), "{hits:?}");
+
+    // Attributes narrow a search: only files whose attributes pass.
+    let r = call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{vs}/files/{bread}"),
+        Some(&json!({"attributes": {"topic": "kitchen", "year": 2024}})),
+        None,
+    );
+    assert_eq!(ok(&r)["attributes"]["topic"], "kitchen");
+    let hits = search(
+        gw.addr,
+        &vs,
+        json!({"query": "lighthouse keeper", "filters": {"type": "eq", "key": "topic", "value": "kitchen"}}),
+    );
+    assert!(
+        hits.iter().all(|h| h["file_id"] == bread.as_str()),
+        "{hits:?}"
+    );
+    let hits = search(
+        gw.addr,
+        &vs,
+        json!({"query": "lighthouse keeper", "filters": {"type": "and", "filters": [
+        {"type": "ne", "key": "topic", "value": "kitchen"}, {"type": "lt", "key": "year", "value": 3000}]}}),
+    );
+    assert!(
+        hits.is_empty(),
+        "no file has a year and another topic: {hits:?}"
+    );
+    let r = call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{vs}/search"),
+        Some(&json!({"query": "x", "filters": {"type": "like"}})),
+        None,
+    );
+    assert_error(&r, 400, Some("invalid_request_error"), None);
+    let r = call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{vs}/search"),
+        Some(&json!({"query": "x", "max_num_results": 51})),
+        None,
+    );
+    assert_error(&r, 400, Some("invalid_request_error"), None);
+
+    // The file's chunks; detaching takes them out of search; deleting the store.
+    let content = ok(&call(
+        gw.addr,
+        "GET",
+        &format!("/v1/vector_stores/{vs}/files/{lighthouse}/content"),
+        None,
+        None,
+    ));
+    assert!(
+        content["data"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("clockwork"),
+        "{content}"
+    );
+    let r = call(
+        gw.addr,
+        "DELETE",
+        &format!("/v1/vector_stores/{vs}/files/{lighthouse}"),
+        None,
+        None,
+    );
+    assert_eq!(ok(&r)["deleted"], true);
+    let hits = search(gw.addr, &vs, json!({"query": "lighthouse keeper"}));
+    assert!(
+        hits.iter().all(|h| h["file_id"] != lighthouse.as_str()),
+        "{hits:?}"
+    );
+    let r = call(
+        gw.addr,
+        "DELETE",
+        &format!("/v1/vector_stores/{vs}"),
+        None,
+        None,
+    );
+    assert_eq!(
+        ok(&r),
+        json!({"id": vs, "object": "vector_store.deleted", "deleted": true})
+    );
+    let r = call(
+        gw.addr,
+        "GET",
+        &format!("/v1/vector_stores/{vs}"),
+        None,
+        None,
+    );
+    assert_error(&r, 404, None, Some("not_found"));
+}
+
+#[test]
+fn files_are_ingested_and_found_by_search_on_sqlite() {
+    let db = TempDb::new();
+    knowledge_flow(&db.path_str());
+}
+
+#[test]
+fn files_are_ingested_and_found_by_search_on_postgres() {
+    let Some(pg) = fresh_postgres() else { return };
+    knowledge_flow(&pg.url());
+}
+
+#[test]
+fn another_keys_store_is_not_found_and_the_admin_key_sees_it() {
+    let gw = Server::start_full(&[], &[("SYNCGATE_ADMIN_KEY", ADMIN)], None);
+    let make_key = |name: &str| {
+        let r = call(
+            gw.addr,
+            "POST",
+            "/admin/keys",
+            Some(&json!({"name": name})),
+            Some(ADMIN),
+        );
+        assert_eq!(r.status, 201, "{}", r.describe());
+        r.json()["key"].as_str().unwrap().to_string()
+    };
+    let (alice, bob) = (make_key("alice"), make_key("bob"));
+    let file = upload(gw.addr, "a.md", LIGHTHOUSE, Some(&alice));
+    // Bob cannot put Alice's file in his store.
+    let r = call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": [file]})),
+        Some(&bob),
+    );
+    assert_error(&r, 404, None, Some("not_found"));
+    let vs = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": [file]})),
+        Some(&alice),
+    ));
+    let id = vs["id"].as_str().unwrap();
+    for (method, path) in [
+        ("GET", format!("/v1/vector_stores/{id}")),
+        ("DELETE", format!("/v1/vector_stores/{id}")),
+        ("GET", format!("/v1/vector_stores/{id}/files")),
+    ] {
+        let r = call(gw.addr, method, &path, None, Some(&bob));
+        assert_error(&r, 404, None, Some("not_found"));
+    }
+    let r = call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{id}/search"),
+        Some(&json!({"query": "lamp"})),
+        Some(&bob),
+    );
+    assert_error(&r, 404, None, Some("not_found"));
+    let theirs = ok(&call(gw.addr, "GET", "/v1/vector_stores", None, Some(&bob)));
+    assert_eq!(theirs["data"], json!([]));
+    let all = ok(&call(
+        gw.addr,
+        "GET",
+        "/v1/vector_stores",
+        None,
+        Some(ADMIN),
+    ));
+    assert_eq!(all["data"][0]["id"], id);
+}
+
+#[test]
+fn an_ingestion_cut_by_kill_9_completes_after_the_restart() {
+    let db = TempDb::new();
+    // Embeddings from a mock upstream that takes its time, so the kill lands mid-ingestion.
+    let up = Server::start_mock_upstream(&["--latency-ms", "1500"]);
+    let toml = format!(
+        "[[providers]]\nname = \"up\"\ntype = \"openai\"\nbase_url = \"http://{}/v1\"\n\n\
+         [[models]]\nname = \"emb\"\ntargets = [\"up/embedding-model\"]\n\n\
+         [knowledge]\nembedding_model = \"emb\"\n\n[jobs]\nlease_ms = 1000\n",
+        up.addr
+    );
+    let config = TempConfig::new(&toml);
+    let mut gw = Server::start_full(
+        &["--db", &db.path_str(), "--config", &config.path_str()],
+        &[],
+        None,
+    );
+    let file = upload(gw.addr, "lighthouse.md", LIGHTHOUSE, None);
+    let vs = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": [file]})),
+        None,
+    ));
+    let id = vs["id"].as_str().unwrap().to_string();
+    // The embedding call is under way: its request reached the upstream.
+    let calling = poll_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        get(up.addr, "/stats").json()["requests"].as_u64() > Some(0)
+    });
+    assert!(
+        calling,
+        "ingestion never called the embedding model:\n{}",
+        gw.log()
+    );
+    gw.signal(libc::SIGKILL);
+    gw.wait_exit(Duration::from_secs(5));
+    let gw = Server::start_full(
+        &["--db", &db.path_str(), "--config", &config.path_str()],
+        &[],
+        None,
+    );
+    let store = settled(gw.addr, &id, None, Duration::from_secs(30));
+    assert_eq!(
+        store["file_counts"]["completed"],
+        1,
+        "{store}\n{}",
+        gw.log()
+    );
+    let hits = search(gw.addr, &id, json!({"query": "lighthouse keeper"}));
+    assert_eq!(hits[0]["file_id"], file.as_str(), "{hits:?}");
+}
