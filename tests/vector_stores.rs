@@ -393,3 +393,94 @@ fn an_ingestion_cut_by_kill_9_completes_after_the_restart() {
     let hits = search(gw.addr, &id, json!({"query": "lighthouse keeper"}));
     assert_eq!(hits[0]["file_id"], file.as_str(), "{hits:?}");
 }
+
+#[test]
+fn a_file_batch_ingests_its_files_together_and_cancelling_it_keeps_nothing_of_the_rest() {
+    let up = Server::start_mock_upstream(&["--latency-ms", "1000"]);
+    let toml = format!(
+        "[[providers]]\nname = \"up\"\ntype = \"openai\"\nbase_url = \"http://{}/v1\"\n\n\
+         [[models]]\nname = \"emb\"\ntargets = [\"up/embedding-model\"]\n",
+        up.addr
+    );
+    let gw = Server::start_with_config(&toml, &[]);
+    let a = upload(gw.addr, "lighthouse.md", LIGHTHOUSE, None);
+    let b = upload(gw.addr, "bread.md", BREAD, None);
+    let plain = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"name": "mock"})),
+        None,
+    ));
+    let vs = plain["id"].as_str().unwrap().to_string();
+    let batch = ok(&call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{vs}/file_batches"),
+        Some(&json!({"file_ids": [a, b], "attributes": {"source": "batch"}})),
+        None,
+    ));
+    assert_eq!(batch["object"], "vector_store.files_batch");
+    assert_eq!(batch["file_counts"]["total"], 2, "{batch}");
+    let id = batch["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/vector_stores/{vs}/file_batches/{id}");
+    let done = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        ok(&call(gw.addr, "GET", &path, None, None))["status"] == "completed"
+    });
+    assert!(done, "the batch never completed:\n{}", gw.log());
+    let files = ok(&call(gw.addr, "GET", &format!("{path}/files"), None, None));
+    let data = files["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{files}");
+    assert!(
+        data.iter().all(|f| f["attributes"]["source"] == "batch"),
+        "{files}"
+    );
+
+    // A second store on the slow embedding model: cancelled while its files ingest.
+    let slow = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"metadata": {"embedding_model": "emb"}})),
+        None,
+    ));
+    let slow_id = slow["id"].as_str().unwrap().to_string();
+    let batch = ok(&call(
+        gw.addr,
+        "POST",
+        &format!("/v1/vector_stores/{slow_id}/file_batches"),
+        Some(&json!({"files": [{"file_id": a}, {"file_id": b, "attributes": {"n": 2}}]})),
+        None,
+    ));
+    let cancel = format!(
+        "/v1/vector_stores/{slow_id}/file_batches/{}/cancel",
+        batch["id"].as_str().unwrap()
+    );
+    let cancelled = ok(&call(gw.addr, "POST", &cancel, None, None));
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    // Whatever ingestion was under way ends without writing: once no job is left, nothing
+    // has completed.
+    let idle = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        ["queued", "running"].iter().all(|status| {
+            let jobs = ok(&call(
+                gw.addr,
+                "GET",
+                &format!("/api/jobs?status={status}"),
+                None,
+                None,
+            ));
+            jobs["data"].as_array().is_some_and(Vec::is_empty)
+        })
+    });
+    assert!(idle, "ingestion jobs never ended:\n{}", gw.log());
+    let store = ok(&call(
+        gw.addr,
+        "GET",
+        &format!("/v1/vector_stores/{slow_id}"),
+        None,
+        None,
+    ));
+    assert_eq!(store["file_counts"]["completed"], 0, "{store}");
+    assert_eq!(store["file_counts"]["cancelled"], 2, "{store}");
+    assert_eq!(store["usage_bytes"], 0, "{store}");
+}

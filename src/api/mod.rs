@@ -91,6 +91,12 @@ pub(crate) enum Route {
     VectorStoreFileContent,
     /// `POST /v1/vector_stores/{id}/search`.
     VectorStoreSearch,
+    /// `POST /v1/vector_stores/{id}/file_batches`.
+    FileBatchCreate,
+    FileBatchGet,
+    /// `POST /v1/vector_stores/{id}/file_batches/{batch_id}/cancel`.
+    FileBatchCancel,
+    FileBatchFiles,
     /// `GET /admin/keys`: every key, never a secret.
     AdminKeyList,
     /// `POST /admin/keys`: a new key, its secret shown once.
@@ -139,6 +145,10 @@ impl Route {
             | Route::VectorStoreFileDetach => "/v1/vector_stores/{id}/files/{file_id}",
             Route::VectorStoreFileContent => "/v1/vector_stores/{id}/files/{file_id}/content",
             Route::VectorStoreSearch => "/v1/vector_stores/{id}/search",
+            Route::FileBatchCreate => "/v1/vector_stores/{id}/file_batches",
+            Route::FileBatchGet => "/v1/vector_stores/{id}/file_batches/{batch_id}",
+            Route::FileBatchCancel => "/v1/vector_stores/{id}/file_batches/{batch_id}/cancel",
+            Route::FileBatchFiles => "/v1/vector_stores/{id}/file_batches/{batch_id}/files",
             Route::AdminKeyList | Route::AdminKeyCreate => "/admin/keys",
             Route::AdminKeyRevoke => "/admin/keys/{id}",
             Route::AdminInstances => "/admin/instances",
@@ -171,6 +181,8 @@ impl Route {
             | Route::VectorStoreFileList
             | Route::VectorStoreFileGet
             | Route::VectorStoreFileContent
+            | Route::FileBatchGet
+            | Route::FileBatchFiles
             | Route::AdminKeyList
             | Route::AdminInstances => "GET",
             Route::ChatCompletions
@@ -186,6 +198,8 @@ impl Route {
             | Route::VectorStoreFileAttach
             | Route::VectorStoreFileUpdate
             | Route::VectorStoreSearch
+            | Route::FileBatchCreate
+            | Route::FileBatchCancel
             | Route::DebugPanic => "POST",
             Route::ConversationDelete
             | Route::AdminKeyRevoke
@@ -229,6 +243,10 @@ impl Route {
                 | Route::VectorStoreFileDetach
                 | Route::VectorStoreFileContent
                 | Route::VectorStoreSearch
+                | Route::FileBatchCreate
+                | Route::FileBatchGet
+                | Route::FileBatchCancel
+                | Route::FileBatchFiles
         )
     }
 
@@ -328,6 +346,13 @@ fn vector_store_routes(path: &str) -> &'static [Route] {
         ],
         "/files" => &[Route::VectorStoreFileList, Route::VectorStoreFileAttach],
         "/search" => &[Route::VectorStoreSearch],
+        "/file_batches" => &[Route::FileBatchCreate],
+        t if t.starts_with("/file_batches/") => match path_id(t, "/file_batches/") {
+            Some((_, "")) => &[Route::FileBatchGet],
+            Some((_, "/cancel")) => &[Route::FileBatchCancel],
+            Some((_, "/files")) => &[Route::FileBatchFiles],
+            _ => &[],
+        },
         t => match path_id(t, "/files/") {
             Some((_, "")) => &[
                 Route::VectorStoreFileGet,
@@ -385,6 +410,10 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::VectorStoreFileDetach => vector_stores::detach_file(state, request),
         Route::VectorStoreFileContent => vector_stores::file_content(state, request),
         Route::VectorStoreSearch => vector_stores::search(state, request),
+        Route::FileBatchCreate => vector_stores::create_batch(state, request),
+        Route::FileBatchGet => vector_stores::get_batch(state, request),
+        Route::FileBatchCancel => vector_stores::cancel_batch(state, request),
+        Route::FileBatchFiles => vector_stores::list_batch_files(state, request),
         Route::AdminKeyList => admin::list_keys(state),
         Route::AdminKeyCreate => admin::create_key(state, request),
         Route::AdminKeyRevoke => admin::revoke_key(state, request),

@@ -259,6 +259,16 @@ fn attach(
 /// `GET /v1/vector_stores/{id}/files`.
 pub(crate) fn list_files(state: &State, request: &Request) -> Result<Response, ApiError> {
     let vs = find(state, request)?;
+    files_page(state, request, &vs.store.id, None)
+}
+
+/// A page of the store's files (of one batch, when given), as the query asks.
+fn files_page(
+    state: &State,
+    request: &Request,
+    vs_id: &str,
+    batch_id: Option<String>,
+) -> Result<Response, ApiError> {
     let query = request.query.as_str();
     known_params(query, &["after", "before", "limit", "order", "filter"])?;
     let status = match query_param(query, "filter")? {
@@ -277,9 +287,9 @@ pub(crate) fn list_files(state: &State, request: &Request) -> Result<Response, A
         ));
     }
     let listing = FileListing {
-        vector_store_id: vs.store.id.clone(),
+        vector_store_id: vs_id.to_string(),
         status,
-        batch_id: None,
+        batch_id,
         limit: query_limit(query, "limit", 20, 100)?,
         after: query_param(query, "after")?,
         order: order(query)?,
@@ -348,6 +358,134 @@ pub(crate) fn file_content(state: &State, request: &Request) -> Result<Response,
         200,
         &json!({"object": "vector_store.file_content.page", "data": data, "has_more": false, "next_page": null}),
     ))
+}
+
+/// The batch id after `/file_batches/` in the request's path.
+fn batch_id(request: &Request) -> &str {
+    let (_, tail) = path_id(&request.path, PREFIX).unwrap_or(("", ""));
+    path_id(tail, "/file_batches/").map_or("", |(id, _)| id)
+}
+
+/// `POST /v1/vector_stores/{id}/file_batches`: `file_ids` (with the batch's `attributes` and
+/// `chunking_strategy`) or `files` (each with its own), attached together.
+pub(crate) fn create_batch(state: &State, request: &Request) -> Result<Response, ApiError> {
+    let vs = find(state, request)?;
+    let body = json_object(&request.body)?;
+    only(
+        &body,
+        &["file_ids", "files", "attributes", "chunking_strategy"],
+    )?;
+    let shared_attributes = attributes(body.get("attributes"))?;
+    let shared_strategy = strategy(body.get("chunking_strategy"))?;
+    let mut wanted: Vec<(String, Option<Value>, Strategy)> =
+        string_list(body.get("file_ids"), "file_ids")?
+            .into_iter()
+            .map(|id| (id, shared_attributes.clone(), shared_strategy))
+            .collect();
+    if let Some(files) = body.get("files").filter(|f| !f.is_null()) {
+        let files = files
+            .as_array()
+            .filter(|f| f.len() <= 500)
+            .ok_or_else(|| invalid("files", "'files' must be a list of at most 500 objects"))?;
+        for f in files {
+            let id = f["file_id"]
+                .as_str()
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| invalid("files", "each of 'files' needs a 'file_id'"))?;
+            let own_attributes = match f.get("attributes") {
+                None => shared_attributes.clone(),
+                some => attributes(some)?,
+            };
+            let own_strategy = match f.get("chunking_strategy") {
+                None => shared_strategy,
+                some => strategy(some)?,
+            };
+            wanted.push((id.to_string(), own_attributes, own_strategy));
+        }
+    }
+    if wanted.is_empty() {
+        return Err(invalid("file_ids", "a batch needs 'file_ids' or 'files'"));
+    }
+    for (id, _, _) in &wanted {
+        files::get(&state.store, owner(request), id)?.ok_or_else(|| not_found("file", id))?;
+    }
+    let room = state
+        .config
+        .knowledge
+        .max_files_per_store
+        .saturating_sub(vs.counts.total() as u64);
+    if wanted.len() as u64 > room {
+        return Err(invalid(
+            "file_ids",
+            &format!(
+                "the vector store has room for {room} more files ([knowledge] max_files_per_store)"
+            ),
+        ));
+    }
+    let id = new_id("vsfb");
+    store::create_batch(&state.store, &vs.store.id, &id, now_ms() / 1000)?;
+    for (file, attributes, strategy) in wanted {
+        attach(
+            state,
+            request,
+            &vs.store,
+            &file,
+            attributes,
+            strategy,
+            Some(&id),
+        )?;
+    }
+    batch_response(state, &vs.store.id, &id)
+}
+
+/// `GET /v1/vector_stores/{id}/file_batches/{batch_id}`.
+pub(crate) fn get_batch(state: &State, request: &Request) -> Result<Response, ApiError> {
+    let vs = find(state, request)?;
+    batch_response(state, &vs.store.id, batch_id(request))
+}
+
+/// `POST /v1/vector_stores/{id}/file_batches/{batch_id}/cancel`.
+pub(crate) fn cancel_batch(state: &State, request: &Request) -> Result<Response, ApiError> {
+    let vs = find(state, request)?;
+    let id = batch_id(request);
+    if !store::cancel_batch(&state.store, &vs.store.id, id)? {
+        return Err(not_found("vector_store.file_batch", id));
+    }
+    batch_response(state, &vs.store.id, id)
+}
+
+/// `GET /v1/vector_stores/{id}/file_batches/{batch_id}/files`.
+pub(crate) fn list_batch_files(state: &State, request: &Request) -> Result<Response, ApiError> {
+    let vs = find(state, request)?;
+    let id = batch_id(request);
+    store::batch(&state.store, &vs.store.id, id)?
+        .ok_or_else(|| not_found("vector_store.file_batch", id))?;
+    files_page(state, request, &vs.store.id, Some(id.to_string()))
+}
+
+fn batch_response(state: &State, vs_id: &str, id: &str) -> Result<Response, ApiError> {
+    let b = store::batch(&state.store, vs_id, id)?
+        .ok_or_else(|| not_found("vector_store.file_batch", id))?;
+    let body = json!({
+        "id": b.id,
+        "object": "vector_store.files_batch",
+        "created_at": b.created_at,
+        "vector_store_id": b.vector_store_id,
+        "status": b.status(),
+        "file_counts": {
+            "in_progress": b.counts.in_progress,
+            "completed": b.counts.completed,
+            "failed": b.counts.failed,
+            "cancelled": b.counts.cancelled,
+            "total": b.counts.total(),
+        },
+    });
+    let response = Response::json(200, &body);
+    Ok(if b.status() == "in_progress" {
+        response.with_header("openai-poll-after-ms", POLL_AFTER_MS.to_string())
+    } else {
+        response
+    })
 }
 
 /// One search hit, as OpenAI shows it.

@@ -93,7 +93,11 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::VectorStoreFileUpdate
         | api::Route::VectorStoreFileDetach
         | api::Route::VectorStoreFileContent
-        | api::Route::VectorStoreSearch => Err(ApiError::UnknownRoute {
+        | api::Route::VectorStoreSearch
+        | api::Route::FileBatchCreate
+        | api::Route::FileBatchGet
+        | api::Route::FileBatchCancel
+        | api::Route::FileBatchFiles => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),
         }),

@@ -121,6 +121,34 @@ pub(crate) struct StoreFile {
     pub(crate) created_at: i64,
 }
 
+/// A batch of files attached together, with its files' counts.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FileBatch {
+    pub(crate) id: String,
+    pub(crate) vector_store_id: String,
+    pub(crate) created_at: i64,
+    pub(crate) cancelled: bool,
+    /// Its files by status (`usage_bytes` unused).
+    pub(crate) counts: Counts,
+}
+
+impl FileBatch {
+    /// OpenAI's status: `cancelled` once cancelled, `in_progress` while a file is, `failed`
+    /// when every file failed, else `completed`.
+    pub(crate) fn status(&self) -> &'static str {
+        let c = &self.counts;
+        if self.cancelled {
+            "cancelled"
+        } else if c.in_progress > 0 {
+            "in_progress"
+        } else if c.total() > 0 && c.failed == c.total() {
+            "failed"
+        } else {
+            "completed"
+        }
+    }
+}
+
 /// A page of one store's files: `limit` after the file `after`, in `order`, maybe of one
 /// status or one batch.
 #[derive(Debug, Clone)]
@@ -267,6 +295,50 @@ pub(crate) fn detach(
     match store.backend() {
         Backend::Sqlite(db) => db.writer().call(move |conn| sql::detach(conn, &vs, &file)),
         Backend::Postgres(db) => db.write(|tx| pg::detach(tx, &vs, &file)),
+    }
+}
+
+/// Records a new batch of the store (its files are attached with its id).
+pub(crate) fn create_batch(
+    store: &Store,
+    vector_store_id: &str,
+    id: &str,
+    created_at: i64,
+) -> Result<(), StoreError> {
+    let (vs, id) = (vector_store_id.to_string(), id.to_string());
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::create_batch(conn, &vs, &id, created_at)),
+        Backend::Postgres(db) => db.write(|tx| pg::create_batch(tx, &vs, &id, created_at)),
+    }
+}
+
+/// The store's batch with this id and its files' counts.
+pub(crate) fn batch(
+    store: &Store,
+    vector_store_id: &str,
+    id: &str,
+) -> Result<Option<FileBatch>, StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::batch(c, vector_store_id, id)),
+        Backend::Postgres(db) => db.query(|c| pg::batch(c, vector_store_id, id)),
+    }
+}
+
+/// Cancels a batch: its files still in progress end `cancelled` (their ingestion then writes
+/// nothing). False when the store has no such batch.
+pub(crate) fn cancel_batch(
+    store: &Store,
+    vector_store_id: &str,
+    id: &str,
+) -> Result<bool, StoreError> {
+    let (vs, id) = (vector_store_id.to_string(), id.to_string());
+    match store.backend() {
+        Backend::Sqlite(db) => db
+            .writer()
+            .call(move |conn| sql::cancel_batch(conn, &vs, &id)),
+        Backend::Postgres(db) => db.write(|tx| pg::cancel_batch(tx, &vs, &id)),
     }
 }
 
@@ -420,6 +492,41 @@ mod tests {
                 get(&t.store, owner, "vs_a").unwrap().unwrap().expires_at(),
                 None
             );
+        }
+    }
+
+    #[test]
+    fn a_batch_counts_its_files_and_cancelling_it_cancels_those_in_progress() {
+        for t in stores("vs_batches") {
+            create(&t.store, vector_store("vs_a", None)).unwrap();
+            create_batch(&t.store, "vs_a", "vsfb_1", 5).unwrap();
+            for (i, status) in [FileStatus::Completed, FileStatus::InProgress]
+                .into_iter()
+                .enumerate()
+            {
+                let id = format!("file-{i}");
+                upload(&t.store, &id);
+                let mut f = attachment("vs_a", &id, status, 1);
+                f.batch_id = Some("vsfb_1".into());
+                attach(&t.store, f).unwrap();
+            }
+            let b = batch(&t.store, "vs_a", "vsfb_1").unwrap().unwrap();
+            assert_eq!(
+                (b.counts.completed, b.counts.in_progress, b.status()),
+                (1, 1, "in_progress")
+            );
+            assert_eq!(batch(&t.store, "vs_other", "vsfb_1").unwrap(), None);
+            assert!(cancel_batch(&t.store, "vs_a", "vsfb_1").unwrap());
+            let b = batch(&t.store, "vs_a", "vsfb_1").unwrap().unwrap();
+            assert_eq!(
+                (b.counts.completed, b.counts.cancelled, b.status()),
+                (1, 1, "cancelled")
+            );
+            assert_eq!(
+                file(&t.store, "vs_a", "file-1").unwrap().unwrap().status,
+                FileStatus::Cancelled
+            );
+            assert!(!cancel_batch(&t.store, "vs_a", "vsfb_none").unwrap());
         }
     }
 

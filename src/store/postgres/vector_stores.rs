@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::{Session, Tx};
 use crate::store::files::{Order, Owner};
 use crate::store::vector_stores::{
-    Changes, Counted, Counts, FileListing, FileStatus, StoreFile, VectorStore,
+    Changes, Counted, Counts, FileBatch, FileListing, FileStatus, StoreFile, VectorStore,
 };
 
 type Result<T> = std::result::Result<T, postgres::Error>;
@@ -249,6 +249,64 @@ pub(crate) fn detach(tx: &mut Tx<'_, '_>, vector_store_id: &str, file_id: &str) 
         )?;
     }
     Ok(gone > 0)
+}
+
+pub(crate) fn create_batch(
+    tx: &mut Tx<'_, '_>,
+    vector_store_id: &str,
+    id: &str,
+    created_at: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO file_batches (id, vector_store_id, created_at) VALUES ($1, $2, $3)",
+        &[&id, &vector_store_id, &created_at],
+    )
+    .map(drop)
+}
+
+pub(crate) fn batch(
+    c: &mut Session<'_, impl GenericClient>,
+    vector_store_id: &str,
+    id: &str,
+) -> Result<Option<FileBatch>> {
+    Ok(c.query_opt(
+        "SELECT b.id, b.vector_store_id, b.created_at, b.cancelled, \
+         COUNT(f.seq) FILTER (WHERE f.status = 'in_progress'), \
+         COUNT(f.seq) FILTER (WHERE f.status = 'completed'), \
+         COUNT(f.seq) FILTER (WHERE f.status = 'failed'), \
+         COUNT(f.seq) FILTER (WHERE f.status = 'cancelled') \
+         FROM file_batches b LEFT JOIN vector_store_files f ON f.batch_id = b.id \
+         WHERE b.vector_store_id = $1 AND b.id = $2 GROUP BY b.seq",
+        &[&vector_store_id, &id],
+    )?
+    .map(|r| FileBatch {
+        id: r.get(0),
+        vector_store_id: r.get(1),
+        created_at: r.get(2),
+        cancelled: r.get(3),
+        counts: Counts {
+            in_progress: r.get(4),
+            completed: r.get(5),
+            failed: r.get(6),
+            cancelled: r.get(7),
+            usage_bytes: 0,
+        },
+    }))
+}
+
+pub(crate) fn cancel_batch(tx: &mut Tx<'_, '_>, vector_store_id: &str, id: &str) -> Result<bool> {
+    let found = tx.execute(
+        "UPDATE file_batches SET cancelled = true WHERE vector_store_id = $1 AND id = $2",
+        &[&vector_store_id, &id],
+    )?;
+    if found > 0 {
+        tx.execute(
+            "UPDATE vector_store_files SET status = 'cancelled' \
+             WHERE batch_id = $1 AND status = 'in_progress'",
+            &[&id],
+        )?;
+    }
+    Ok(found > 0)
 }
 
 fn json_column(text: Option<String>) -> Option<Value> {

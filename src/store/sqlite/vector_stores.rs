@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::store::files::{Order, Owner};
 use crate::store::vector_stores::{
-    Changes, Counted, Counts, FileListing, FileStatus, StoreFile, VectorStore,
+    Changes, Counted, Counts, FileBatch, FileListing, FileStatus, StoreFile, VectorStore,
 };
 
 /// A store's columns and its files' counts, grouped by the store.
@@ -238,6 +238,69 @@ pub(crate) fn detach(
             .execute([vector_store_id])?;
     }
     Ok(gone > 0)
+}
+
+pub(crate) fn create_batch(
+    conn: &Connection,
+    vector_store_id: &str,
+    id: &str,
+    created_at: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO file_batches (id, vector_store_id, created_at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![id, vector_store_id, created_at])
+    .map(drop)
+}
+
+pub(crate) fn batch(
+    conn: &Connection,
+    vector_store_id: &str,
+    id: &str,
+) -> rusqlite::Result<Option<FileBatch>> {
+    conn.prepare_cached(
+        "SELECT b.id, b.vector_store_id, b.created_at, b.cancelled, \
+         COALESCE(SUM(f.status = 'in_progress'), 0), COALESCE(SUM(f.status = 'completed'), 0), \
+         COALESCE(SUM(f.status = 'failed'), 0), COALESCE(SUM(f.status = 'cancelled'), 0) \
+         FROM file_batches b LEFT JOIN vector_store_files f ON f.batch_id = b.id \
+         WHERE b.vector_store_id = ?1 AND b.id = ?2 GROUP BY b.seq",
+    )?
+    .query_row([vector_store_id, id], |r| {
+        Ok(FileBatch {
+            id: r.get(0)?,
+            vector_store_id: r.get(1)?,
+            created_at: r.get(2)?,
+            cancelled: r.get(3)?,
+            counts: Counts {
+                in_progress: r.get(4)?,
+                completed: r.get(5)?,
+                failed: r.get(6)?,
+                cancelled: r.get(7)?,
+                usage_bytes: 0,
+            },
+        })
+    })
+    .optional()
+}
+
+pub(crate) fn cancel_batch(
+    conn: &Connection,
+    vector_store_id: &str,
+    id: &str,
+) -> rusqlite::Result<bool> {
+    let found = conn
+        .prepare_cached(
+            "UPDATE file_batches SET cancelled = 1 WHERE vector_store_id = ?1 AND id = ?2",
+        )?
+        .execute([vector_store_id, id])?;
+    if found > 0 {
+        conn.prepare_cached(
+            "UPDATE vector_store_files SET status = 'cancelled' \
+             WHERE batch_id = ?1 AND status = 'in_progress'",
+        )?
+        .execute([id])?;
+    }
+    Ok(found > 0)
 }
 
 fn json_column(text: Option<String>) -> Option<Value> {
