@@ -1,6 +1,8 @@
 //! The official OpenAI Python SDK, unchanged, against the real binary: tests/sdk/openai_sdk_check.py
-//! drives chat (plain, streamed, and proxied through a second syncgate), embeddings, models and
-//! the SDK's error classes. The SDK comes from `SYNCGATE_SDK_PYTHON` or a cached virtualenv.
+//! drives chat (plain, streamed, and proxied through a second syncgate), embeddings, models,
+//! the knowledge base (files.create, vector_stores.create, vector_stores.files.upload_and_poll,
+//! vector_stores.search, responses.create with file_search and its citation) and the SDK's
+//! error classes. The SDK comes from `SYNCGATE_SDK_PYTHON` or a cached virtualenv.
 
 mod common;
 

@@ -484,3 +484,95 @@ fn a_file_batch_ingests_its_files_together_and_cancelling_it_keeps_nothing_of_th
     assert_eq!(store["file_counts"]["cancelled"], 2, "{store}");
     assert_eq!(store["usage_bytes"], 0, "{store}");
 }
+
+#[test]
+fn a_response_with_file_search_answers_from_the_right_file_and_cites_it() {
+    let gw = Server::start(&[]);
+    let lighthouse = upload(gw.addr, "lighthouse.md", LIGHTHOUSE, None);
+    let bread = upload(gw.addr, "bread.md", BREAD, None);
+    let vs = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": [lighthouse, bread]})),
+        None,
+    ));
+    let id = vs["id"].as_str().unwrap().to_string();
+    settled(gw.addr, &id, None, Duration::from_secs(30));
+    let ask = json!({
+        "model": "mock",
+        "input": "Who trims the lamp wick of a lighthouse?",
+        "instructions": "Answer in one sentence.",
+        "tools": [{"type": "file_search", "vector_store_ids": [id], "max_num_results": 2}],
+        "include": ["file_search_call.results"],
+    });
+    let r = ok(&call(gw.addr, "POST", "/v1/responses", Some(&ask), None));
+    assert_eq!(
+        (r["object"].clone(), r["status"].clone()),
+        (json!("response"), json!("completed")),
+        "{r}"
+    );
+    let search = &r["output"][0];
+    assert_eq!(search["type"], "file_search_call", "{r}");
+    assert_eq!(search["results"][0]["file_id"], lighthouse.as_str(), "{r}");
+    let message = &r["output"][1];
+    assert_eq!(message["type"], "message", "{r}");
+    let text = message["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("keeper trims the lamp wick"), "{r}");
+    assert!(!text.contains("[1]"), "the marker is stripped: {text}");
+    let citation = &message["content"][0]["annotations"][0];
+    assert_eq!(citation["type"], "file_citation", "{r}");
+    assert_eq!(citation["file_id"], lighthouse.as_str(), "{r}");
+    assert_eq!(citation["filename"], "lighthouse.md", "{r}");
+    assert_eq!(citation["index"], text.chars().count(), "{r}");
+    assert!(r["usage"]["total_tokens"].as_u64() > Some(0), "{r}");
+
+    // Streamed: the Responses events, ending with the whole response.
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let s = call(gw.addr, "POST", "/v1/responses", Some(&streamed), None);
+    assert_eq!(s.status, 200, "{}", s.describe());
+    assert_eq!(s.header("content-type"), Some("text/event-stream"));
+    let events = s.text();
+    for kind in [
+        "response.created",
+        "response.file_search_call.completed",
+        "response.output_text.delta",
+        "response.output_text.annotation.added",
+        "response.completed",
+    ] {
+        assert!(
+            events.contains(&format!("event: {kind}\n")),
+            "{kind} missing:\n{events}"
+        );
+    }
+
+    // Only listed stores, only the caller's; tools syncgate does not run are refused.
+    let mut elsewhere = ask.clone();
+    elsewhere["tools"][0]["vector_store_ids"] = json!(["vs_nope"]);
+    assert_error(
+        &call(gw.addr, "POST", "/v1/responses", Some(&elsewhere), None),
+        404,
+        None,
+        Some("not_found"),
+    );
+    let mut web = ask.clone();
+    web["tools"] = json!([{"type": "web_search"}]);
+    let err = assert_error(
+        &call(gw.addr, "POST", "/v1/responses", Some(&web), None),
+        400,
+        Some("invalid_request_error"),
+        None,
+    );
+    assert_eq!(err["param"], "tools");
+    // Without the tool: a plain answer, no search.
+    let plain = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/responses",
+        Some(&json!({"model": "mock", "input": "hello"})),
+        None,
+    ));
+    assert_eq!(plain["output"].as_array().unwrap().len(), 1, "{plain}");
+    assert_eq!(plain["output"][0]["type"], "message");
+}

@@ -14,6 +14,7 @@ pub(crate) mod ops;
 pub(crate) mod record;
 mod relay;
 mod requests;
+mod responses;
 pub(crate) mod status;
 mod usage;
 mod vector_stores;
@@ -91,6 +92,8 @@ pub(crate) enum Route {
     VectorStoreFileContent,
     /// `POST /v1/vector_stores/{id}/search`.
     VectorStoreSearch,
+    /// `POST /v1/responses`: answers, with `file_search` over vector stores.
+    Responses,
     /// `POST /v1/vector_stores/{id}/file_batches`.
     FileBatchCreate,
     FileBatchGet,
@@ -145,6 +148,7 @@ impl Route {
             | Route::VectorStoreFileDetach => "/v1/vector_stores/{id}/files/{file_id}",
             Route::VectorStoreFileContent => "/v1/vector_stores/{id}/files/{file_id}/content",
             Route::VectorStoreSearch => "/v1/vector_stores/{id}/search",
+            Route::Responses => "/v1/responses",
             Route::FileBatchCreate => "/v1/vector_stores/{id}/file_batches",
             Route::FileBatchGet => "/v1/vector_stores/{id}/file_batches/{batch_id}",
             Route::FileBatchCancel => "/v1/vector_stores/{id}/file_batches/{batch_id}/cancel",
@@ -200,6 +204,7 @@ impl Route {
             | Route::VectorStoreSearch
             | Route::FileBatchCreate
             | Route::FileBatchCancel
+            | Route::Responses
             | Route::DebugPanic => "POST",
             Route::ConversationDelete
             | Route::AdminKeyRevoke
@@ -247,6 +252,7 @@ impl Route {
                 | Route::FileBatchGet
                 | Route::FileBatchCancel
                 | Route::FileBatchFiles
+                | Route::Responses
         )
     }
 
@@ -290,6 +296,7 @@ pub(crate) fn route(method: &str, path: &str, debug_routes: bool) -> Result<Rout
         "/api/jobs" => &[Route::JobList, Route::JobSubmit],
         "/v1/files" => &[Route::FileList, Route::FileUpload],
         "/v1/vector_stores" => &[Route::VectorStoreList, Route::VectorStoreCreate],
+        "/v1/responses" => &[Route::Responses],
         "/debug/panic" if debug_routes => &[Route::DebugPanic],
         p if matches!(path_id(p, "/v1/models/"), Some((_, ""))) => &[Route::Model],
         p if matches!(path_id(p, ADMIN_KEYS_PREFIX), Some((_, ""))) => &[Route::AdminKeyRevoke],
@@ -410,6 +417,7 @@ pub(crate) fn handle(state: &State, route: Route, request: &Request) -> Result<R
         Route::VectorStoreFileDetach => vector_stores::detach_file(state, request),
         Route::VectorStoreFileContent => vector_stores::file_content(state, request),
         Route::VectorStoreSearch => vector_stores::search(state, request),
+        Route::Responses => responses::create(state, request),
         Route::FileBatchCreate => vector_stores::create_batch(state, request),
         Route::FileBatchGet => vector_stores::get_batch(state, request),
         Route::FileBatchCancel => vector_stores::cancel_batch(state, request),

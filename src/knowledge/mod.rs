@@ -5,6 +5,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod chunk;
+pub(crate) mod cite;
 pub(crate) mod extract;
 pub(crate) mod filters;
 pub(crate) mod vector;

@@ -97,7 +97,8 @@ pub(crate) fn route(method: &str, path: &str) -> Result<Route, ApiError> {
         | api::Route::FileBatchCreate
         | api::Route::FileBatchGet
         | api::Route::FileBatchCancel
-        | api::Route::FileBatchFiles => Err(ApiError::UnknownRoute {
+        | api::Route::FileBatchFiles
+        | api::Route::Responses => Err(ApiError::UnknownRoute {
             method: method.to_string(),
             path: path.to_string(),
         }),

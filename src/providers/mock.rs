@@ -3,7 +3,7 @@
 //! where every provider's is, in `providers::call`, blocking the worker as a real call would.
 
 use super::{ChatReply, ChatRequest, Usage};
-use crate::knowledge::words;
+use crate::knowledge::{cite, words};
 
 /// The longest part of the last user message the reply repeats.
 const ECHO_CHARS: usize = 1000;
@@ -18,7 +18,14 @@ pub(crate) fn reply(request: &ChatRequest) -> ChatReply {
         .rev()
         .find(|m| m.role == "user")
         .map(|m| m.text.as_str());
+    // Asked to answer from sources (file_search): quote the first and cite it.
+    let from_sources = request
+        .messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .find_map(|m| cite::mock_answer(&m.text));
     let mut content = match last_user {
+        _ if from_sources.is_some() => from_sources.unwrap_or_default(),
         Some(text) if !text.trim().is_empty() => {
             let echo: String = text.chars().take(ECHO_CHARS).collect();
             format!("This is the mock model. You said: {echo}")

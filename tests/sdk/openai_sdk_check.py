@@ -126,6 +126,48 @@ def check_models_retrieve(client):
     return f"id {model.id!r}, owned_by {model.owned_by!r}"
 
 
+LIGHTHOUSE = (
+    b"# Lighthouses\n\nA lighthouse keeper trims the lamp wick every evening "
+    b"and winds the clockwork that turns the lens.\n"
+)
+BREAD = b"# Bread\n\nSourdough bread rises slowly and is baked in a hot oven.\n"
+
+
+def check_knowledge(client):
+    """files.create, vector_stores.create, vector_stores.files.upload_and_poll, search and
+    responses.create with file_search, as the SDK's own helpers do them."""
+    bread = client.files.create(file=("bread.md", BREAD), purpose="assistants")
+    expect_equal(bread.object, "file", "file.object")
+    expect_equal(bread.filename, "bread.md", "file.filename")
+    store = client.vector_stores.create(name="sdk handbook", file_ids=[bread.id])
+    expect_equal(store.object, "vector_store", "vector_store.object")
+    attached = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("lighthouse.md", LIGHTHOUSE), poll_interval_ms=100
+    )
+    expect_equal(attached.status, "completed", "upload_and_poll status")
+    lighthouse = attached.id
+    results = list(client.vector_stores.search(store.id, query="who trims the lighthouse lamp?"))
+    expect(results, "search found nothing")
+    expect_equal(results[0].file_id, lighthouse, "search's top hit")
+    expect_equal(results[0].filename, "lighthouse.md", "search's top hit filename")
+    expect(0.0 <= results[0].score <= 1.0, f"score {results[0].score} outside 0..1")
+    response = client.responses.create(
+        model=MOCK,
+        input="Who trims the lamp wick of a lighthouse?",
+        tools=[{"type": "file_search", "vector_store_ids": [store.id]}],
+        include=["file_search_call.results"],
+    )
+    expect_equal(response.output[0].type, "file_search_call", "output[0].type")
+    message = response.output[1]
+    annotation = message.content[0].annotations[0]
+    expect_equal(annotation.type, "file_citation", "annotation.type")
+    expect_equal(annotation.file_id, lighthouse, "the cited file")
+    expect("lamp wick" in response.output_text, f"answer {response.output_text!r}")
+    client.vector_stores.delete(store.id)
+    client.files.delete(bread.id)
+    return f"top hit {results[0].filename} ({results[0].score:.2f}), answer {response.output_text!r}"
+
+
 def expect_error(cls, status, code, call, param=None):
     """Runs `call`, which must raise `cls` with `status`, error `code` and, when given, `param`."""
     try:
@@ -180,6 +222,7 @@ def main():
         ("embeddings", lambda: check_embeddings(client)),
         ("models.list", lambda: check_models_list(client)),
         ("models.retrieve", lambda: check_models_retrieve(client)),
+        ("files, vector stores, search and responses with file_search", lambda: check_knowledge(client)),
         (
             "unknown model raises NotFoundError",
             lambda: expect_error(
