@@ -28,6 +28,8 @@ use crate::store::{now_ms, StoreError};
 const RUNNER_STACK_BYTES: usize = 512 * 1024;
 /// How often the lease thread deletes files past their `expires_at` (`/v1/files`).
 const EXPIRE_FILES_EVERY: Duration = Duration::from_secs(60);
+/// How often the lease thread counts files and chunks for `/metrics`.
+const COUNT_KNOWLEDGE_EVERY: Duration = Duration::from_secs(10);
 /// The longest an idle runner sleeps before looking for work again (a lease of a dead process
 /// may have run out meanwhile; submissions in this process wake it at once).
 const IDLE_LOOK: Duration = Duration::from_secs(1);
@@ -322,6 +324,7 @@ fn error_json(e: &ApiError) -> Value {
 /// gauges, every third of a lease (at most every second).
 fn keep_leases(state: &Weak<State>, shared: &Shared) {
     let mut expired_at = Instant::now() - EXPIRE_FILES_EVERY;
+    let mut counted_at = Instant::now() - COUNT_KNOWLEDGE_EVERY;
     loop {
         let Some(state) = state.upgrade() else { return };
         let every = (state.config.jobs.lease / 3).min(Duration::from_secs(1));
@@ -343,6 +346,16 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
                 Ok(0) => {}
                 Ok(n) => log::info!("deleted {n} files past their expires_at"),
                 Err(e) => log::warn!("cannot delete expired files: {e}"),
+            }
+        }
+        if counted_at.elapsed() >= COUNT_KNOWLEDGE_EVERY {
+            counted_at = Instant::now();
+            match crate::store::chunks::totals(&state.store) {
+                Ok((files, chunks)) => {
+                    state.metrics.knowledge_files.set(files);
+                    state.metrics.knowledge_chunks.set(chunks);
+                }
+                Err(e) => log::warn!("cannot count the knowledge base: {e}"),
             }
         }
         if let Err(e) = refresh_gauges(&state) {

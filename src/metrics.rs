@@ -102,6 +102,10 @@ pub(crate) struct Metrics {
     /// scraped).
     pub(crate) knowledge_cache_bytes: IntGauge,
     pub(crate) knowledge_cache_stores: IntGauge,
+    /// `syncgate_knowledge_files`, `syncgate_knowledge_chunks`: files stored and chunks held
+    /// in every vector store (counted every 10 s by the job lease thread).
+    pub(crate) knowledge_files: IntGauge,
+    pub(crate) knowledge_chunks: IntGauge,
     /// `syncgate_knowledge_cache_lookups_total{result}`: hits and misses (set when scraped).
     pub(crate) knowledge_cache_lookups: IntCounterVec,
     /// `syncgate_limit_store_errors_total{outcome}`: keyed requests whose shared limits could
@@ -424,6 +428,11 @@ impl Metrics {
                 "syncgate_knowledge_cache_stores",
                 "Vector stores whose vectors are held for search",
             ),
+            knowledge_files: gauge("syncgate_knowledge_files", "Files stored (/v1/files)"),
+            knowledge_chunks: gauge(
+                "syncgate_knowledge_chunks",
+                "Chunks held across every vector store",
+            ),
             knowledge_cache_lookups: IntCounterVec::new(
                 Opts::new(
                     "syncgate_knowledge_cache_lookups_total",
@@ -524,6 +533,8 @@ impl Metrics {
             Box::new(self.knowledge_search.clone()),
             Box::new(self.knowledge_cache_bytes.clone()),
             Box::new(self.knowledge_cache_stores.clone()),
+            Box::new(self.knowledge_files.clone()),
+            Box::new(self.knowledge_chunks.clone()),
             Box::new(self.knowledge_cache_lookups.clone()),
             Box::new(self.limit_store_errors.clone()),
             Box::new(self.jobs.by_state.clone()),

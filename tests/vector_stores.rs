@@ -219,6 +219,49 @@ fn knowledge_flow(db: &str) {
     );
     assert_error(&r, 400, Some("invalid_request_error"), None);
 
+    // What /metrics says of it: ingestions by outcome, searches, the cache, the sizes.
+    let counted = poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let text = scrape(gw.addr);
+        metric_value(&text, "syncgate_knowledge_chunks", &[]) >= Some(2.0)
+            && metric_value(&text, "syncgate_knowledge_files", &[]) == Some(3.0)
+    });
+    assert!(
+        counted,
+        "files and chunks never counted:\n{}",
+        scrape(gw.addr)
+    );
+    let text = scrape(gw.addr);
+    let value = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels);
+    assert_eq!(
+        value(
+            "syncgate_knowledge_ingested_total",
+            &[("outcome", "completed")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            "syncgate_knowledge_ingested_total",
+            &[("outcome", "failed")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        value("syncgate_knowledge_search_seconds_count", &[]) >= Some(5.0),
+        "{text}"
+    );
+    assert!(
+        value(
+            "syncgate_knowledge_cache_lookups_total",
+            &[("result", "hit")]
+        ) >= Some(1.0),
+        "{text}"
+    );
+    assert!(
+        value("syncgate_knowledge_cache_bytes", &[]) > Some(0.0),
+        "{text}"
+    );
+
     // The file's chunks; detaching takes them out of search; deleting the store.
     let content = ok(&call(
         gw.addr,
@@ -575,4 +618,84 @@ fn a_response_with_file_search_answers_from_the_right_file_and_cites_it() {
     ));
     assert_eq!(plain["output"].as_array().unwrap().len(), 1, "{plain}");
     assert_eq!(plain["output"][0]["type"], "message");
+}
+
+#[test]
+fn pdf_html_and_markdown_files_are_read_as_their_text() {
+    let gw = Server::start(&[]);
+    let fixture = |name: &str| {
+        std::fs::read(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    };
+    let mut ids = Vec::new();
+    for (name, bytes) in [
+        ("harbour.pdf", fixture("harbour.pdf")),
+        ("tides.html", fixture("tides.html")),
+        ("lighthouse.md", LIGHTHOUSE.as_bytes().to_vec()),
+    ] {
+        let body = multipart(
+            "b0undary",
+            &[
+                ("purpose", None, None, b"assistants"),
+                ("file", Some(name), None, &bytes),
+            ],
+        );
+        ids.push(
+            ok(&send(gw.addr, &upload_req("b0undary", &body, None)))["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let vs = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": ids})),
+        None,
+    ));
+    let id = vs["id"].as_str().unwrap().to_string();
+    let store = settled(gw.addr, &id, None, Duration::from_secs(30));
+    assert_eq!(store["file_counts"]["completed"], 3, "{store}");
+    let text_of = |file: &str| {
+        let page = ok(&call(
+            gw.addr,
+            "GET",
+            &format!("/v1/vector_stores/{id}/files/{file}/content"),
+            None,
+            None,
+        ));
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["text"].as_str().unwrap().to_string())
+            .collect::<String>()
+    };
+    assert!(
+        text_of(&ids[0]).contains("The harbour pilot boards every tanker at dawn."),
+        "{}",
+        text_of(&ids[0])
+    );
+    let html = text_of(&ids[1]);
+    assert!(
+        html.contains("Spring tides follow the new moon & the full moon."),
+        "{html}"
+    );
+    assert!(html.contains("- High water"), "{html}");
+    assert!(
+        !html.contains('<') && !html.contains("secret") && !html.contains("color"),
+        "{html}"
+    );
+    for (query, want) in [
+        ("harbour pilot tanker", &ids[0]),
+        ("spring tides moon", &ids[1]),
+        ("lighthouse keeper lamp", &ids[2]),
+    ] {
+        let hits = search(gw.addr, &id, json!({"query": query}));
+        assert_eq!(hits[0]["file_id"], want.as_str(), "{query}: {hits:?}");
+    }
 }

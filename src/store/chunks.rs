@@ -134,6 +134,15 @@ pub(crate) fn of_file(
     }
 }
 
+/// Files stored and chunks held across every vector store: the knowledge base's size, for
+/// `/metrics`.
+pub(crate) fn totals(store: &Store) -> Result<(i64, i64), StoreError> {
+    match store.backend() {
+        Backend::Sqlite(db) => db.query(sql::totals),
+        Backend::Postgres(db) => db.query(pg::totals),
+    }
+}
+
 /// Most words of a text query searched.
 const MAX_MATCH_WORDS: usize = 32;
 

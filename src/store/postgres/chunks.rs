@@ -145,6 +145,14 @@ pub(crate) fn text_search(
     .collect())
 }
 
+pub(crate) fn totals(c: &mut Session<'_, impl GenericClient>) -> Result<(i64, i64)> {
+    let row = c.query_one(
+        "SELECT (SELECT count(*) FROM files), (SELECT count(*) FROM chunks)",
+        &[],
+    )?;
+    Ok((row.get(0), row.get(1)))
+}
+
 pub(crate) fn of_file(
     c: &mut Session<'_, impl GenericClient>,
     vector_store_id: &str,

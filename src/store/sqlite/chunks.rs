@@ -149,6 +149,11 @@ pub(crate) fn of_file(
     Ok(texts)
 }
 
+pub(crate) fn totals(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.prepare_cached("SELECT (SELECT count(*) FROM files), (SELECT count(*) FROM chunks)")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
 fn bump(conn: &Connection, vector_store_id: &str) -> rusqlite::Result<()> {
     conn.prepare_cached("UPDATE vector_stores SET version = version + 1 WHERE id = ?1")?
         .execute([vector_store_id])
