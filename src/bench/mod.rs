@@ -13,6 +13,7 @@ mod postgres;
 mod procs;
 mod report;
 mod scenarios;
+mod search;
 mod store;
 mod streams;
 mod svg;
@@ -55,6 +56,9 @@ pub(crate) enum Scenario {
     /// Keyed requests/s through the shared limiter of --instances gateways on one PostgreSQL
     /// (needs --db), against SQLite's in-process limits.
     Cluster,
+    /// Vector-store search p50/p99 over 10k and 100k chunks × 1536 (synthetic, in-process),
+    /// and ingestion chunks/s through the built-in mock.
+    Search,
 }
 
 impl Scenario {
@@ -67,6 +71,7 @@ impl Scenario {
             Scenario::SlowAi | Scenario::Streams => 2,
             Scenario::SaturatedHealth | Scenario::Overload => 1,
             Scenario::Cluster => 0,
+            Scenario::Search => search::PHASES,
         }
     }
 
@@ -221,6 +226,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             Scenario::Logging => latency_zero::logging(&mut bench),
             Scenario::Writer => store::writer(&mut bench),
             Scenario::Cluster => cluster::cluster(&mut bench),
+            Scenario::Search => search::search(&mut bench),
         };
         let outcome = outcome.with_context(|| format!("scenario {scenario:?} failed"))?;
         outcomes.push(outcome);
