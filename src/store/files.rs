@@ -45,6 +45,17 @@ pub(crate) enum Order {
     Desc,
 }
 
+impl Order {
+    /// How a page in this order reads its rows by `seq`: the comparison with the cursor's
+    /// `seq`, the `ORDER BY` direction, and the cursor of a first page.
+    pub(crate) fn sql(self) -> (&'static str, &'static str, i64) {
+        match self {
+            Order::Desc => ("<", "DESC", i64::MAX),
+            Order::Asc => (">", "ASC", i64::MIN),
+        }
+    }
+}
+
 /// A stored file, without its bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct File {

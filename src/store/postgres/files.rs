@@ -3,7 +3,7 @@
 use postgres::{GenericClient, Row};
 
 use super::{Session, Tx};
-use crate::store::files::{File, Listing, Order, Owner};
+use crate::store::files::{File, Listing, Owner};
 
 type Result<T> = std::result::Result<T, postgres::Error>;
 
@@ -68,10 +68,7 @@ pub(crate) fn list(
     listing: &Listing,
 ) -> Result<Option<Vec<File>>> {
     let (all, key) = listing.owner.sql_params();
-    let (compare, direction, start) = match listing.order {
-        Order::Desc => ("<", "DESC", i64::MAX),
-        Order::Asc => (">", "ASC", i64::MIN),
-    };
+    let (compare, direction, start) = listing.order.sql();
     let cursor: i64 = match &listing.after {
         None => start,
         Some(id) => match c.query_opt(

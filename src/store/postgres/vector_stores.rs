@@ -67,10 +67,7 @@ pub(crate) fn list(
     order: Order,
 ) -> Result<Option<Vec<Counted>>> {
     let (all, key) = owner.sql_params();
-    let (compare, direction, start) = match order {
-        Order::Desc => ("<", "DESC", i64::MAX),
-        Order::Asc => (">", "ASC", i64::MIN),
-    };
+    let (compare, direction, start) = order.sql();
     let cursor: i64 = match after {
         None => start,
         Some(id) => match c.query_opt(
@@ -183,10 +180,7 @@ pub(crate) fn files(
     c: &mut Session<'_, impl GenericClient>,
     listing: &FileListing,
 ) -> Result<Option<Vec<StoreFile>>> {
-    let (compare, direction, start) = match listing.order {
-        Order::Desc => ("<", "DESC", i64::MAX),
-        Order::Asc => (">", "ASC", i64::MIN),
-    };
+    let (compare, direction, start) = listing.order.sql();
     let cursor: i64 = match &listing.after {
         None => start,
         Some(id) => match c.query_opt(

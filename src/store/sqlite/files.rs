@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use crate::store::files::{File, Listing, Order, Owner};
+use crate::store::files::{File, Listing, Owner};
 
 const COLUMNS: &str = "id, key_id, filename, purpose, bytes, created_at, expires_at";
 /// Whether the row is the owner's: `?1` every owner's, else `key_id IS ?2` (NULL-safe).
@@ -54,10 +54,7 @@ pub(crate) fn content(
 /// no file the owner may see.
 pub(crate) fn list(conn: &Connection, listing: &Listing) -> rusqlite::Result<Option<Vec<File>>> {
     let (all, key) = listing.owner.sql_params();
-    let (compare, direction, start) = match listing.order {
-        Order::Desc => ("<", "DESC", i64::MAX),
-        Order::Asc => (">", "ASC", i64::MIN),
-    };
+    let (compare, direction, start) = listing.order.sql();
     let cursor = match &listing.after {
         None => start,
         Some(id) => match conn

@@ -58,10 +58,7 @@ pub(crate) fn list(
     order: Order,
 ) -> rusqlite::Result<Option<Vec<Counted>>> {
     let (all, key) = owner.sql_params();
-    let (compare, direction, start) = match order {
-        Order::Desc => ("<", "DESC", i64::MAX),
-        Order::Asc => (">", "ASC", i64::MIN),
-    };
+    let (compare, direction, start) = order.sql();
     let cursor = match after {
         None => start,
         Some(id) => match conn
@@ -167,10 +164,7 @@ pub(crate) fn files(
     conn: &Connection,
     listing: &FileListing,
 ) -> rusqlite::Result<Option<Vec<StoreFile>>> {
-    let (compare, direction, start) = match listing.order {
-        Order::Desc => ("<", "DESC", i64::MAX),
-        Order::Asc => (">", "ASC", i64::MIN),
-    };
+    let (compare, direction, start) = listing.order.sql();
     let cursor = match &listing.after {
         None => start,
         Some(id) => match conn
