@@ -236,20 +236,27 @@ fn the_upload_cap_is_answered_from_the_head_and_uploads_past_max_uploads_wait_fo
     let r = send(gw.addr, &upload_req("b", &body, None));
     assert_error(&r, 413, None, Some("body_too_large"));
 
-    // One upload held (its body still coming): the next is refused at once.
+    // One upload held (its body still coming): the next is refused at once. The refused
+    // uploads above give their slot back as their workers finish: none is held first.
+    let uploads_held = || metric_value(&scrape(gw.addr), "syncgate_uploads_held", &[]);
+    let free = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        uploads_held() == Some(0.0)
+    });
+    assert!(free, "a refused upload kept its slot:\n{}", gw.log());
     let mut slow = Conn::open(gw.addr);
     slow.write_all(
         b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n\
           Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 500\r\n\r\n--b\r\n",
     )
     .unwrap();
-    let busy = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
-        let r = send(gw.addr, &upload_req("b", &body, None));
-        r.status == 503
+    // Wait until the server holds its slot (the metric, which takes none; an upload sent to
+    // find out would take the slot itself when it came first).
+    let held = poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        uploads_held() == Some(1.0)
     });
     assert!(
-        busy,
-        "a second upload was not refused while one was held:\n{}",
+        held,
+        "the first upload's slot was never held:\n{}",
         gw.log()
     );
     let r = send(gw.addr, &upload_req("b", &body, None));
