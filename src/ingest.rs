@@ -197,7 +197,7 @@ fn ingest(state: &State, vs_id: &str, file_id: &str) -> Result<Done, Again> {
         let texts: Vec<String> = batch.iter().map(|c| c.text.clone()).collect();
         let vectors = match embed(state, &vs.store.embedding_model, &texts) {
             Ok(v) => v,
-            Err(EmbedError::Provider(e)) if is_transient(&e) => {
+            Err(EmbedError::Provider(e)) if crate::jobs::is_transient(&e) => {
                 return Err(Again(
                     json!({"message": e.to_string(), "code": "server_error"}),
                 ))
@@ -222,15 +222,6 @@ fn ingest(state: &State, vs_id: &str, file_id: &str) -> Result<Done, Again> {
             Ok(Done::Completed(count))
         }
         false => Ok(Done::Skipped("no longer in progress")),
-    }
-}
-
-/// Whether another attempt may succeed: the provider was down, slow, busy or failing.
-fn is_transient(e: &ProviderError) -> bool {
-    match e {
-        ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
-        ProviderError::Unavailable { .. } => false,
-        _ => true,
     }
 }
 

@@ -308,7 +308,7 @@ fn execute(state: &State, job: &Claimed) -> RunEnd {
 
 /// Whether another attempt may succeed: the provider was down, slow, busy or failing, not
 /// refusing the request itself.
-fn is_transient(e: &ProviderError) -> bool {
+pub(crate) fn is_transient(e: &ProviderError) -> bool {
     match e {
         ProviderError::Status { status, .. } => *status == 429 || *status >= 500,
         ProviderError::Unavailable { .. } => false,

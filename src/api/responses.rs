@@ -70,13 +70,8 @@ pub(crate) fn create(state: &State, request: &Request) -> Result<Response, ApiEr
         })
         .collect();
     let mut output = Vec::new();
-    if let Some(tool) = &ask.tool {
-        output.push(file_search_call(
-            &question,
-            &hits,
-            ask.include_results,
-            tool,
-        ));
+    if ask.tool.is_some() {
+        output.push(file_search_call(&question, &hits, ask.include_results));
     }
     let message_id = new_id("msg");
     output.push(json!({
@@ -206,12 +201,7 @@ fn generate(
 }
 
 /// The `file_search_call` output item.
-fn file_search_call(
-    question: &str,
-    hits: &[Hit],
-    include_results: bool,
-    _tool: &FileSearch,
-) -> Value {
+fn file_search_call(question: &str, hits: &[Hit], include_results: bool) -> Value {
     let results = include_results.then(|| {
         hits.iter()
             .map(|h| {

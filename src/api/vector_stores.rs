@@ -39,6 +39,8 @@ const DEFAULT_RESULTS: u64 = 10;
 const RRF_K: f32 = 60.0;
 /// Most queries one search runs.
 const MAX_QUERIES: usize = 16;
+/// A store's `last_active_at` is moved by a search once it is at least this old (seconds).
+const TOUCH_EVERY_S: i64 = 60;
 
 /// The vector store id of the request's path.
 fn store_id(request: &Request) -> &str {
@@ -705,17 +707,24 @@ pub(crate) fn run_search(
     best.truncate(search.max_results);
     let ids: Vec<i64> = best.iter().map(|(id, _)| *id).collect();
     let found = chunks::found(&state.store, &ids)?;
-    store::touch(&state.store, &vs.store.id, now_ms() / 1000)?;
+    // Expiry counts in days: marking the store used is a committed write, so a search makes
+    // it at most once a minute, not every time.
+    let now = now_ms() / 1000;
+    if now - vs.store.last_active_at >= TOUCH_EVERY_S {
+        store::touch(&state.store, &vs.store.id, now)?;
+    }
     state
         .metrics
         .knowledge_search(started.elapsed().as_secs_f64());
+    // A chunk gone since the scan (its file detached) is left out of `found`: each hit takes
+    // its own chunk's score, never its neighbour's.
+    let score_of = |id: i64| best.iter().find(|(i, _)| *i == id).map_or(0.0, |(_, s)| *s);
     Ok(found
         .into_iter()
-        .zip(best)
-        .map(|(chunk, (_, score))| Hit {
+        .map(|chunk| Hit {
+            score: score_of(chunk.id),
             file_id: chunk.file_id,
             filename: chunk.filename,
-            score,
             attributes: chunk.attributes,
             text: chunk.text,
         })
@@ -801,21 +810,21 @@ fn matrix(state: &State, vs_id: &str) -> Result<Arc<Matrix>, ApiError> {
         .put(vs_id, loaded.version as u64, Arc::new(m)))
 }
 
-/// Per group (file) of `matrix`, whether its attributes pass `filter`.
+/// Per group (file) of `matrix`, whether its attributes pass `filter`: every file's
+/// attributes read in one query, then each file decided once.
 fn passing_files(
     state: &State,
     vs_id: &str,
     matrix: &Matrix,
     filter: &Filter,
 ) -> Result<Arc<[bool]>, ApiError> {
-    let mut pass = Vec::with_capacity(matrix.group_names().len());
-    for file in matrix.group_names() {
-        let attributes = store::file(&state.store, vs_id, file)?
-            .and_then(|f| f.attributes)
-            .unwrap_or_else(|| json!({}));
-        pass.push(filter.matches(&attributes));
-    }
-    Ok(pass.into())
+    let attributes = store::attributes(&state.store, vs_id)?;
+    let none = json!({});
+    Ok(matrix
+        .group_names()
+        .iter()
+        .map(|file| filter.matches(attributes.get(file).unwrap_or(&none)))
+        .collect())
 }
 
 fn embed_failure(e: ingest::EmbedError) -> crate::providers::ProviderError {

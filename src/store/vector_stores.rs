@@ -4,6 +4,8 @@
 //! of its vectors loaded for search knows when it is stale. The owner is the store's: its
 //! files are reached through it.
 
+use std::collections::HashMap;
+
 use serde_json::Value;
 
 use super::files::{Order, Owner};
@@ -265,6 +267,21 @@ pub(crate) fn files(
         Backend::Postgres(db) => db.query(|c| pg::files(c, listing)),
     }?;
     Ok(found.map(|items| page(items, listing.limit)))
+}
+
+/// Every attached file's attributes, by file id (files without any are left out).
+pub(crate) fn attributes(
+    store: &Store,
+    vector_store_id: &str,
+) -> Result<HashMap<String, Value>, StoreError> {
+    let rows = match store.backend() {
+        Backend::Sqlite(db) => db.query(|c| sql::attributes(c, vector_store_id)),
+        Backend::Postgres(db) => db.query(|c| pg::attributes(c, vector_store_id)),
+    }?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(file, text)| Some((file, serde_json::from_str::<Value>(&text?).ok()?)))
+        .collect())
 }
 
 /// Replaces an attachment's attributes; false when the store has no such file.
@@ -575,6 +592,9 @@ mod tests {
             );
             let f = file(&t.store, "vs_a", "file-0").unwrap().unwrap();
             assert_eq!(f.attributes, Some(json!({"year": 2024})));
+            let all = attributes(&t.store, "vs_a").unwrap();
+            assert_eq!(all.get("file-0"), Some(&json!({"year": 2024})));
+            assert_eq!(all.get("file-1"), Some(&json!({"lang": "en"})));
             assert!(detach(&t.store, "vs_a", "file-0").unwrap());
             assert!(!detach(&t.store, "vs_a", "file-0").unwrap());
             // Deleting the file itself detaches it too.

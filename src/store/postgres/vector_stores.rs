@@ -213,6 +213,19 @@ pub(crate) fn files(
     ))
 }
 
+pub(crate) fn attributes(
+    c: &mut Session<'_, impl GenericClient>,
+    vector_store_id: &str,
+) -> Result<Vec<(String, Option<String>)>> {
+    Ok(c.query(
+        "SELECT file_id, attributes FROM vector_store_files WHERE vector_store_id = $1",
+        &[&vector_store_id],
+    )?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
 pub(crate) fn set_attributes(
     tx: &mut Tx<'_, '_>,
     vector_store_id: &str,

@@ -198,6 +198,19 @@ pub(crate) fn files(
     Ok(Some(found))
 }
 
+pub(crate) fn attributes(
+    conn: &Connection,
+    vector_store_id: &str,
+) -> rusqlite::Result<Vec<(String, Option<String>)>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT file_id, attributes FROM vector_store_files WHERE vector_store_id = ?1",
+    )?;
+    let rows = statement
+        .query_map([vector_store_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
 pub(crate) fn set_attributes(
     conn: &Connection,
     vector_store_id: &str,
