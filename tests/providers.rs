@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -143,110 +142,15 @@ fn assert_upstream_closed(up: &Server, since: Instant, bound: Duration, what: &s
 
 // --- streams, read event by event with arrival times -------------------------------------
 
-struct Streamed {
-    status: u16,
-    head: String,
-    /// Each SSE event (data lines or comment) with when it arrived.
-    events: Vec<(Instant, String)>,
-    ended_cleanly: bool,
-}
-
-impl Streamed {
-    fn data(&self) -> Vec<&str> {
-        self.events
-            .iter()
-            .filter_map(|(_, e)| e.strip_prefix("data: "))
-            .collect()
-    }
-
-    fn has_done(&self) -> bool {
-        self.data().contains(&"[DONE]")
-    }
-
-    fn last_error_code(&self) -> Option<String> {
-        let last = self.data().last()?.to_string();
-        let v: Value = serde_json::from_str(&last).ok()?;
-        v["error"]["code"].as_str().map(str::to_string)
-    }
-}
-
 /// Sends a streamed chat request and reads the chunked SSE body as it arrives, for at most
 /// `limit`; `stop_after` data events, the client closes (a departing client).
-fn stream(addr: SocketAddr, limit: Duration, stop_after: Option<usize>) -> Streamed {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    s.write_all(&post_req("/v1/chat/completions", &body(true), &[]))
-        .unwrap();
-    let deadline = Instant::now() + limit;
-    let mut raw: Vec<u8> = Vec::new();
-    let mut head: Option<(u16, String, usize)> = None;
-    let mut events = Vec::new();
-    let mut pending = String::new();
-    let mut consumed = 0;
-    let mut ended_cleanly = false;
-    let mut buf = [0u8; 8192];
-    while Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(_) => break,
-        }
-        if head.is_none() {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                let text = String::from_utf8_lossy(&raw[..i]).to_string();
-                let status = text[9..12].parse().unwrap_or(0);
-                head = Some((status, text, i + 4));
-                consumed = i + 4;
-                if status != 200 {
-                    break;
-                }
-            }
-        }
-        // Decode whole chunks received so far.
-        while let Some(line_end) = raw[consumed..].windows(2).position(|w| w == b"\r\n") {
-            let size_text =
-                String::from_utf8_lossy(&raw[consumed..consumed + line_end]).to_string();
-            let size = usize::from_str_radix(size_text.trim(), 16).unwrap_or(0);
-            let start = consumed + line_end + 2;
-            if size == 0 {
-                ended_cleanly = true;
-                break;
-            }
-            if raw.len() < start + size + 2 {
-                break;
-            }
-            pending.push_str(&String::from_utf8_lossy(&raw[start..start + size]));
-            consumed = start + size + 2;
-            while let Some(i) = pending.find("\n\n") {
-                let event = pending[..i].to_string();
-                pending.drain(..i + 2);
-                events.push((Instant::now(), event));
-            }
-        }
-        let data_events = events
-            .iter()
-            .filter(|(_, e)| e.starts_with("data: "))
-            .count();
-        if ended_cleanly || stop_after.is_some_and(|n| data_events >= n) {
-            break;
-        }
-    }
-    let (status, head, _) = head.unwrap_or((0, String::new(), 0));
-    Streamed {
-        status,
-        head,
-        events,
-        ended_cleanly,
-    }
+fn stream(addr: SocketAddr, limit: Duration, stop_after: Option<usize>) -> Sse {
+    read_sse(
+        addr,
+        &post_req("/v1/chat/completions", &body(true), &[]),
+        limit,
+        stop_after,
+    )
 }
 
 // --- the tests ---------------------------------------------------------------------------

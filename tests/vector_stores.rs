@@ -570,25 +570,51 @@ fn a_response_with_file_search_answers_from_the_right_file_and_cites_it() {
     assert_eq!(citation["index"], text.chars().count(), "{r}");
     assert!(r["usage"]["total_tokens"].as_u64() > Some(0), "{r}");
 
-    // Streamed: the Responses events, ending with the whole response.
+    // Streamed: the Responses events, in order, telling the same answer.
     let mut streamed = ask.clone();
     streamed["stream"] = json!(true);
-    let s = call(gw.addr, "POST", "/v1/responses", Some(&streamed), None);
-    assert_eq!(s.status, 200, "{}", s.describe());
-    assert_eq!(s.header("content-type"), Some("text/event-stream"));
-    let events = s.text();
-    for kind in [
-        "response.created",
-        "response.file_search_call.completed",
-        "response.output_text.delta",
-        "response.output_text.annotation.added",
-        "response.completed",
-    ] {
-        assert!(
-            events.contains(&format!("event: {kind}\n")),
-            "{kind} missing:\n{events}"
-        );
-    }
+    let s = responses_stream(gw.addr, &streamed);
+    assert_eq!(s.status, 200, "{}", s.head);
+    assert!(
+        s.head.contains("content-type: text/event-stream"),
+        "{}",
+        s.head
+    );
+    let told = read_told(&s);
+    assert_eq!(told.text, text, "{:?}", told.kinds);
+    assert_eq!(told.annotations.len(), 1, "{:?}", told.kinds);
+    assert_eq!(&told.annotations[0], citation);
+    let order: Vec<&str> = told.kinds.iter().map(String::as_str).collect();
+    assert_eq!(
+        order[..9],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.file_search_call.in_progress",
+            "response.file_search_call.searching",
+            "response.file_search_call.completed",
+            "response.output_item.done",
+            "response.output_item.added",
+            "response.content_part.added",
+        ],
+        "{order:?}"
+    );
+    assert_eq!(
+        order[order.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ],
+        "{order:?}"
+    );
+    assert_eq!(
+        told.last["response"]["output"][0]["type"],
+        "file_search_call"
+    );
+    assert!(told.last["response"]["usage"]["total_tokens"].as_u64() > Some(0));
 
     // Only listed stores, only the caller's; tools syncgate does not run are refused.
     let mut elsewhere = ask.clone();
@@ -618,6 +644,164 @@ fn a_response_with_file_search_answers_from_the_right_file_and_cites_it() {
     ));
     assert_eq!(plain["output"].as_array().unwrap().len(), 1, "{plain}");
     assert_eq!(plain["output"][0]["type"], "message");
+}
+
+/// `POST /v1/responses` with a streamed `body`, read as the events arrive.
+fn responses_stream(addr: SocketAddr, body: &Value) -> Sse {
+    let raw = post_req(
+        "/v1/responses",
+        &body.to_string(),
+        &[("Connection", "close")],
+    );
+    read_sse(addr, &raw, Duration::from_secs(20), None)
+}
+
+/// What a Responses stream told: the event types in order, the text its deltas make, the
+/// annotations it added, when the first delta came, and its last event's data.
+struct Told {
+    kinds: Vec<String>,
+    text: String,
+    annotations: Vec<Value>,
+    deltas: usize,
+    first_delta: Option<std::time::Instant>,
+    last_at: Option<std::time::Instant>,
+    last: Value,
+}
+
+/// Reads a Responses stream, checking what holds for every one: named events numbered from 0
+/// with no gap, every delta and annotation on the message's one content part, each annotation
+/// standing where the text had reached when it was added.
+fn read_told(s: &Sse) -> Told {
+    let mut t = Told {
+        kinds: Vec::new(),
+        text: String::new(),
+        annotations: Vec::new(),
+        deltas: 0,
+        first_delta: None,
+        last_at: None,
+        last: Value::Null,
+    };
+    for (n, (at, kind, data)) in s.named().into_iter().enumerate() {
+        assert_eq!(data["type"], kind.as_str(), "{data}");
+        assert_eq!(data["sequence_number"], n, "{data}");
+        match kind.as_str() {
+            "response.output_text.delta" => {
+                t.text.push_str(data["delta"].as_str().unwrap());
+                t.deltas += 1;
+                t.first_delta.get_or_insert(at);
+            }
+            "response.output_text.annotation.added" => {
+                assert_eq!(data["annotation_index"], t.annotations.len(), "{data}");
+                assert_eq!(
+                    data["annotation"]["index"],
+                    t.text.chars().count(),
+                    "{data}"
+                );
+                t.annotations.push(data["annotation"].clone());
+            }
+            "response.output_text.done" => assert_eq!(data["text"], t.text.as_str()),
+            _ => {}
+        }
+        t.kinds.push(kind);
+        t.last_at = Some(at);
+        t.last = data;
+    }
+    t
+}
+
+#[test]
+fn a_streamed_response_sends_the_models_tokens_as_they_arrive_and_a_stall_fails_it() {
+    // The provider paces its chunks 40 ms apart and cuts the answer into characters, so the
+    // citation marker arrives split across chunks; a second provider stalls after 3 chunks.
+    let up = Server::start_mock_upstream(&["--stream-chunks", "60", "--stream-interval-ms", "40"]);
+    let stalls = Server::start_mock_upstream(&["--fault", "stall-after=3"]);
+    let toml = format!(
+        "{}\n[[providers]]\nname = \"stalls\"\ntype = \"openai\"\n\
+         base_url = \"http://{}/v1\"\n[providers.timeouts]\nidle_ms = 800\n\n\
+         [[models]]\nname = \"stalling\"\ntargets = [\"stalls/upstream-model\"]\n",
+        upstream_model_toml(up.addr),
+        stalls.addr
+    );
+    let gw = Server::start_with_config(&toml, &[]);
+    let lighthouse = upload(gw.addr, "lighthouse.md", LIGHTHOUSE, None);
+    let bread = upload(gw.addr, "bread.md", BREAD, None);
+    let vs = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": [lighthouse, bread]})),
+        None,
+    ));
+    let id = vs["id"].as_str().unwrap().to_string();
+    settled(gw.addr, &id, None, Duration::from_secs(30));
+    let ask = json!({
+        "model": "m",
+        "input": "Who trims the lamp wick of a lighthouse?",
+        "tools": [{"type": "file_search", "vector_store_ids": [id], "max_num_results": 2}],
+        "stream": true,
+    });
+    let s = responses_stream(gw.addr, &ask);
+    assert_eq!(s.status, 200, "{}", s.head);
+    assert!(s.ended_cleanly, "{:?}", s.events);
+    let told = read_told(&s);
+    assert_eq!(
+        told.kinds.last().map(String::as_str),
+        Some("response.completed")
+    );
+    let message = &told.last["response"]["output"][1];
+    let text = message["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("keeper trims the lamp wick"), "{text}");
+    assert_eq!(told.text, text, "the deltas make the final text");
+    assert!(
+        !told.text.contains('['),
+        "a marker reached a delta: {:?}",
+        told.text
+    );
+    assert_eq!(told.annotations.len(), 1, "{:?}", told.annotations);
+    assert_eq!(told.annotations[0]["file_id"], lighthouse.as_str());
+    assert_eq!(told.annotations[0]["index"], text.chars().count());
+    assert_eq!(message["content"][0]["annotations"][0], told.annotations[0]);
+    // Relayed as it came: many deltas, the first well before the answer was whole (the
+    // provider took 60 × 40 ms to send it).
+    assert!(told.deltas >= 20, "{} deltas", told.deltas);
+    let spread = told.last_at.unwrap() - told.first_delta.unwrap();
+    assert!(
+        spread >= Duration::from_millis(1200),
+        "deltas within {spread:?}"
+    );
+    // The usage is the provider's, from the usage chunk syncgate asked it for.
+    let usage = &told.last["response"]["usage"];
+    assert!(usage["output_tokens"].as_u64() > Some(0), "{usage}");
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap())
+    );
+
+    // A provider that stalls mid-answer: the response fails, as a response, with what came.
+    let mut stalling = ask.clone();
+    stalling["model"] = json!("stalling");
+    let s = responses_stream(gw.addr, &stalling);
+    assert_eq!(s.status, 200, "{}", s.head);
+    let told = read_told(&s);
+    assert_eq!(
+        told.kinds.last().map(String::as_str),
+        Some("response.failed"),
+        "{:?}",
+        told.kinds
+    );
+    assert!(
+        !told.kinds.iter().any(|k| k == "response.completed"),
+        "{:?}",
+        told.kinds
+    );
+    let failed = &told.last["response"];
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "upstream_timeout", "{failed}");
+    assert_eq!(failed["output"][1]["status"], "incomplete", "{failed}");
+    assert_eq!(
+        failed["output"][1]["content"][0]["text"],
+        told.text.as_str()
+    );
 }
 
 #[test]

@@ -306,7 +306,12 @@ pub(crate) fn stream_reply(
             transcript.set_usage(reply.usage);
         }
         let sent = send_reply_events(out, &id, &chat, &reply, &record, transcript.as_mut());
-        let ended = relay::end(out, sent.map(|()| relay::End::Done), transcript)?;
+        let ended = relay::end(
+            out,
+            &mut relay::Chat,
+            sent.map(|()| relay::End::Done),
+            transcript,
+        )?;
         // Only a transcript that could not be kept fails a stream made here.
         if let relay::End::Failed(code) = ended {
             record.note(|f| f.stream_error = Some(code));

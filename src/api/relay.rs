@@ -5,6 +5,10 @@
 //! text it relayed is then kept (a conversation turn is stored) before `[DONE]` goes out, so a
 //! client that saw `[DONE]` knows it is kept, and kept as incomplete when the stream failed.
 //!
+//! What the client reads is the relay's [`Shape`]: the provider's chat chunks as they came
+//! ([`Chat`]), or each chunk translated as it arrives (`/v1/responses` writes the Responses
+//! API's events).
+//!
 //! Two threads share the client's stream under one lock. A pump thread (scoped to the
 //! relay) reads the provider and writes each event to the client as soon as it is read, so
 //! an event costs one wake-up. The worker supervises: it sleeps until the stream ends or
@@ -49,6 +53,61 @@ pub(crate) struct Relay {
     pub(crate) record: Arc<Record>,
     /// Keeps the relayed text when the stream ends, if the caller wants it kept.
     pub(crate) transcript: Option<Transcript>,
+    /// What the client reads for each chunk, at the end and on failure.
+    pub(crate) shape: Box<dyn Shape>,
+}
+
+/// How a relayed stream is written to the client. Each method writes whole events.
+pub(crate) trait Shape: Send {
+    /// Before the provider's first chunk.
+    fn begin(&mut self, _out: &mut BodyStream<'_>) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// One chunk from the provider, checked to be JSON and not an error.
+    fn chunk(&mut self, out: &mut BodyStream<'_>, data: &str) -> io::Result<()>;
+
+    /// The provider sent an error event (`error` is its `error` member): the stream's last.
+    fn provider_error(
+        &mut self,
+        out: &mut BodyStream<'_>,
+        data: &str,
+        error: &Value,
+    ) -> io::Result<()>;
+
+    /// Every chunk was relayed: the stream's last words.
+    fn done(&mut self, out: &mut BodyStream<'_>) -> io::Result<()>;
+
+    /// The stream failed here (the provider stalled, cut or garbled it; what it relayed could
+    /// not be kept): the final event. `error` is the failure in OpenAI's error shape.
+    fn fail(&mut self, out: &mut BodyStream<'_>, error: &Value) -> io::Result<()>;
+}
+
+/// The chat completions shape: chunks as the provider sent them, then `[DONE]`; a failure
+/// is a final `data: {"error": …}` event in OpenAI's shape, and no `[DONE]`.
+pub(crate) struct Chat;
+
+impl Shape for Chat {
+    fn chunk(&mut self, out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
+        send_data(out, data)
+    }
+
+    fn provider_error(
+        &mut self,
+        out: &mut BodyStream<'_>,
+        data: &str,
+        _error: &Value,
+    ) -> io::Result<()> {
+        send_data(out, data)
+    }
+
+    fn done(&mut self, out: &mut BodyStream<'_>) -> io::Result<()> {
+        out.send(b"data: [DONE]\n\n")
+    }
+
+    fn fail(&mut self, out: &mut BodyStream<'_>, error: &Value) -> io::Result<()> {
+        send_data(out, &error.to_string())
+    }
 }
 
 impl Relay {
@@ -73,6 +132,7 @@ impl Relay {
             started: Instant::now(),
             record,
             transcript: None,
+            shape: Box::new(Chat),
         }
     }
 }
@@ -128,6 +188,7 @@ struct Shared<'o, 'b> {
     /// Whether an event from the provider has reached the client yet.
     sent_any: bool,
     transcript: Option<Transcript>,
+    shape: Box<dyn Shape>,
 }
 
 pub(crate) fn response(relay: Relay) -> Response {
@@ -153,7 +214,9 @@ impl Relay {
             started,
             record,
             transcript,
+            mut shape,
         } = self;
+        shape.begin(out)?;
         let counter = Counter {
             tokens,
             provider: served.provider.clone(),
@@ -170,6 +233,7 @@ impl Relay {
             last_write: Instant::now(),
             sent_any: false,
             transcript,
+            shape,
         });
         let changed = Condvar::new();
         let result = thread::scope(|scope| {
@@ -184,7 +248,8 @@ impl Relay {
                 Ok(_) => supervise(&shared, &changed, heartbeat, &served.provider),
                 Err(e) => {
                     let message = format!("cannot start a stream reader: {e}");
-                    fail(lock(&shared).out, "internal_error", &message)
+                    let s = &mut *lock(&shared);
+                    fail(s.out, s.shape.as_mut(), "internal_error", &message)
                 }
             };
             // Whatever ended the relay, the upstream read stops now (within a read slice) and
@@ -198,9 +263,12 @@ impl Relay {
             .with_label_values(&[provider])
             .observe(relayed.as_secs_f64());
         let Shared {
-            out, transcript, ..
+            out,
+            transcript,
+            mut shape,
+            ..
         } = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
-        let result = end(out, result, transcript);
+        let result = end(out, shape.as_mut(), result, transcript);
         record.note(|f| {
             f.upstream += relayed;
             match &result {
@@ -237,24 +305,31 @@ fn on_event(
     timeouts: Timeouts,
     event: Event,
 ) -> bool {
-    let mut s = lock(shared);
+    let mut guard = lock(shared);
+    let s = &mut *guard;
     if s.closed || s.end.is_some() {
         return false;
     }
     let end = match event {
         // Passed on by `end`, once the transcript (if any) is kept.
         Event::Data(data) if data.trim() == "[DONE]" => Some(Ok(End::Done)),
-        Event::Data(data) => relay_data(&mut s, counter, timeouts, &data),
+        Event::Data(data) => relay_data(s, counter, timeouts, &data),
         // A close mid-body shows up as EOF or as a read error (a reset, a broken chunk),
         // depending on where it fell: either way the answer was cut short.
         Event::End => Some(fail(
             s.out,
+            s.shape.as_mut(),
             "upstream_truncated",
             "provider closed the stream before [DONE]",
         )),
         Event::Failed(detail) => {
             let message = format!("provider's stream broke off before [DONE]: {detail}");
-            Some(fail(s.out, "upstream_truncated", &message))
+            Some(fail(
+                s.out,
+                s.shape.as_mut(),
+                "upstream_truncated",
+                &message,
+            ))
         }
     };
     match end {
@@ -279,21 +354,23 @@ fn relay_data(
     if serde_json::from_str::<IgnoredAny>(data).is_err() {
         return Some(fail(
             s.out,
+            s.shape.as_mut(),
             "bad_upstream_reply",
             "provider sent an event that is not JSON",
         ));
     }
     if data.contains("\"error\"") || data.contains("\"usage\"") {
         let event: Value = serde_json::from_str(data).unwrap_or_default();
-        if event.get("error").is_some_and(|e| !e.is_null()) {
-            // The provider's own error event: pass it on as the final event.
-            return Some(send_data(s.out, data).map(|()| End::Failed("upstream_error_event")));
+        if let Some(error) = event.get("error").filter(|e| !e.is_null()) {
+            // The provider's own error event: passed on as the final event.
+            let sent = s.shape.provider_error(s.out, data, error);
+            return Some(sent.map(|()| End::Failed("upstream_error_event")));
         }
         if let Some(usage) = event.get("usage").and_then(Usage::from_json) {
             counter.count(usage);
         }
     }
-    if let Err(e) = send_data(s.out, data) {
+    if let Err(e) = s.shape.chunk(s.out, data) {
         return Some(Err(e));
     }
     if let Some(transcript) = &mut s.transcript {
@@ -342,7 +419,10 @@ fn watch<'a, 'o, 'b>(
                 "provider {provider} sent nothing for {} ms",
                 s.allowed.as_millis()
             );
-            let end = fail(s.out, "upstream_timeout", &message);
+            let end = {
+                let s = &mut *s;
+                fail(s.out, s.shape.as_mut(), "upstream_timeout", &message)
+            };
             return (s, end);
         }
         let next_heartbeat = (s.last_write + heartbeat).saturating_duration_since(now);
@@ -388,7 +468,8 @@ impl Counter {
     }
 }
 
-fn send_data(out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
+/// Writes one `data:` event as it is.
+pub(crate) fn send_data(out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
     let mut frame = Vec::with_capacity(data.len() + 8);
     frame.extend_from_slice(b"data: ");
     frame.extend_from_slice(data.as_bytes());
@@ -397,21 +478,22 @@ fn send_data(out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
 }
 
 /// Ends a stream, relayed or made here, however it ended. One whose every event was sent gets
-/// `[DONE]`, after its transcript (if any) is kept; if keeping fails it gets a final error
-/// event instead. One cut short (an upstream failure, the client gone) has its transcript
-/// kept as incomplete.
+/// its shape's last words (`[DONE]` for chat), after its transcript (if any) is kept; if
+/// keeping fails it gets a final error event instead. One cut short (an upstream failure,
+/// the client gone) has its transcript kept as incomplete.
 pub(crate) fn end(
     out: &mut BodyStream<'_>,
+    shape: &mut dyn Shape,
     ended: io::Result<End>,
     transcript: Option<Transcript>,
 ) -> io::Result<End> {
     match (ended, transcript) {
-        (Ok(End::Done), None) => out.send(b"data: [DONE]\n\n").map(|()| End::Done),
+        (Ok(End::Done), None) => shape.done(out).map(|()| End::Done),
         (Ok(End::Done), Some(transcript)) => match transcript.keep(true) {
-            Ok(()) => out.send(b"data: [DONE]\n\n").map(|()| End::Done),
+            Ok(()) => shape.done(out).map(|()| End::Done),
             Err(e) => {
                 let code = e.code();
-                send_data(out, &ApiError::from(e).body().to_string())?;
+                shape.fail(out, &ApiError::from(e).body())?;
                 Ok(End::Failed(code))
             }
         },
@@ -468,9 +550,14 @@ impl Transcript {
     }
 }
 
-/// Ends the client's stream with an error event in OpenAI's shape (and no `[DONE]`).
-fn fail(out: &mut BodyStream<'_>, code: &'static str, message: &str) -> io::Result<End> {
+/// Ends the client's stream with its shape's error event (and no `[DONE]`).
+fn fail(
+    out: &mut BodyStream<'_>,
+    shape: &mut dyn Shape,
+    code: &'static str,
+    message: &str,
+) -> io::Result<End> {
     let event = json!({"error": {"message": message, "type": "upstream_error", "code": code}});
-    send_data(out, &event.to_string())?;
+    shape.fail(out, &event)?;
     Ok(End::Failed(code))
 }

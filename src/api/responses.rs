@@ -4,21 +4,27 @@
 //! retrieved chunks numbered in its prompt, and turn its `[n]` markers into `file_citation`
 //! annotations. The output is `[file_search_call, message]`, or `[message]` without the tool.
 //! The model never picks a store: only those the request lists are searched. With `stream`,
-//! the answer is sent as the Responses API's server-sent events once it is whole (the search
-//! comes first, so the deltas follow the answer rather than the model's tokens).
+//! the search runs and the model is asked before the first byte (a failure is still an
+//! HTTP error); then the Responses API's server-sent events go out as the model's tokens
+//! arrive: the chat stream is relayed through a [`relay::Shape`] that turns each chunk into
+//! `response.output_text.delta` events and each citation marker, once whole, into a
+//! `response.output_text.annotation.added`.
 
-use std::fmt::Write as _;
+use std::io;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
 use super::chat::{self, invalid, missing};
+use super::relay::{self, Relay, Shape};
 use super::vector_stores::{self as vs, Hit, Search};
 use super::{check_model, json_object, ApiError};
-use crate::http::{Request, Response};
-use crate::knowledge::cite::{self, Source};
-use crate::providers::Answer;
+use crate::http::{BodyStream, Request, Response};
+use crate::knowledge::cite::{self, Piece, Source};
+use crate::providers::{mock, Answer, ChatRequest};
 use crate::server::State;
 use crate::store::{new_id, now_ms};
+use crate::tokens::Usage;
 
 /// Most stores one `file_search` tool may list (OpenAI's limit).
 const MAX_STORES: usize = 2;
@@ -60,37 +66,73 @@ pub(crate) fn create(state: &State, request: &Request) -> Result<Response, ApiEr
         None => Vec::new(),
         Some(tool) => search(state, request, tool, &question)?,
     };
-    let (text, usage) = generate(state, request, &ask, &hits)?;
-    let (text, citations) = cite::read_citations(&text, hits.len());
-    let annotations: Vec<Value> = citations
-        .iter()
-        .map(|c| {
-            json!({"type": "file_citation", "file_id": hits[c.source].file_id,
-                   "filename": hits[c.source].filename, "index": c.index})
-        })
-        .collect();
-    let mut output = Vec::new();
-    if ask.tool.is_some() {
-        output.push(file_search_call(&question, &hits, ask.include_results));
+    let chat_request = chat_request(&ask, &hits)?;
+    let (answer, served, _) = chat::ask(state, &request.record, &chat_request)?;
+    let search_call = ask
+        .tool
+        .is_some()
+        .then(|| file_search_call(&question, &hits, ask.include_results));
+    let mut events = Events::new(&ask, search_call, &hits);
+    match answer {
+        Answer::Stream {
+            events: upstream,
+            cancel,
+            timeouts,
+        } => {
+            let record = Arc::clone(&request.record);
+            let parts = (upstream, cancel, timeouts);
+            let relay = Relay::new(state, ask.model.clone(), served, record, parts);
+            Ok(relay::response(Relay {
+                shape: Box::new(events),
+                ..relay
+            }))
+        }
+        Answer::Mock => {
+            let reply = chat::mock_reply(state, &request.record, &chat_request, &served);
+            if !ask.stream {
+                events.text_whole(&reply.content, reply.usage);
+                return Ok(Response::json(200, &events.completed()));
+            }
+            let record = Arc::clone(&request.record);
+            Ok(event_stream(move |out| {
+                events.begin(out)?;
+                for piece in mock::stream_pieces(&reply.content) {
+                    events.text(out, piece)?;
+                    record.first_token();
+                }
+                events.usage = Some(reply.usage);
+                events.done(out)
+            }))
+        }
+        Answer::Json { value, .. } => {
+            let usage = chat::json_usage(state, &request.record, &served, &ask.model, &value);
+            let text = value["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let usage = usage.unwrap_or_default();
+            if !ask.stream {
+                events.text_whole(&text, usage);
+                return Ok(Response::json(200, &events.completed()));
+            }
+            // A provider that answered a stream request whole: its answer as one delta.
+            Ok(event_stream(move |out| {
+                events.begin(out)?;
+                events.text(out, &text)?;
+                events.usage = Some(usage);
+                events.done(out)
+            }))
+        }
     }
-    let message_id = new_id("msg");
-    output.push(json!({
-        "type": "message",
-        "id": message_id,
-        "status": "completed",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": annotations}],
-    }));
-    let response = response_json(&ask, output, "completed", Some(usage));
-    if ask.stream {
-        Ok(Response::text(
-            200,
-            "text/event-stream",
-            events(&response).into_bytes(),
-        ))
-    } else {
-        Ok(Response::json(200, &response))
-    }
+}
+
+/// Server-sent events written by `produce`, as a worker sends a stream.
+fn event_stream(
+    produce: impl FnOnce(&mut BodyStream<'_>) -> io::Result<()> + Send + 'static,
+) -> Response {
+    Response::stream(200, "text/event-stream", Box::new(produce))
+        .with_header("cache-control", "no-cache".to_string())
+        .with_header("x-accel-buffering", "no".to_string())
 }
 
 /// Searches every listed store side by side for the question; hits merged best first.
@@ -139,13 +181,9 @@ fn search(
     Ok(hits)
 }
 
-/// Asks the model, the sources in its system prompt; its text and usage.
-fn generate(
-    state: &State,
-    request: &Request,
-    ask: &Ask,
-    hits: &[Hit],
-) -> Result<(String, Value), ApiError> {
+/// The chat request that asks the model, the sources in its system prompt. A stream asks
+/// the provider for its usage chunk (the response's `usage` needs it).
+fn chat_request(ask: &Ask, hits: &[Hit]) -> Result<ChatRequest, ApiError> {
     let mut messages = Vec::new();
     let system = if ask.tool.is_some() {
         let sources: Vec<Source> = hits
@@ -168,36 +206,11 @@ fn generate(
     let mut body = Map::new();
     body.insert("model".into(), Value::String(ask.model.clone()));
     body.insert("messages".into(), Value::Array(messages));
-    let chat_request = chat::parse_object(body)?;
-    let (answer, served, _) = chat::ask(state, &request.record, &chat_request)?;
-    let (text, prompt, completion) = match answer {
-        Answer::Mock => {
-            let reply = chat::mock_reply(state, &request.record, &chat_request, &served);
-            (
-                reply.content,
-                reply.usage.prompt_tokens,
-                reply.usage.completion_tokens,
-            )
-        }
-        Answer::Json { value, .. } => {
-            let usage = chat::json_usage(state, &request.record, &served, &ask.model, &value);
-            let text = value["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let (p, c) = usage.map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
-            (text, p, c)
-        }
-        Answer::Stream { .. } => return Err(ApiError::Internal),
-    };
-    let usage = json!({
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": prompt + completion,
-    });
-    Ok((text, usage))
+    if ask.stream {
+        body.insert("stream".into(), Value::Bool(true));
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    chat::parse_object(body)
 }
 
 /// The `file_search_call` output item.
@@ -219,19 +232,19 @@ fn file_search_call(question: &str, hits: &[Hit], include_results: bool) -> Valu
     })
 }
 
-/// The response object.
-fn response_json(ask: &Ask, output: Vec<Value>, status: &str, usage: Option<Value>) -> Value {
+/// The response object, before any output.
+fn response_json(ask: &Ask) -> Value {
     json!({
         "id": new_id("resp"),
         "object": "response",
         "created_at": now_ms() / 1000,
-        "status": status,
+        "status": "in_progress",
         "error": null,
         "incomplete_details": null,
         "instructions": ask.instructions,
         "max_output_tokens": null,
         "model": ask.model,
-        "output": output,
+        "output": [],
         "parallel_tool_calls": true,
         "previous_response_id": null,
         "reasoning": {"effort": null, "summary": null},
@@ -242,100 +255,266 @@ fn response_json(ask: &Ask, output: Vec<Value>, status: &str, usage: Option<Valu
         "tools": ask.tools_json,
         "top_p": 1.0,
         "truncation": "disabled",
-        "usage": usage,
+        "usage": null,
         "user": null,
         "metadata": {},
     })
 }
 
-/// The whole answer as the Responses API's server-sent events.
-fn events(response: &Value) -> String {
-    let mut out = String::new();
-    let mut sequence = 0u64;
-    let mut emit = |kind: &str, mut data: Value| {
-        data["type"] = json!(kind);
-        data["sequence_number"] = json!(sequence);
-        sequence += 1;
-        let _ = write!(out, "event: {kind}\ndata: {data}\n\n");
-    };
-    let mut started = response.clone();
-    started["status"] = json!("in_progress");
-    started["output"] = json!([]);
-    started["usage"] = Value::Null;
-    emit("response.created", json!({"response": started}));
-    emit("response.in_progress", json!({"response": started}));
-    let output = response["output"].as_array().cloned().unwrap_or_default();
-    for (i, item) in output.iter().enumerate() {
-        let id = item["id"].clone();
-        match item["type"].as_str() {
-            Some("file_search_call") => {
-                let mut pending = item.clone();
-                pending["status"] = json!("in_progress");
-                emit(
-                    "response.output_item.added",
-                    json!({"output_index": i, "item": pending}),
-                );
-                for step in ["in_progress", "searching", "completed"] {
-                    emit(
-                        &format!("response.file_search_call.{step}"),
-                        json!({"output_index": i, "item_id": id}),
-                    );
-                }
-                emit(
-                    "response.output_item.done",
-                    json!({"output_index": i, "item": item}),
-                );
+/// One response as it is made: the answer's text read for citations as it arrives, and (when
+/// streamed) the Responses API's server-sent events written as it goes. A whole answer is
+/// the same reading done at once, so the two cannot disagree.
+struct Events {
+    response: Value,
+    search_call: Option<Value>,
+    message_id: String,
+    /// Each hit's file id and filename, in the order the prompt numbers them.
+    sources: Vec<(String, String)>,
+    citations: cite::Reader,
+    text: String,
+    annotations: Vec<Value>,
+    usage: Option<Usage>,
+    sequence: u64,
+}
+
+impl Events {
+    fn new(ask: &Ask, search_call: Option<Value>, hits: &[Hit]) -> Events {
+        Events {
+            response: response_json(ask),
+            search_call,
+            message_id: new_id("msg"),
+            sources: hits
+                .iter()
+                .map(|h| (h.file_id.clone(), h.filename.clone()))
+                .collect(),
+            citations: cite::Reader::new(hits.len()),
+            text: String::new(),
+            annotations: Vec::new(),
+            usage: None,
+            sequence: 0,
+        }
+    }
+
+    /// Where the message stands in `output`.
+    fn message_index(&self) -> usize {
+        usize::from(self.search_call.is_some())
+    }
+
+    /// A whole answer, read at once.
+    fn text_whole(&mut self, answer: &str, usage: Usage) {
+        let mut pieces = self.citations.push(answer);
+        pieces.extend(self.citations.finish());
+        for piece in pieces {
+            self.take(&piece);
+        }
+        self.usage = Some(usage);
+    }
+
+    /// Keeps a piece of the answer; the annotation it made, if it was a citation.
+    fn take(&mut self, piece: &Piece) -> Option<Value> {
+        match piece {
+            Piece::Text(t) => {
+                self.text.push_str(t);
+                None
             }
-            _ => {
-                let part = &item["content"][0];
-                let text = part["text"].as_str().unwrap_or_default();
-                let mut pending = item.clone();
-                pending["status"] = json!("in_progress");
-                pending["content"] = json!([]);
-                emit(
-                    "response.output_item.added",
-                    json!({"output_index": i, "item": pending}),
-                );
-                let empty = json!({"type": "output_text", "text": "", "annotations": []});
-                emit(
-                    "response.content_part.added",
-                    json!({"item_id": id, "output_index": i, "content_index": 0, "part": empty}),
-                );
-                for delta in text.split_inclusive(' ') {
-                    emit(
-                        "response.output_text.delta",
-                        json!({"item_id": id, "output_index": i, "content_index": 0, "delta": delta}),
-                    );
-                }
-                for (n, annotation) in part["annotations"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                {
-                    emit(
-                        "response.output_text.annotation.added",
-                        json!({"item_id": id, "output_index": i,
-                        "content_index": 0, "annotation_index": n, "annotation": annotation}),
-                    );
-                }
-                emit(
-                    "response.output_text.done",
-                    json!({"item_id": id, "output_index": i, "content_index": 0, "text": text}),
-                );
-                emit(
-                    "response.content_part.done",
-                    json!({"item_id": id, "output_index": i, "content_index": 0, "part": part}),
-                );
-                emit(
-                    "response.output_item.done",
-                    json!({"output_index": i, "item": item}),
-                );
+            Piece::Cite(c) => {
+                let (file_id, filename) = &self.sources[c.source];
+                let annotation = json!({"type": "file_citation", "file_id": file_id,
+                                        "filename": filename, "index": c.index});
+                self.annotations.push(annotation.clone());
+                Some(annotation)
             }
         }
     }
-    emit("response.completed", json!({"response": response}));
-    out
+
+    fn message(&self, status: &str) -> Value {
+        json!({
+            "type": "message",
+            "id": self.message_id,
+            "status": status,
+            "role": "assistant",
+            "content": [self.part()],
+        })
+    }
+
+    fn part(&self) -> Value {
+        json!({"type": "output_text", "text": self.text, "annotations": self.annotations})
+    }
+
+    /// The response as it ends: `completed`, or `failed` with `error`.
+    fn finished(&self, error: Option<&Value>) -> Value {
+        let mut response = self.response.clone();
+        let message_status = if error.is_some() {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        let mut output: Vec<Value> = self.search_call.iter().cloned().collect();
+        output.push(self.message(message_status));
+        response["output"] = Value::Array(output);
+        response["usage"] = self.usage.map_or(Value::Null, usage_json);
+        match error {
+            None => response["status"] = json!("completed"),
+            Some(error) => {
+                response["status"] = json!("failed");
+                response["error"] = json!({"code": error["code"], "message": error["message"]});
+            }
+        }
+        response
+    }
+
+    fn completed(&self) -> Value {
+        self.finished(None)
+    }
+
+    /// Writes one event: `event: <type>` and its JSON, numbered.
+    fn emit(&mut self, out: &mut BodyStream<'_>, kind: &str, mut data: Value) -> io::Result<()> {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(self.sequence);
+        self.sequence += 1;
+        let mut frame = format!("event: {kind}\ndata: ").into_bytes();
+        serde_json::to_writer(&mut frame, &data)?;
+        frame.extend_from_slice(b"\n\n");
+        out.send(&frame)
+    }
+
+    /// The message's ids for its events.
+    fn at(&self) -> Value {
+        json!({"item_id": self.message_id, "output_index": self.message_index(), "content_index": 0})
+    }
+
+    /// Everything before the model's first token: the response created, the search done,
+    /// the message begun.
+    fn begin(&mut self, out: &mut BodyStream<'_>) -> io::Result<()> {
+        let started = self.response.clone();
+        self.emit(out, "response.created", json!({"response": started}))?;
+        self.emit(out, "response.in_progress", json!({"response": started}))?;
+        if let Some(call) = self.search_call.clone() {
+            let mut pending = call.clone();
+            pending["status"] = json!("in_progress");
+            let item = json!({"output_index": 0, "item": pending});
+            self.emit(out, "response.output_item.added", item)?;
+            for step in ["in_progress", "searching", "completed"] {
+                let kind = format!("response.file_search_call.{step}");
+                self.emit(
+                    out,
+                    &kind,
+                    json!({"output_index": 0, "item_id": call["id"]}),
+                )?;
+            }
+            let done = json!({"output_index": 0, "item": call});
+            self.emit(out, "response.output_item.done", done)?;
+        }
+        let mut pending = self.message("in_progress");
+        pending["content"] = json!([]);
+        let item = json!({"output_index": self.message_index(), "item": pending});
+        self.emit(out, "response.output_item.added", item)?;
+        let mut added = self.at();
+        added["part"] = json!({"type": "output_text", "text": "", "annotations": []});
+        self.emit(out, "response.content_part.added", added)
+    }
+
+    /// A piece of the model's text as it arrives: what of it is settled goes out as deltas
+    /// and annotations.
+    fn text(&mut self, out: &mut BodyStream<'_>, piece: &str) -> io::Result<()> {
+        let pieces = self.citations.push(piece);
+        self.send(out, &pieces)
+    }
+
+    fn send(&mut self, out: &mut BodyStream<'_>, pieces: &[Piece]) -> io::Result<()> {
+        for piece in pieces {
+            let mut event = self.at();
+            match (piece, self.take(piece)) {
+                (Piece::Text(delta), _) => {
+                    event["delta"] = json!(delta);
+                    self.emit(out, "response.output_text.delta", event)?;
+                }
+                (Piece::Cite(_), Some(annotation)) => {
+                    event["annotation_index"] = json!(self.annotations.len() - 1);
+                    event["annotation"] = annotation;
+                    self.emit(out, "response.output_text.annotation.added", event)?;
+                }
+                (Piece::Cite(_), None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer is whole: what was held, then the message and the response completed.
+    fn done(&mut self, out: &mut BodyStream<'_>) -> io::Result<()> {
+        let rest = self.citations.finish();
+        self.send(out, &rest)?;
+        let mut text_done = self.at();
+        text_done["text"] = json!(self.text);
+        self.emit(out, "response.output_text.done", text_done)?;
+        let mut part_done = self.at();
+        part_done["part"] = self.part();
+        self.emit(out, "response.content_part.done", part_done)?;
+        let item = json!({"output_index": self.message_index(), "item": self.message("completed")});
+        self.emit(out, "response.output_item.done", item)?;
+        let response = self.completed();
+        self.emit(out, "response.completed", json!({"response": response}))
+    }
+
+    /// The answer broke off: the response failed, with what had arrived.
+    fn failed(&mut self, out: &mut BodyStream<'_>, error: &Value) -> io::Result<()> {
+        let response = self.finished(Some(error));
+        self.emit(out, "response.failed", json!({"response": response}))
+    }
+}
+
+impl Shape for Events {
+    fn begin(&mut self, out: &mut BodyStream<'_>) -> io::Result<()> {
+        Events::begin(self, out)
+    }
+
+    fn chunk(&mut self, out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
+        let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+            return Ok(());
+        };
+        if let Some(usage) = chunk.get("usage").and_then(Usage::from_json) {
+            self.usage = Some(usage);
+        }
+        match chunk
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            Some(piece) if !piece.is_empty() => self.text(out, piece),
+            _ => Ok(()),
+        }
+    }
+
+    fn provider_error(
+        &mut self,
+        out: &mut BodyStream<'_>,
+        _data: &str,
+        error: &Value,
+    ) -> io::Result<()> {
+        let mut error = error.clone();
+        if error["code"].is_null() {
+            error["code"] = json!("upstream_error_event");
+        }
+        self.failed(out, &error)
+    }
+
+    fn done(&mut self, out: &mut BodyStream<'_>) -> io::Result<()> {
+        Events::done(self, out)
+    }
+
+    fn fail(&mut self, out: &mut BodyStream<'_>, error: &Value) -> io::Result<()> {
+        self.failed(out, &error["error"])
+    }
+}
+
+/// The Responses API's usage object.
+fn usage_json(usage: Usage) -> Value {
+    json!({
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens(),
+    })
 }
 
 fn parse(body: &Map<String, Value>) -> Result<Ask, ApiError> {

@@ -54,43 +54,107 @@ pub(crate) struct Citation {
     pub(crate) index: usize,
 }
 
-/// The answer without its `[n]` markers (a space before one goes with it), and the citations
-/// of sources 1..=`sources` in the order they stand. Brackets that name no source are left
-/// as they are.
-pub(crate) fn read_citations(answer: &str, sources: usize) -> (String, Vec<Citation>) {
-    let mut text = String::with_capacity(answer.len());
-    let mut chars_out = 0usize;
-    let mut citations = Vec::new();
-    let mut rest = answer;
-    while let Some(open) = rest.find('[') {
-        let (before, from) = rest.split_at(open);
-        let number = from[1..]
-            .find(']')
-            .map(|close| &from[1..1 + close])
-            .filter(|n| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|n| (1..=sources).contains(n));
-        match number {
-            Some(n) => {
-                let kept = before.strip_suffix(' ').unwrap_or(before);
-                text.push_str(kept);
-                chars_out += kept.chars().count();
-                citations.push(Citation {
-                    source: n - 1,
-                    index: chars_out,
-                });
-                rest = &from[n.to_string().len() + 2..];
-            }
-            None => {
-                text.push_str(before);
-                text.push('[');
-                chars_out += before.chars().count() + 1;
-                rest = &from[1..];
-            }
+/// What reading an answer gives, in the order it stands: text to show, and a citation at the
+/// place the text has reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Piece {
+    Text(String),
+    Cite(Citation),
+}
+
+/// Reads the citations out of an answer: the text without its `[n]` markers (a space before
+/// one goes with it), and a citation for each marker naming a source 1..=`sources`, at its
+/// place in that text; brackets that name no source stay as they are. The answer may come in
+/// pieces (a stream), and reads the same however it is cut: a tail that a later piece could
+/// still make part of a marker (a trailing space; `[` and at most three digits) is held
+/// until the next piece, or the end, settles it.
+pub(crate) struct Reader {
+    sources: usize,
+    held: String,
+    /// Characters of stripped text given so far (where the next citation stands).
+    chars_out: usize,
+}
+
+impl Reader {
+    pub(crate) fn new(sources: usize) -> Reader {
+        Reader {
+            sources,
+            held: String::new(),
+            chars_out: 0,
         }
     }
-    text.push_str(rest);
-    (text, citations)
+
+    /// The next piece of the answer; what of it (and of what was held) is settled.
+    pub(crate) fn push(&mut self, piece: &str) -> Vec<Piece> {
+        self.held.push_str(piece);
+        let settled: String = self.held.drain(..unsettled(&self.held)).collect();
+        self.read(&settled)
+    }
+
+    /// The answer ended: whatever was held.
+    pub(crate) fn finish(&mut self) -> Vec<Piece> {
+        let rest = std::mem::take(&mut self.held);
+        self.read(&rest)
+    }
+
+    /// Reads settled text: markers naming a source become citations, the rest is text.
+    fn read(&mut self, mut rest: &str) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        while let Some(open) = rest.find('[') {
+            let (before, from) = rest.split_at(open);
+            let number = from[1..]
+                .find(']')
+                .map(|close| &from[1..1 + close])
+                .filter(|n| is_marker_number(n) && !n.is_empty())
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| (1..=self.sources).contains(n));
+            match number {
+                Some(n) => {
+                    text.push_str(before.strip_suffix(' ').unwrap_or(before));
+                    self.chars_out += text.chars().count();
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    }
+                    pieces.push(Piece::Cite(Citation {
+                        source: n - 1,
+                        index: self.chars_out,
+                    }));
+                    rest = &from[n.to_string().len() + 2..];
+                }
+                None => {
+                    text.push_str(before);
+                    text.push('[');
+                    rest = &from[1..];
+                }
+            }
+        }
+        text.push_str(rest);
+        self.chars_out += text.chars().count();
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        pieces
+    }
+}
+
+/// Whether `n` may be (the start of) a marker's number: at most three ASCII digits.
+fn is_marker_number(n: &str) -> bool {
+    n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Where the tail of `text` that more text could still make part of a marker begins: a last
+/// `[` with at most three digits after it (and the space before it), or a trailing space.
+fn unsettled(text: &str) -> usize {
+    let hold_from = match text.rfind('[') {
+        Some(open) if is_marker_number(&text[open + 1..]) => open,
+        _ => text.len(),
+    };
+    if text[..hold_from].ends_with(' ') {
+        hold_from - 1
+    } else {
+        hold_from
+    }
 }
 
 /// The mock model's answer to a prompt made by [`system_prompt`]: the first sentence of
@@ -131,6 +195,23 @@ fn first_sentence(text: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The answer read whole, as a response that is not streamed reads it: the text without
+    /// its markers, and the citations.
+    fn read_citations(answer: &str, sources: usize) -> (String, Vec<Citation>) {
+        let mut reader = Reader::new(sources);
+        let mut pieces = reader.push(answer);
+        pieces.extend(reader.finish());
+        let mut text = String::with_capacity(answer.len());
+        let mut citations = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Cite(c) => citations.push(c),
+            }
+        }
+        (text, citations)
+    }
 
     fn sources() -> Vec<Source> {
         vec![
@@ -213,6 +294,60 @@ mod tests {
                 source: 0,
                 index: 24
             }]
+        );
+    }
+
+    #[test]
+    fn an_answer_read_in_pieces_gives_what_the_whole_gives() {
+        let answer = "Ça [x] va [3] bien [1]. The wick  [2][1] is [12 trimmed [1";
+        let whole = read_citations(answer, 2);
+        let chars: Vec<char> = answer.chars().collect();
+        // Every way of cutting it in two, and one character at a time.
+        let mut cuts: Vec<Vec<String>> = (0..=chars.len())
+            .map(|i| {
+                vec![
+                    chars[..i].iter().collect::<String>(),
+                    chars[i..].iter().collect::<String>(),
+                ]
+            })
+            .collect();
+        cuts.push(chars.iter().map(|c| c.to_string()).collect());
+        for pieces in cuts {
+            let mut reader = Reader::new(2);
+            let mut got = Vec::new();
+            for p in &pieces {
+                got.extend(reader.push(p));
+            }
+            got.extend(reader.finish());
+            let mut text = String::new();
+            let mut cites = Vec::new();
+            for piece in got {
+                match piece {
+                    Piece::Text(t) => text.push_str(&t),
+                    Piece::Cite(c) => {
+                        assert_eq!(c.index, text.chars().count(), "{pieces:?}");
+                        cites.push(c);
+                    }
+                }
+            }
+            assert_eq!((text, cites), whole, "{pieces:?}");
+        }
+        // A marker is never shown while it may still be one.
+        let mut reader = Reader::new(2);
+        assert_eq!(
+            reader.push("Bread rises ["),
+            [Piece::Text("Bread rises".into())]
+        );
+        assert_eq!(reader.push("2"), []);
+        assert_eq!(
+            reader.push("]."),
+            [
+                Piece::Cite(Citation {
+                    source: 1,
+                    index: 11
+                }),
+                Piece::Text(".".into())
+            ]
         );
     }
 }

@@ -34,6 +34,10 @@ mod upload;
 // Only the knowledge base's tests use it.
 #[allow(unused_imports)]
 pub use upload::*;
+mod sse;
+// Only the streaming tests use it.
+#[allow(unused_imports)]
+pub use sse::*;
 
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_syncgate");

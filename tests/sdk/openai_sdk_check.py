@@ -163,9 +163,25 @@ def check_knowledge(client):
     expect_equal(annotation.type, "file_citation", "annotation.type")
     expect_equal(annotation.file_id, lighthouse, "the cited file")
     expect("lamp wick" in response.output_text, f"answer {response.output_text!r}")
+    # Streamed, through the SDK's own accumulator (it checks every event's place and identity).
+    with client.responses.stream(
+        model=MOCK,
+        input="Who trims the lamp wick of a lighthouse?",
+        tools=[{"type": "file_search", "vector_store_ids": [store.id]}],
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    expect(len(deltas) > 1, f"the answer came in {len(deltas)} delta(s)")
+    expect_equal("".join(deltas), final.output_text, "the streamed deltas")
+    expect_equal(final.output_text, response.output_text, "the streamed answer")
+    streamed_citation = final.output[1].content[0].annotations[0]
+    expect_equal(streamed_citation.file_id, lighthouse, "the streamed citation's file")
     client.vector_stores.delete(store.id)
     client.files.delete(bread.id)
-    return f"top hit {results[0].filename} ({results[0].score:.2f}), answer {response.output_text!r}"
+    return (
+        f"top hit {results[0].filename} ({results[0].score:.2f}), answer {response.output_text!r}, "
+        f"streamed in {len(deltas)} deltas"
+    )
 
 
 def expect_error(cls, status, code, call, param=None):
