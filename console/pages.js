@@ -1,7 +1,7 @@
-// The console's pages other than status: requests, usage, keys, jobs, conversations. Each
-// view is one or two API calls, each with a limit and a time range; everything they answer
-// is written with textContent (never parsed as HTML), so a prompt or a key name is shown
-// exactly as typed and runs nothing.
+// The console's pages other than status: requests, usage, keys, jobs, conversations, vector
+// stores and instances. Each view is one or two API calls, each with a limit or a time range;
+// everything they answer is written with textContent (never parsed as HTML), so a prompt, a
+// key's name or a store's name is shown exactly as typed and runs nothing.
 "use strict";
 
 (function () {
@@ -31,6 +31,19 @@
     const td = document.createElement("td");
     td.appendChild(node);
     return td;
+  }
+
+  // A row that opens its details on a click or Enter.
+  function clickable(tr, open) {
+    tr.classList.add("clickable");
+    tr.tabIndex = 0;
+    tr.addEventListener("click", open);
+    tr.addEventListener("keydown", function (e) {
+      if (e.key === "Enter") {
+        open();
+      }
+    });
+    return tr;
   }
 
   function fill(tbodyId, rows, empty, columns) {
@@ -112,16 +125,11 @@
         r.total_ms, r.queue_ms,
         text(r.prompt_tokens) + " / " + text(r.completion_tokens), r.request_id,
       ]);
-      tr.className = r.status >= 400 ? "clickable failed" : "clickable";
-      tr.tabIndex = 0;
       tr.dataset.index = String(i);
-      tr.addEventListener("click", function () { showRequest(i); });
-      tr.addEventListener("keydown", function (e) {
-        if (e.key === "Enter") {
-          showRequest(i);
-        }
-      });
-      return tr;
+      if (r.status >= 400) {
+        tr.className = "failed";
+      }
+      return clickable(tr, function () { showRequest(i); });
     }), "no logged request matches", 10);
     document.getElementById("rq-older").disabled = !answer.body.has_more;
     document.getElementById("rq-newer").disabled = requests.back.length === 0;
@@ -283,28 +291,53 @@
 
   // ---------------------------------------------------------------- keys
 
-  function askForAdmin(refused) {
-    document.getElementById("admin-form").hidden = false;
-    document.getElementById("kc-form").hidden = true;
+  // The pages of the admin key (keys, instances) each have a form that asks for it; the key
+  // is kept in this tab under its own name, apart from the key the other pages use.
+  function askForAdmin(formId, refused) {
+    document.getElementById(formId).hidden = false;
     SG.problem(refused ? "That admin key was refused." : "");
   }
 
-  async function loadKeys() {
+  // GET `path` with the admin key: its answer, or null when there is no admin key yet or it
+  // was refused (then forgotten), and the page's form asks for one.
+  async function adminGet(path, formId) {
     if (!sessionStorage.getItem(SG.ADMIN)) {
-      askForAdmin(false);
-      return;
+      askForAdmin(formId, false);
+      return null;
     }
-    const answer = await SG.api("/admin/keys", { admin: true });
+    const answer = await SG.api(path, { admin: true });
     if (answer.status === 401 || answer.status === 403) {
       sessionStorage.removeItem(SG.ADMIN);
-      askForAdmin(true);
-      return;
+      askForAdmin(formId, true);
+      return null;
     }
     if (!answer.ok) {
+      return null;
+    }
+    document.getElementById(formId).hidden = true;
+    return answer;
+  }
+
+  // The form `formId` keeps the admin key typed into `inputId`, then runs `load`.
+  function takeAdminKey(formId, inputId, load) {
+    document.getElementById(formId).addEventListener("submit", function (e) {
+      e.preventDefault();
+      const value = document.getElementById(inputId).value.trim();
+      if (value) {
+        sessionStorage.setItem(SG.ADMIN, value);
+      }
+      document.getElementById(inputId).value = "";
+      load();
+    });
+  }
+
+  async function loadKeys() {
+    const answer = await adminGet("/admin/keys", "admin-form");
+    // Keys are made only by whoever may list them.
+    document.getElementById("kc-form").hidden = answer === null;
+    if (answer === null) {
       return;
     }
-    document.getElementById("admin-form").hidden = true;
-    document.getElementById("kc-form").hidden = false;
     const rows = answer.body.data.slice().reverse().map(function (k) {
       let action = "";
       if (k.status === "active") {
@@ -368,15 +401,7 @@
     document.getElementById("kc-form").reset();
     loadKeys();
   });
-  document.getElementById("admin-form").addEventListener("submit", function (e) {
-    e.preventDefault();
-    const value = document.getElementById("admin-input").value.trim();
-    if (value) {
-      sessionStorage.setItem(SG.ADMIN, value);
-    }
-    document.getElementById("admin-input").value = "";
-    loadKeys();
-  });
+  takeAdminKey("admin-form", "admin-input", loadKeys);
   SG.page("keys", function () {
     // A secret is shown once: not again when the page is opened later.
     document.getElementById("kc-secret").hidden = true;
@@ -411,4 +436,115 @@
       }), "no conversation", 4);
     }
   });
+
+  // ---------------------------------------------------------------- vector stores
+
+  const stores = {
+    // Every store shown so far, page after page; the next page starts after the last.
+    rows: [],
+    after: null,
+  };
+
+  // The admin key when this tab holds one (it sees every key's stores), else the tab's key
+  // (its own stores; in development mode, those made without a key).
+  function readsAsAdmin() {
+    return sessionStorage.getItem(SG.ADMIN) !== null;
+  }
+
+  function counts(c) {
+    return [c.completed, c.in_progress, c.failed, c.cancelled, c.total].map(text).join(" / ");
+  }
+
+  function storeRow(v, i) {
+    const tr = tableRow([v.id, v.name, v.status, counts(v.file_counts), number(v.usage_bytes),
+      when(v.created_at), when(v.last_active_at), when(v.expires_at)]);
+    tr.dataset.id = v.id;
+    if (v.status === "expired") {
+      tr.className = "inactive";
+    }
+    return clickable(tr, function () { showStore(i); });
+  }
+
+  // One page of PAGE stores, newest first: the first, or the one after those shown ("more").
+  async function loadStores(more) {
+    const params = new URLSearchParams({ limit: String(PAGE), order: "desc" });
+    if (more && stores.after !== null) {
+      params.set("after", stores.after);
+    }
+    const admin = readsAsAdmin();
+    const started = performance.now();
+    const answer = await SG.api("/v1/vector_stores?" + params.toString(), { admin: admin });
+    if (!answer.ok) {
+      return;
+    }
+    const page = answer.body;
+    stores.rows = more ? stores.rows.concat(page.data) : page.data;
+    stores.after = page.last_id || stores.after;
+    fill("vs-rows", stores.rows.map(storeRow), "no vector store", 8);
+    document.getElementById("vs-more").disabled = !page.has_more;
+    const reader = admin ? "the admin key: every key's stores" : "this tab's key: its own stores";
+    document.getElementById("vs-info").textContent =
+      timed(stores.rows.length + " shown", started) + ", read with " + reader + ".";
+    if (!more) {
+      document.getElementById("vs-detail").hidden = true;
+    }
+  }
+
+  // A store's files: the newest 100 (the most one call answers), with the same key as the list.
+  async function showStore(i) {
+    const v = stores.rows[i];
+    const path = "/v1/vector_stores/" + encodeURIComponent(v.id) + "/files?limit=100&order=desc";
+    const started = performance.now();
+    const answer = await SG.api(path, { admin: readsAsAdmin() });
+    if (!answer.ok) {
+      return;
+    }
+    document.getElementById("vs-detail-name").textContent = text(v.name);
+    document.getElementById("vs-detail-id").textContent = v.id;
+    const files = answer.body.data;
+    fill("vs-files", files.map(function (f) {
+      const attributes = f.attributes && Object.keys(f.attributes).length
+        ? JSON.stringify(f.attributes) : null;
+      return tableRow([f.id, f.status, number(f.usage_bytes), when(f.created_at),
+        errorText(f.last_error), attributes]);
+    }), "no file in this store", 6);
+    document.getElementById("vs-files-info").textContent = timed((answer.body.has_more
+      ? "the newest " + files.length + " of " + v.file_counts.total + " files"
+      : files.length + (files.length === 1 ? " file" : " files")) + ", newest first", started);
+    const detail = document.getElementById("vs-detail");
+    detail.hidden = false;
+    detail.scrollIntoView({ block: "nearest" });
+  }
+
+  document.getElementById("vs-more").addEventListener("click", function () {
+    loadStores(true);
+  });
+  SG.page("vector-stores", function () { loadStores(false); });
+
+  // ---------------------------------------------------------------- instances
+
+  async function loadInstances() {
+    const answer = await adminGet("/admin/instances", "inst-admin-form");
+    if (answer === null) {
+      return;
+    }
+    const data = answer.body.data;
+    fill("inst-rows", data.map(function (n) {
+      const tr = tableRow([n.id, n.this ? "this one" : null, n.host, n.listen, n.version,
+        when(n.started_at), when(n.renewed_at), when(n.lease_until)]);
+      tr.dataset.id = n.id;
+      if (n.this) {
+        tr.className = "this";
+      }
+      return tr;
+    }), "no live instance", 8);
+    // Only SQLite answers an instance without a lease: it serves a database of its own.
+    const leaseless = data.some(function (n) { return n.lease_until === null; });
+    document.getElementById("inst-info").textContent = leaseless
+      ? "No lease: this server keeps its data in SQLite, so it is the only instance."
+      : data.length + " live, each holding a lease it renews.";
+  }
+
+  takeAdminKey("inst-admin-form", "inst-admin-input", loadInstances);
+  SG.page("instances", loadInstances);
 }());

@@ -1069,6 +1069,63 @@ fn assert_clean(browser: &Browser, allowed: &[&str]) {
     assert!(bad.is_empty(), "console errors or CSP reports: {bad:#?}");
 }
 
+/// The small text file the vector stores page lists.
+const KEEPER: &str = "Lighthouse keepers trim the wick every evening and log each passing ship.";
+
+/// A vector store named `name` holding `KEEPER` as a file with `attributes`, its ingestion
+/// done (by the built-in `mock` model's embeddings); the store's id and the file's.
+fn store_with_a_file(gw: &Server, name: &str, attributes: Value) -> (String, String) {
+    let body = multipart(
+        "sgconsoleboundary",
+        &[
+            ("purpose", None, None, b"assistants"),
+            (
+                "file",
+                Some("keeper.txt"),
+                Some("text/plain"),
+                KEEPER.as_bytes(),
+            ),
+        ],
+    );
+    let r = send(gw.addr, &upload_req("sgconsoleboundary", &body, None));
+    assert_ok(&r, "POST /v1/files");
+    let file = r.json()["id"].as_str().unwrap().to_string();
+    let r = post_json(
+        gw.addr,
+        "/v1/vector_stores",
+        &json!({ "name": name }).to_string(),
+    );
+    assert_ok(&r, "POST /v1/vector_stores");
+    let store = r.json()["id"].as_str().unwrap().to_string();
+    let r = post_json(
+        gw.addr,
+        &format!("/v1/vector_stores/{store}/files"),
+        &json!({"file_id": file, "attributes": attributes}).to_string(),
+    );
+    assert_ok(&r, "POST /v1/vector_stores/{id}/files");
+    let mut last = Value::Null;
+    let ingested = poll_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        last = get(gw.addr, &format!("/v1/vector_stores/{store}")).json();
+        last["file_counts"]["completed"] == 1
+    });
+    assert!(
+        ingested,
+        "the file was not ingested: {last:#}\n{}",
+        gw.log()
+    );
+    (store, file)
+}
+
+/// The cells' text of every row of `tbody`.
+fn rows_of(browser: &Browser, tbody: &str) -> Vec<Vec<String>> {
+    let script = format!(
+        "return Array.from(document.querySelectorAll({})).\
+         map(tr => Array.from(tr.cells).map(td => td.textContent));",
+        json!(format!("{tbody} tr"))
+    );
+    serde_json::from_value(browser.eval(&script)).unwrap()
+}
+
 #[test]
 fn every_page_loads_clean_a_key_is_made_and_revoked_and_a_hostile_prompt_stays_text() {
     let Some((chromium, chromedriver)) = browser() else {
@@ -1160,8 +1217,94 @@ fn every_page_loads_clean_a_key_is_made_and_revoked_and_a_hostile_prompt_stays_t
     screenshot(&browser, "jobs");
     show_page(&browser, "conversations", "#conversations-rows");
     screenshot(&browser, "conversations");
+
+    // A vector store with a hostile name and a file with hostile attributes, then a page of
+    // newer stores, so that it is on the second page. (Made now: their calls would push the
+    // chat calls off the requests page's first page.)
+    let hostile_attributes = json!({"team": "<b>docs</b>"});
+    let (store, file) = store_with_a_file(&gw, XSS_IMG, hostile_attributes.clone());
+    for n in 0..50 {
+        let r = post_json(
+            gw.addr,
+            "/v1/vector_stores",
+            &json!({ "name": format!("filler {n}") }).to_string(),
+        );
+        assert_ok(&r, "POST /v1/vector_stores");
+    }
+    // Vector stores, newest first: the first page holds the 50 newer ones, "more" brings the
+    // hostile one, whose name stays text; a click lists its file.
+    show_page(&browser, "vector-stores", "#vs-rows");
+    let first = rows_of(&browser, "#vs-rows");
+    assert_eq!(first.len(), 50, "{first:?}");
+    assert_eq!(first[0][1], "filler 49", "newest first: {first:?}");
+    assert!(!first.iter().any(|r| r[0] == store), "{first:?}");
+    screenshot(&browser, "vector-stores");
+    browser.click("#vs-more");
+    let row = format!("#vs-rows tr[data-id={}]", json!(store));
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            browser.eval(&format!("return !!document.querySelector({});", json!(row))) == true
+        }),
+        "\"more\" did not show the store {store}: {:?} {}",
+        rows_of(&browser, "#vs-rows").last(),
+        browser.text_of("#page-errors")
+    );
+    assert_eq!(rows_of(&browser, "#vs-rows").len(), 51);
+    assert_eq!(
+        browser.eval("return document.getElementById('vs-more').disabled;"),
+        true
+    );
+    let shown = rows_of(&browser, "#vs-rows").pop().unwrap();
+    assert_eq!(shown[1], XSS_IMG, "the name shown literally: {shown:?}");
+    assert_eq!(shown[2], "completed", "{shown:?}");
+    assert_eq!(shown[3], "1 / 0 / 0 / 0 / 1", "file counts: {shown:?}");
+    browser.click(&row);
+    let mut files = Vec::new();
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            files = rows_of(&browser, "#vs-files");
+            files.first().is_some_and(|f| f[0] == file)
+        }),
+        "the store's file is not listed: {files:?} {}",
+        browser.text_of("#page-errors")
+    );
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0][1], "completed", "{files:?}");
+    assert_ne!(files[0][2], "0", "usage bytes: {files:?}");
+    assert_eq!(files[0][5], hostile_attributes.to_string(), "{files:?}");
+    assert_eq!(browser.text_of("#vs-detail-name"), XSS_IMG);
+    assert_eq!(
+        browser.eval("return document.querySelectorAll('#page-vector-stores img, #page-vector-stores b').length;"),
+        0,
+        "no element was made from the name or the attributes"
+    );
+    assert_eq!(browser.eval("return window.__pwned === undefined;"), true);
+    screenshot(&browser, "vector-store-files");
     show_page(&browser, "status", "#provider-rows");
     assert_clean(&browser, &[]);
+
+    // Instances need the admin key: the page asks for it, and a wrong one is refused.
+    browser.click("nav a[data-page=instances]");
+    assert!(poll_until(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || browser.eval("return document.getElementById('inst-admin-form').hidden;") == false
+    ));
+    browser.type_into("#inst-admin-input", "sk-sg-not-the-admin-key");
+    browser.click("#inst-admin-form button");
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            browser.text_of("#problem").contains("refused")
+        }),
+        "the wrong admin key was not refused: {:?}",
+        browser.text_of("#problem")
+    );
+    assert!(rows_of(&browser, "#inst-rows").is_empty());
+    assert_eq!(
+        browser.eval("return sessionStorage.getItem('syncgate.admin');"),
+        Value::Null,
+        "a refused admin key is forgotten"
+    );
 
     // Keys: the admin key is asked for, a key is made (its secret shown once) and revoked.
     browser.click("nav a[data-page=keys]");
@@ -1234,6 +1377,45 @@ fn every_page_loads_clean_a_key_is_made_and_revoked_and_a_hostile_prompt_stays_t
     );
     show_page(&browser, "keys", "#keys-rows");
     assert_eq!(browser.text_of("#kc-secret-value"), "");
-    assert_clean(&browser, &["/api/jobs?limit=100 - Failed to load resource: the server responded with a status of 401"]);
+
+    // With the admin key held, the instances page lists this instance: SQLite, so only it,
+    // answering, at the server's listen address, with no lease.
+    show_page(&browser, "instances", "#inst-rows");
+    let instances = rows_of(&browser, "#inst-rows");
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    let me = &instances[0];
+    assert!(me[0].starts_with("inst"), "the instance's id: {me:?}");
+    assert_eq!(me[1], "this one", "{me:?}");
+    assert_eq!(me[3], gw.addr.to_string(), "the listen address: {me:?}");
+    assert_eq!(me[4], env!("CARGO_PKG_VERSION"), "{me:?}");
+    assert_eq!(me[7], "–", "no lease on SQLite: {me:?}");
+    assert!(
+        browser.text_of("#inst-info").contains("SQLite"),
+        "{}",
+        browser.text_of("#inst-info")
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('inst-admin-form').hidden;"),
+        true
+    );
+    screenshot(&browser, "instances");
+    // The vector stores page now reads with the admin key: every key's stores, so still the
+    // one made without a key, though keys exist now.
+    browser.click("nav a[data-page=vector-stores]");
+    assert!(
+        poll_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            browser.text_of("#vs-info").contains("the admin key")
+        }),
+        "{}",
+        browser.text_of("#vs-info")
+    );
+    assert_eq!(rows_of(&browser, "#vs-rows").len(), 50);
+    assert_clean(
+        &browser,
+        &[
+            "/api/jobs?limit=100 - Failed to load resource: the server responded with a status of 401",
+            "/admin/instances - Failed to load resource: the server responded with a status of 401",
+        ],
+    );
     println!("every page in {:.1} s", started.elapsed().as_secs_f64());
 }
