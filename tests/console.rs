@@ -892,51 +892,98 @@ fn the_status_page_asks_for_a_key_once_keys_exist_and_shows_the_status_with_it()
 /// Rows in the generated log.
 const MILLION: i64 = 1_000_000;
 
-/// A request log of a million rows over the last 30 days, written straight into a migrated
-/// SQLite file in one transaction: every 1000th call asked for model `rare`, every 97th
-/// failed with 500, calls come from keys 1–10.
-fn million_row_log(db: &TempDb, now_ms: i64) {
-    let exit = run_to_exit(
-        &["migrate", "--db", &db.path_str()],
-        &[],
-        Duration::from_secs(30),
-    );
+/// The columns a generated request-log row fills, and their values for row `x` (1..=MILLION)
+/// in SQL both SQLite and PostgreSQL take: over the last 30 days, every 1000th call asked for
+/// model `rare`, every 97th failed with 500, calls come from keys 1–10.
+const MILLION_COLUMNS: &str = "request_id, ts_ms, method, route, model, provider, \
+    upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
+    overhead_ms, prompt_tokens, completion_tokens, key_id";
+
+fn million_values(start_ms: i64, step_ms: i64) -> String {
+    format!(
+        "'req-' || x, {start_ms} + x * {step_ms}, 'POST', '/v1/chat/completions', \
+         CASE WHEN x % 1000 = 0 THEN 'rare' WHEN x % 2 = 0 THEN 'gpt-a' ELSE 'gpt-b' END, \
+         'openai', 'gpt-4o-mini', 1, CASE WHEN x % 97 = 0 THEN 500 ELSE 200 END, \
+         CASE WHEN x % 97 = 0 THEN 'upstream_error' END, 812.5, 0.2, 810.0, 2.3, \
+         40 + x % 50, 120 + x % 300, 1 + x % 10"
+    )
+}
+
+/// Migrates `db` (a path or a URL) with the binary, as a server would find it.
+fn migrate(db: &str) {
+    let exit = run_to_exit(&["migrate", "--db", db], &[], Duration::from_secs(30));
     assert!(!exit.failed(), "migrate: {}", exit.describe());
+}
+
+/// A million-row request log written straight into a migrated SQLite file, in one transaction.
+fn million_row_log(db: &TempDb, now_ms: i64) {
+    migrate(&db.path_str());
     let mut conn = rusqlite::Connection::open(&db.path).unwrap();
     let tx = conn.transaction().unwrap();
     let step_ms = 30 * 86_400_000 / MILLION;
     tx.execute(
-        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?1) \
-         INSERT INTO requests (request_id, ts_ms, method, route, model, provider, \
-           upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
-           overhead_ms, prompt_tokens, completion_tokens, key_id) \
-         SELECT 'req-' || x, ?2 + x * ?3, 'POST', '/v1/chat/completions', \
-           CASE WHEN x % 1000 = 0 THEN 'rare' WHEN x % 2 = 0 THEN 'gpt-a' ELSE 'gpt-b' END, \
-           'openai', 'gpt-4o-mini', 1, CASE WHEN x % 97 = 0 THEN 500 ELSE 200 END, \
-           CASE WHEN x % 97 = 0 THEN 'upstream_error' END, 812.5, 0.2, 810.0, 2.3, \
-           40 + x % 50, 120 + x % 300, 1 + x % 10 FROM n",
-        rusqlite::params![MILLION, now_ms - 30 * 86_400_000, step_ms],
+        &format!(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {MILLION}) \
+             INSERT INTO requests ({MILLION_COLUMNS}) SELECT {} FROM n",
+            million_values(now_ms - 30 * 86_400_000, step_ms)
+        ),
+        [],
     )
     .unwrap();
     tx.commit().unwrap();
 }
 
+/// The same million rows in a migrated PostgreSQL database, analysed as autovacuum would.
+fn million_row_log_postgres(pg: &PgDatabase, now_ms: i64) {
+    migrate(&pg.url());
+    let step_ms = 30 * 86_400_000 / MILLION;
+    pg.execute(&format!(
+        "INSERT INTO requests ({MILLION_COLUMNS}) SELECT {} \
+         FROM generate_series(1::bigint, {MILLION}) AS x",
+        million_values(now_ms - 30 * 86_400_000, step_ms)
+    ));
+    pg.execute("ANALYZE requests");
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 #[test]
 fn the_requests_pages_queries_stay_fast_at_a_million_rows() {
     let db = TempDb::new();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now_ms = now_ms();
     let made = Instant::now();
     million_row_log(&db, now_ms);
     let size = std::fs::metadata(&db.path).map_or(0, |m| m.len());
     println!(
-        "generated {MILLION} rows in {:.1} s ({} MB)",
+        "SQLite: generated {MILLION} rows in {:.1} s ({} MB)",
         made.elapsed().as_secs_f64(),
         size / 1_000_000
     );
-    let gw = Server::start(&["--db", &db.path_str()]);
+    requests_pages_at_a_million_rows(&db.path_str(), now_ms);
+}
+
+#[test]
+fn the_requests_pages_queries_stay_fast_at_a_million_rows_on_postgres() {
+    let Some(pg) = fresh_postgres() else { return };
+    let now_ms = now_ms();
+    let made = Instant::now();
+    million_row_log_postgres(&pg, now_ms);
+    println!(
+        "PostgreSQL: generated {MILLION} rows in {:.1} s ({} MB)",
+        made.elapsed().as_secs_f64(),
+        pg.query_value("SELECT pg_total_relation_size('requests') / 1000000")
+    );
+    requests_pages_at_a_million_rows(&pg.url(), now_ms);
+}
+
+/// The requests and usage pages' queries against a log of a million rows made at `now_ms`.
+fn requests_pages_at_a_million_rows(db: &str, now_ms: i64) {
+    let gw = Server::start(&["--db", db]);
     let mut conn = Conn::open(gw.addr);
     // The queries the requests page makes: always a time range and a limit.
     let (day_ago, month_ago) = (
