@@ -123,14 +123,16 @@
       const tr = tableRow([
         when(r.created_at), r.route, r.model, r.status, r.key_id, r.provider,
         r.total_ms, r.queue_ms,
-        text(r.prompt_tokens) + " / " + text(r.completion_tokens), r.request_id,
+        text(r.prompt_tokens) + " / " + text(r.completion_tokens),
+        r.cost_estimated ? dollars(r.cost_usd) + " (estimated)" : dollars(r.cost_usd),
+        r.request_id,
       ]);
       tr.dataset.index = String(i);
       if (r.status >= 400) {
         tr.className = "failed";
       }
       return clickable(tr, function () { showRequest(i); });
-    }), "no logged request matches", 10);
+    }), "no logged request matches", 11);
     document.getElementById("rq-older").disabled = !answer.body.has_more;
     document.getElementById("rq-newer").disabled = requests.back.length === 0;
     const page = requests.back.length + 1;
@@ -244,9 +246,16 @@
     });
   }
 
+  // Dollars to the micro-dollar; "–" when no call was priced. Unpriced calls are counted
+  // beside it, so a model without a price never looks free.
+  function dollars(usd) {
+    return usd === null || usd === undefined ? null : "$" + Number(usd).toFixed(6);
+  }
+
   function totalsRow(name, t) {
     return tableRow([name, number(t.calls), number(t.errors), number(t.prompt_tokens),
-      number(t.completion_tokens), number(t.total_tokens)]);
+      number(t.completion_tokens), number(t.total_tokens), dollars(t.cost_usd),
+      number(t.unpriced_calls)]);
   }
 
   async function loadUsage() {
@@ -268,17 +277,17 @@
     const all = [];
     for (let t = since; t <= now; t += DAY_MS) {
       const day = new Date(t).toISOString().slice(0, 10);
-      all.push(seen[day] || { day: day, calls: 0, errors: 0, prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
+      all.push(seen[day] || { day: day, calls: 0, errors: 0, prompt_tokens: 0, completion_tokens: 0, total_tokens: 0, cost_usd: null, unpriced_calls: 0 });
     }
     drawUsage(all);
     fill("us-days", byDay.body.data.slice().reverse().map(function (d) {
       return totalsRow(d.day, d);
-    }), "no calls in this range", 6);
+    }), "no calls in this range", 8);
     document.getElementById("us-group-name").textContent = group;
     document.getElementById("us-group-head").textContent = group;
     fill("us-groups", byGroup.body.data.map(function (t) {
       return totalsRow(t[group], t);
-    }), "no calls in this range", 6);
+    }), "no calls in this range", 8);
     document.getElementById("us-info").textContent = timed(
       all.length + " days from " + all[0].day + " (UTC)", started);
   }

@@ -70,6 +70,8 @@ struct RawConfig {
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
+    #[serde(default)]
+    prices: Vec<RawPrice>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +225,16 @@ struct RawModel {
     targets: Vec<String>,
 }
 
+/// `[[prices]]`: what one model target costs, dollars per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    target: String,
+    input_per_mtok_usd: f64,
+    output_per_mtok_usd: f64,
+    cached_input_per_mtok_usd: Option<f64>,
+}
+
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -263,6 +275,8 @@ pub(crate) struct Config {
     pub(crate) providers: Vec<ProviderConfig>,
     /// Configured model names and their targets, tried in order.
     pub(crate) models: Vec<ModelConfig>,
+    /// What each priced target costs (`[[prices]]`); a target without one is unpriced.
+    pub(crate) prices: crate::spend::Prices,
 }
 
 /// The name of the built-in provider and of its model; reserved.
@@ -570,6 +584,7 @@ impl Default for Config {
             },
             providers: Vec::new(),
             models: Vec::new(),
+            prices: crate::spend::Prices::default(),
         }
     }
 }
@@ -922,6 +937,7 @@ impl Config {
             .map(|p| validate_provider(p, file))
             .collect::<Result<Vec<_>, _>>()?;
         let models = validate_models(raw.models, &providers, file)?;
+        let prices = validate_prices(raw.prices, &models, file)?;
 
         Ok(Config {
             listen,
@@ -951,6 +967,7 @@ impl Config {
             knowledge,
             providers,
             models,
+            prices,
         })
     }
 }
@@ -1178,6 +1195,64 @@ fn validate_models(
     Ok(models)
 }
 
+/// `[[prices]]`: each target `provider/upstream-model` priced once, in range. A price for a
+/// target no model routes to is kept (a shared prices file lists more than one config uses)
+/// and said once at start, since it may be a typo.
+fn validate_prices(
+    raw: Vec<RawPrice>,
+    models: &[ModelConfig],
+    file: Option<&Path>,
+) -> Result<crate::spend::Prices, ConfigError> {
+    let mut prices = crate::spend::Prices::default();
+    for p in raw {
+        let well_formed = p
+            .target
+            .split_once('/')
+            .is_some_and(|(provider, model)| !provider.is_empty() && !model.is_empty());
+        if !well_formed {
+            return Err(file_invalid(
+                "prices.target",
+                file,
+                format!("{:?} is not `provider/upstream-model`", p.target),
+            ));
+        }
+        if p.target.split('/').next() == Some(BUILTIN_MOCK) {
+            return Err(file_invalid(
+                "prices.target",
+                file,
+                format!(
+                    "{:?}: the built-in mock is never priced (its calls are unpriced)",
+                    p.target
+                ),
+            ));
+        }
+        let price = crate::spend::Price::from_usd(
+            p.input_per_mtok_usd,
+            p.cached_input_per_mtok_usd,
+            p.output_per_mtok_usd,
+        )
+        .map_err(|why| file_invalid("prices", file, format!("{}: {why}", p.target)))?;
+        if !prices.insert(&p.target, price) {
+            return Err(file_invalid(
+                "prices.target",
+                file,
+                format!("{:?} is priced twice", p.target),
+            ));
+        }
+        let routed = models
+            .iter()
+            .flat_map(|m| &m.targets)
+            .any(|t| format!("{}/{}", t.provider, t.upstream_model) == p.target);
+        if !routed {
+            log::warn!(
+                "[[prices]] target {:?} is not a target of any configured model; its price is unused",
+                p.target
+            );
+        }
+    }
+    Ok(prices)
+}
+
 /// Resolves `host:port` (a literal address or a name such as `localhost:8080`).
 fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
@@ -1199,6 +1274,23 @@ mod tests {
             err,
         })?;
         Config::validate(raw, Some(Path::new("test.toml")), over)
+    }
+
+    #[test]
+    fn the_shipped_prices_parse_and_a_price_is_kept_in_micro_dollars() {
+        let c = parse(
+            include_str!("../deploy/prices.example.toml"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let mini = c.prices.of("openai", "gpt-4o-mini").unwrap();
+        assert_eq!(
+            (mini.input, mini.cached_input, mini.output),
+            (150_000, Some(75_000), 600_000)
+        );
+        // A model name holding a slash: the provider is what comes before the first.
+        assert!(c.prices.of("groq", "openai/gpt-oss-120b").is_some());
+        assert!(c.prices.of("openai", "gpt-5-unlisted").is_none());
     }
 
     #[test]

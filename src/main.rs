@@ -19,6 +19,7 @@ mod metrics;
 mod mock_upstream;
 mod providers;
 mod server;
+mod spend;
 mod store;
 mod time;
 mod tokens;

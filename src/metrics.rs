@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets for whole requests: sub-millisecond fast lane up to multi-minute generations.
@@ -89,6 +89,9 @@ pub(crate) struct Metrics {
     pub(crate) upstream_concurrency_limit: IntGaugeVec,
     /// `syncgate_tokens_total{provider,model,kind}`: prompt and completion tokens reported.
     pub(crate) tokens: IntCounterVec,
+    /// `syncgate_spend_usd_total{model}`: what priced calls cost, by the model asked for (no
+    /// key label: keys are unbounded).
+    pub(crate) spend: CounterVec,
     /// `syncgate_auth_failures_total{reason}`: requests turned away for their key.
     pub(crate) auth_failures: IntCounterVec,
     /// `syncgate_rate_limited_total{limit}`: requests refused by a key's limit.
@@ -345,6 +348,14 @@ impl Metrics {
                 &["provider", "model", "kind"],
             )
             .expect("valid metric"),
+            spend: CounterVec::new(
+                Opts::new(
+                    "syncgate_spend_usd_total",
+                    "What priced calls cost, US dollars, by the model asked for",
+                ),
+                &["model"],
+            )
+            .expect("valid metric"),
             http_requests,
             http_duration,
             queue_wait,
@@ -527,6 +538,7 @@ impl Metrics {
             Box::new(self.upstream_in_flight.clone()),
             Box::new(self.upstream_concurrency_limit.clone()),
             Box::new(self.tokens.clone()),
+            Box::new(self.spend.clone()),
             Box::new(self.auth_failures.clone()),
             Box::new(self.rate_limited.clone()),
             Box::new(self.knowledge_ingested.clone()),
@@ -634,6 +646,15 @@ impl Metrics {
             self.tokens
                 .with_label_values(&[provider, model, kind])
                 .inc_by(n);
+        }
+    }
+
+    /// Counts what a priced call cost.
+    pub(crate) fn count_spend(&self, model: &str, micros: i64) {
+        if micros > 0 {
+            self.spend
+                .with_label_values(&[model])
+                .inc_by(crate::spend::usd(micros));
         }
     }
 

@@ -9,6 +9,9 @@ use serde_json::Value;
 pub(crate) struct Usage {
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
+    /// Of the prompt tokens, those the provider served from its prompt cache
+    /// (`prompt_tokens_details.cached_tokens`), which some price lower.
+    pub(crate) cached_tokens: u64,
 }
 
 impl Usage {
@@ -22,6 +25,10 @@ impl Usage {
             prompt_tokens: usage.get("prompt_tokens")?.as_u64()?,
             completion_tokens: usage
                 .get("completion_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            cached_tokens: usage
+                .pointer("/prompt_tokens_details/cached_tokens")
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
         })

@@ -434,7 +434,8 @@ fn filters_and_the_cursor_select_rows_newest_first() {
     assert_error(&r, 405, None, Some("method_not_allowed"));
 }
 
-/// `syncgate usage` output as (key → [calls, errors, prompt, completion, total]).
+/// `syncgate usage` output as (key → [calls, errors, prompt, completion, total, unpriced]);
+/// these calls are unpriced, so the cost column must say `-` (no priced call), never 0.
 fn parse_table(text: &str, key: &str) -> BTreeMap<String, Vec<u64>> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
@@ -446,16 +447,20 @@ fn parse_table(text: &str, key: &str) -> BTreeMap<String, Vec<u64>> {
             "errors",
             "prompt_tokens",
             "completion_tokens",
-            "total_tokens"
+            "total_tokens",
+            "cost_usd",
+            "unpriced_calls"
         ],
         "table header in:\n{text}"
     );
     lines
         .map(|line| {
             let cells: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(cells.len(), 6, "table line {line:?} in:\n{text}");
-            let numbers = cells[1..]
+            assert_eq!(cells.len(), 8, "table line {line:?} in:\n{text}");
+            assert_eq!(cells[6], "-", "cost of unpriced calls in:\n{text}");
+            let numbers = cells[1..6]
                 .iter()
+                .chain(&cells[7..])
                 .map(|c| c.parse().unwrap_or_else(|_| panic!("{c:?} in:\n{text}")))
                 .collect();
             (cells[0].to_string(), numbers)
@@ -482,9 +487,11 @@ fn usage_map(usage: &Value, key: &str) -> BTreeMap<String, Vec<u64>> {
                 "prompt_tokens",
                 "completion_tokens",
                 "total_tokens",
+                "unpriced_calls",
             ]
             .map(n)
             .to_vec();
+            assert_eq!(g["cost_usd"], Value::Null, "{g:#}");
             (g[key].as_str().unwrap_or("").to_string(), numbers)
         })
         .collect()
@@ -532,10 +539,13 @@ fn usage_totals_by_model_and_day_agree_with_the_log_and_the_cli() {
             (&mut by_model, row["model"].as_str().unwrap().to_string()),
             (&mut by_day, day),
         ] {
-            let t = map.entry(key).or_insert_with(|| vec![0; 5]);
-            for (slot, v) in t
-                .iter_mut()
-                .zip([1, error, prompt, completion, prompt + completion])
+            let t = map.entry(key).or_insert_with(|| vec![0; 6]);
+            // Every call here is unpriced (no [[prices]]); one with usage counts as such.
+            let unpriced = u64::from(!row["prompt_tokens"].is_null());
+            assert_eq!(row["cost_usd"], Value::Null, "{row:#}");
+            for (slot, v) in
+                t.iter_mut()
+                    .zip([1, error, prompt, completion, prompt + completion, unpriced])
             {
                 *slot += v;
             }

@@ -16,6 +16,7 @@ use crate::batch::{self, Missed};
 use crate::http::{Request, Response};
 use crate::providers::{ChatRequest, Usage};
 use crate::server::State;
+use crate::spend::Cost;
 
 /// Checks every item, runs the valid ones on the batch pool (at most `[batch] parallelism`
 /// at once), and answers with every item's result in order.
@@ -147,7 +148,12 @@ fn call_all(
             Err(Missed::Lost) => Err(ApiError::Internal),
         })
         .collect();
+    let cost = facts
+        .iter()
+        .filter_map(|f| f.cost(&state.config.prices))
+        .reduce(Cost::plus);
     note(&request.record, &facts, started.elapsed());
+    request.record.note(|f| f.cost = cost);
     results
 }
 
@@ -191,6 +197,7 @@ fn note(record: &Record, facts: &[Facts], blocked: Duration) {
     let usage = facts.iter().filter_map(|f| f.usage).reduce(|a, b| Usage {
         prompt_tokens: a.prompt_tokens + b.prompt_tokens,
         completion_tokens: a.completion_tokens + b.completion_tokens,
+        cached_tokens: a.cached_tokens + b.cached_tokens,
     });
     record.note(|f| {
         f.model = if same_model { first } else { None };
@@ -254,6 +261,7 @@ mod tests {
             usage: Some(Usage {
                 prompt_tokens: prompt,
                 completion_tokens: 1,
+                cached_tokens: 0,
             }),
             ..Facts::default()
         };

@@ -44,9 +44,16 @@ pub(crate) fn ask(
         .route(&chat.model)
         .ok_or_else(|| ApiError::ModelNotFound(chat.model.clone()))?;
     let mut clock = UpstreamClock::default();
+    // A stream's usage chunk is asked for whether or not the client asked (the call's cost
+    // needs it); the relay passes it on only to a client that asked.
+    let with_usage = (chat.stream && !chat.include_usage).then(|| {
+        let mut body = chat.raw.clone();
+        body.insert("stream_options".into(), json!({"include_usage": true}));
+        body
+    });
     let call = Call {
         path: "/chat/completions",
-        body: &chat.raw,
+        body: with_usage.as_ref().unwrap_or(&chat.raw),
         stream: chat.stream,
     };
     let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)?;
@@ -94,13 +101,19 @@ pub(crate) fn reply(
             events,
             cancel,
             timeouts,
-        } => Reply::Stream(relay::response(relay::Relay::new(
-            state,
-            chat.model,
-            served,
-            Arc::clone(record),
-            (events, cancel, timeouts),
-        ))),
+        } => Reply::Stream(relay::response(relay::Relay {
+            shape: Box::new(relay::Chat {
+                usage: chat.include_usage,
+            }),
+            prompt_estimate: chat.prompt_estimate(),
+            ..relay::Relay::new(
+                state,
+                chat.model,
+                served,
+                Arc::clone(record),
+                (events, cancel, timeouts),
+            )
+        })),
     }
 }
 
@@ -308,7 +321,7 @@ pub(crate) fn stream_reply(
         let sent = send_reply_events(out, &id, &chat, &reply, &record, transcript.as_mut());
         let ended = relay::end(
             out,
-            &mut relay::Chat,
+            &mut relay::Chat { usage: true },
             sent.map(|()| relay::End::Done),
             transcript,
         )?;

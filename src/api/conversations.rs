@@ -152,6 +152,7 @@ fn answer_turn(
             timeouts,
         } => Ok(relay::response(relay::Relay {
             transcript: Some(pending.transcript(state.store.clone())),
+            prompt_estimate: chat.prompt_estimate(),
             ..relay::Relay::new(
                 state,
                 chat.model,
@@ -532,6 +533,7 @@ mod tests {
         m.usage = Some(Usage {
             prompt_tokens: 3,
             completion_tokens: 4,
+            cached_tokens: 0,
         });
         assert_eq!(reply_json(&m)["usage"]["total_tokens"], 7);
         assert!(message_json(&m).get("usage").is_none());

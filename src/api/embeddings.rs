@@ -57,6 +57,7 @@ pub(crate) fn embed(state: &State, request: &Request) -> Result<Response, ApiErr
             let usage = Usage {
                 prompt_tokens: tokens,
                 completion_tokens: 0,
+                cached_tokens: 0,
             };
             state.metrics.count_tokens(&served.provider, &model, usage);
             request.record.usage(usage);

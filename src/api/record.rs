@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::providers::{Served, UpstreamClock, Usage};
+use crate::spend::{Cost, Prices};
 
 /// Shared by the handler and, for a stream, the relay that outlives it.
 #[derive(Debug, Default)]
@@ -28,11 +29,41 @@ pub(crate) struct Facts {
     pub(crate) client_left: bool,
     /// A stream that ended in an error event (its status was already 200).
     pub(crate) stream_error: Option<&'static str>,
+    /// Part of `usage` was estimated by syncgate (a stream cut before its provider's usage).
+    pub(crate) usage_estimated: bool,
+    /// What the call cost, when its handler worked it out itself (a batch sums its calls');
+    /// otherwise it is priced from `provider`, `upstream_model` and `usage` once answered.
+    pub(crate) cost: Option<Cost>,
+}
+
+impl Facts {
+    /// What the call cost: as its handler worked it out, else priced from who served it and
+    /// the usage noted; `None` when no model answered with usage.
+    pub(crate) fn cost(&self, prices: &Prices) -> Option<Cost> {
+        if self.cost.is_some() {
+            return self.cost;
+        }
+        let usage = self.usage?;
+        let provider = self.provider.as_deref()?;
+        let model = self.upstream_model.as_deref()?;
+        Some(Cost::of(
+            prices,
+            provider,
+            model,
+            usage,
+            self.usage_estimated,
+        ))
+    }
 }
 
 impl Record {
     pub(crate) fn note(&self, f: impl FnOnce(&mut Facts)) {
         f(&mut self.lock());
+    }
+
+    /// Reads what was noted, without copying the rest.
+    pub(crate) fn note_read<T>(&self, f: impl FnOnce(&Facts) -> T) -> T {
+        f(&self.lock())
     }
 
     /// The model the client asked for.
@@ -59,6 +90,11 @@ impl Record {
         self.note(|f| {
             f.first_token.get_or_insert_with(Instant::now);
         });
+    }
+
+    /// What the call cost ([`Facts::cost`]).
+    pub(crate) fn cost(&self, prices: &Prices) -> Option<Cost> {
+        self.lock().cost(prices)
     }
 
     /// The usage noted so far (without copying the rest).

@@ -17,6 +17,7 @@
 //! wake-up per event and, at 1,000 concurrent streams on two cores, most streams stalled.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -55,6 +56,9 @@ pub(crate) struct Relay {
     pub(crate) transcript: Option<Transcript>,
     /// What the client reads for each chunk, at the end and on failure.
     pub(crate) shape: Box<dyn Shape>,
+    /// The prompt's tokens as admission estimated them: the usage noted for a stream whose
+    /// provider never reported its own (cut short, or silent about it), marked estimated.
+    pub(crate) prompt_estimate: u64,
 }
 
 /// How a relayed stream is written to the client. Each method writes whole events.
@@ -84,11 +88,17 @@ pub(crate) trait Shape: Send {
 }
 
 /// The chat completions shape: chunks as the provider sent them, then `[DONE]`; a failure
-/// is a final `data: {"error": …}` event in OpenAI's shape, and no `[DONE]`.
-pub(crate) struct Chat;
+/// is a final `data: {"error": …}` event in OpenAI's shape, and no `[DONE]`. syncgate asks
+/// every provider for its usage chunk; the client gets it only if it asked (`usage`).
+pub(crate) struct Chat {
+    pub(crate) usage: bool,
+}
 
 impl Shape for Chat {
     fn chunk(&mut self, out: &mut BodyStream<'_>, data: &str) -> io::Result<()> {
+        if !self.usage && data.contains("\"usage\"") && is_usage_only(data) {
+            return Ok(());
+        }
         send_data(out, data)
     }
 
@@ -132,7 +142,8 @@ impl Relay {
             started: Instant::now(),
             record,
             transcript: None,
-            shape: Box::new(Chat),
+            shape: Box::new(Chat { usage: true }),
+            prompt_estimate: 0,
         }
     }
 }
@@ -215,6 +226,7 @@ impl Relay {
             record,
             transcript,
             mut shape,
+            prompt_estimate,
         } = self;
         shape.begin(out)?;
         let counter = Counter {
@@ -222,6 +234,7 @@ impl Relay {
             provider: served.provider.clone(),
             model,
             record: Arc::clone(&record),
+            chunks: AtomicU64::new(0),
         };
         let shared = Mutex::new(Shared {
             out,
@@ -269,7 +282,18 @@ impl Relay {
             ..
         } = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
         let result = end(out, shape.as_mut(), result, transcript);
+        let chunks = counter.chunks.load(Ordering::Relaxed);
         record.note(|f| {
+            // A provider that never reported usage (the stream cut, or it does not tell):
+            // what it produced is billed as estimated, about a token a chunk.
+            if f.usage.is_none() {
+                f.usage = Some(Usage {
+                    prompt_tokens: prompt_estimate,
+                    completion_tokens: chunks,
+                    cached_tokens: 0,
+                });
+                f.usage_estimated = true;
+            }
             f.upstream += relayed;
             match &result {
                 Ok(End::Done) => {}
@@ -288,12 +312,14 @@ impl Relay {
     }
 }
 
-/// Tokens counted from the usage a stream reports; the first token's time.
+/// Tokens counted from the usage a stream reports; the first token's time; the chunks that
+/// came (the estimate of what the provider produced when it never reports usage).
 struct Counter {
     tokens: IntCounterVec,
     provider: String,
     model: String,
     record: Arc<Record>,
+    chunks: AtomicU64,
 }
 
 /// The pump's handling of one event, writing to the client under the lock. Returns whether
@@ -370,6 +396,7 @@ fn relay_data(
             counter.count(usage);
         }
     }
+    counter.chunks.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = s.shape.chunk(s.out, data) {
         return Some(Err(e));
     }
@@ -466,6 +493,14 @@ impl Counter {
         }
         self.record.usage(usage);
     }
+}
+
+/// Whether a chunk is the final usage chunk: usage, and no choices.
+fn is_usage_only(data: &str) -> bool {
+    serde_json::from_str::<Value>(data).is_ok_and(|v| {
+        v.get("usage").is_some_and(|u| !u.is_null())
+            && v["choices"].as_array().is_none_or(Vec::is_empty)
+    })
 }
 
 /// Writes one `data:` event as it is.

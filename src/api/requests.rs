@@ -124,6 +124,8 @@ fn row_json(logged: &Logged) -> Value {
         "ttft_ms": r.ttft_ms.map(ms),
         "prompt_tokens": r.prompt_tokens,
         "completion_tokens": r.completion_tokens,
+        "cost_usd": r.cost_micros.map(crate::spend::usd),
+        "cost_estimated": r.cost_estimated,
         "streamed": r.streamed,
         "client_left": r.client_left,
         "key_id": r.key_id,

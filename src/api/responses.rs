@@ -84,6 +84,7 @@ pub(crate) fn create(state: &State, request: &Request) -> Result<Response, ApiEr
             let relay = Relay::new(state, ask.model.clone(), served, record, parts);
             Ok(relay::response(Relay {
                 shape: Box::new(events),
+                prompt_estimate: chat_request.prompt_estimate(),
                 ..relay
             }))
         }

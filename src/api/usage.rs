@@ -30,6 +30,8 @@ pub(crate) fn summary(state: &State, request: &Request) -> Result<Response, ApiE
                 "prompt_tokens": t.prompt_tokens,
                 "completion_tokens": t.completion_tokens,
                 "total_tokens": t.total_tokens(),
+                "cost_usd": t.cost_micros.map(crate::spend::usd),
+                "unpriced_calls": t.unpriced_calls,
             })
         })
         .collect();

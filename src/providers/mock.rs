@@ -50,6 +50,7 @@ pub(crate) fn reply(request: &ChatRequest) -> ChatReply {
         usage: Usage {
             prompt_tokens,
             completion_tokens: estimate_tokens(&content),
+            cached_tokens: 0,
         },
         content,
         finish_reason,

@@ -35,6 +35,14 @@ pub(crate) struct ChatRequest {
     pub(crate) raw: Map<String, Value>,
 }
 
+impl ChatRequest {
+    /// The prompt's tokens as admission estimates them: its characters ÷ 4, rounded up.
+    pub(crate) fn prompt_estimate(&self) -> u64 {
+        let chars: usize = self.messages.iter().map(|m| m.text.len()).sum();
+        (chars as u64).div_ceil(4)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Message {
     pub(crate) role: String,

@@ -16,6 +16,7 @@ use crate::api::{self, ApiError, Route};
 use crate::auth::{Caller, Denied};
 use crate::http::{write_response, Body, Rejection, Request, Response, Version, WriteMeta};
 use crate::limits::Limit;
+use crate::spend::Cost;
 use crate::store::requests::RequestRow;
 
 /// A request handed to the worker pool, with the connection it came on. The worker writes the
@@ -262,6 +263,14 @@ pub(crate) fn respond(
     if streamed {
         settle(request);
     }
+    let cost = request.record.cost(&state.config.prices);
+    if let Some(micros) = cost.and_then(Cost::micros) {
+        let model = request
+            .record
+            .note_read(|f| f.model.clone())
+            .unwrap_or_default();
+        state.metrics.count_spend(&model, micros);
+    }
     if logged {
         let row = log_row(
             request, route, status, elapsed, queue_wait, note, error_code,
@@ -271,6 +280,8 @@ pub(crate) fn respond(
                 .bodies
                 .then(|| capped(&request.body, log.body_max_bytes)),
             response_body,
+            cost_micros: cost.and_then(Cost::micros),
+            cost_estimated: cost.is_some_and(Cost::is_estimated),
             ..row
         });
     }
@@ -359,6 +370,8 @@ fn log_row(
             .map(|t| ms(t.saturating_duration_since(request.received))),
         prompt_tokens: facts.usage.map(|u| u.prompt_tokens),
         completion_tokens: facts.usage.map(|u| u.completion_tokens),
+        cost_micros: None,
+        cost_estimated: false,
         streamed: facts.streamed,
         client_left: facts.client_left || !note.is_empty(),
         key_id: request.caller.as_ref().and_then(Caller::key_id),

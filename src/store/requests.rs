@@ -35,6 +35,10 @@ pub(crate) struct RequestRow {
     pub(crate) ttft_ms: Option<f64>,
     pub(crate) prompt_tokens: Option<u64>,
     pub(crate) completion_tokens: Option<u64>,
+    /// What the call cost, micro-dollars; `None` when unpriced or no model was called.
+    pub(crate) cost_micros: Option<i64>,
+    /// Part of the usage behind the cost was estimated (a stream cut before its usage came).
+    pub(crate) cost_estimated: bool,
     pub(crate) streamed: bool,
     /// The client went away before the answer was complete.
     pub(crate) client_left: bool,

@@ -55,6 +55,10 @@ pub(crate) struct Totals {
     pub(crate) errors: u64,
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
+    /// What the priced calls cost, micro-dollars; `None` when no call was priced.
+    pub(crate) cost_micros: Option<i64>,
+    /// Calls that reported usage on a target with no price: their cost is unknown, not zero.
+    pub(crate) unpriced_calls: u64,
 }
 
 impl Totals {
@@ -71,6 +75,8 @@ impl Totals {
             errors,
             prompt_tokens: prompt,
             completion_tokens: completion,
+            cost_micros: None,
+            unpriced_calls: 0,
         }
     }
 }
@@ -118,7 +124,16 @@ pub(crate) fn summarise_at(
     }
 }
 
-/// The totals as a text table with aligned columns, for a terminal.
+/// Micro-dollars as dollars to the micro-dollar: `0.001150`.
+pub(crate) fn usd_text(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+/// The totals as a text table with aligned columns, for a terminal. `cost_usd` is what the
+/// priced calls cost (`-` when none was priced); `unpriced_calls` counts calls whose cost is
+/// unknown, so a group is never shown cheaper than it is without saying so.
 pub(crate) fn table(group_by: GroupBy, totals: &[Totals]) -> String {
     let header = [
         group_by.name(),
@@ -127,8 +142,10 @@ pub(crate) fn table(group_by: GroupBy, totals: &[Totals]) -> String {
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "cost_usd",
+        "unpriced_calls",
     ];
-    let rows: Vec<[String; 6]> = totals
+    let rows: Vec<[String; 8]> = totals
         .iter()
         .map(|t| {
             [
@@ -138,6 +155,8 @@ pub(crate) fn table(group_by: GroupBy, totals: &[Totals]) -> String {
                 t.prompt_tokens.to_string(),
                 t.completion_tokens.to_string(),
                 t.total_tokens().to_string(),
+                t.cost_micros.map_or_else(|| "-".to_string(), usd_text),
+                t.unpriced_calls.to_string(),
             ]
         })
         .collect();
@@ -172,20 +191,29 @@ mod tests {
         let text = table(
             GroupBy::Model,
             &[
-                Totals::of("gpt-4o-mini", 12, 0, 1234, 5),
-                Totals::of("m", 3, 1, 7, 8),
+                Totals {
+                    cost_micros: Some(1_234_567),
+                    ..Totals::of("gpt-4o-mini", 12, 0, 1234, 5)
+                },
+                Totals {
+                    unpriced_calls: 2,
+                    ..Totals::of("m", 3, 1, 7, 8)
+                },
             ],
         );
         let expected = "\
-model        calls  errors  prompt_tokens  completion_tokens  total_tokens
-gpt-4o-mini     12       0           1234                  5          1239
-m                3       1              7                  8            15
+model        calls  errors  prompt_tokens  completion_tokens  total_tokens  cost_usd  unpriced_calls
+gpt-4o-mini     12       0           1234                  5          1239  1.234567               0
+m                3       1              7                  8            15         -               2
 ";
         assert_eq!(text, expected);
         assert_eq!(
             table(GroupBy::Day, &[]),
-            "day  calls  errors  prompt_tokens  completion_tokens  total_tokens\n"
+            "day  calls  errors  prompt_tokens  completion_tokens  total_tokens  cost_usd  \
+             unpriced_calls\n"
         );
+        assert_eq!(usd_text(450), "0.000450");
+        assert_eq!(usd_text(-12_000_001), "-12.000001");
     }
 
     #[test]

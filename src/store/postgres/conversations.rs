@@ -199,6 +199,7 @@ fn message_from_row(r: &Row) -> Message {
         usage: prompt.map(|p| Usage {
             prompt_tokens: p.max(0) as u64,
             completion_tokens: completion.unwrap_or(0).max(0) as u64,
+            cached_tokens: 0,
         }),
     }
 }

@@ -42,6 +42,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0007_knowledge",
         include_str!("../../../migrations/postgres/0007_knowledge.sql"),
     ),
+    (
+        8,
+        "0008_spend",
+        include_str!("../../../migrations/postgres/0008_spend.sql"),
+    ),
 ];
 
 /// The advisory lock's key: the same in every instance, unlikely to be anyone else's.

@@ -15,7 +15,7 @@ type Result<T> = std::result::Result<T, postgres::Error>;
 pub(super) const COPY_SQL: &str = "COPY requests (request_id, ts_ms, method, route, model, \
      provider, upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
      overhead_ms, ttft_ms, prompt_tokens, completion_tokens, streamed, client_left, \
-     request_body, response_body, key_id) FROM STDIN";
+     request_body, response_body, key_id, cost_micros, cost_estimated) FROM STDIN";
 
 /// One row in COPY's text format: tab-separated, `\N` for NULL, with backslash, tab, newline
 /// and carriage return escaped in text and bodies written as `\\x` hex.
@@ -93,6 +93,10 @@ pub(super) fn copy_line(out: &mut Vec<u8>, row: &RequestRow) {
     bytes(out, row.response_body.as_deref());
     tab(out);
     plain(out, row.key_id);
+    tab(out);
+    plain(out, row.cost_micros);
+    tab(out);
+    out.push(if row.cost_estimated { b't' } else { b'f' });
     out.push(b'\n');
 }
 
@@ -192,6 +196,8 @@ fn read_row(r: &Row) -> Logged {
             ttft_ms: r.get("ttft_ms"),
             prompt_tokens: tokens("prompt_tokens"),
             completion_tokens: tokens("completion_tokens"),
+            cost_micros: r.get("cost_micros"),
+            cost_estimated: r.get("cost_estimated"),
             streamed: r.get("streamed"),
             client_left: r.get("client_left"),
             key_id: r.get("key_id"),

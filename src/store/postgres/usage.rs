@@ -23,7 +23,9 @@ pub(crate) fn summarise(
     };
     let sql = format!(
         "SELECT {key} AS key, count(*) AS calls, count(*) FILTER (WHERE status >= 400), \
-         coalesce(sum(prompt_tokens), 0)::BIGINT, coalesce(sum(completion_tokens), 0)::BIGINT \
+         coalesce(sum(prompt_tokens), 0)::BIGINT, coalesce(sum(completion_tokens), 0)::BIGINT, \
+         sum(cost_micros)::BIGINT, \
+         count(*) FILTER (WHERE cost_micros IS NULL AND prompt_tokens IS NOT NULL) \
          FROM requests WHERE model IS NOT NULL AND ts_ms >= $1 AND ts_ms < $2 \
          GROUP BY 1 ORDER BY {order}"
     );
@@ -45,6 +47,8 @@ pub(crate) fn summarise(
                 errors: count(r.get(2)),
                 prompt_tokens: count(r.get(3)),
                 completion_tokens: count(r.get(4)),
+                cost_micros: r.get(5),
+                unpriced_calls: count(r.get(6)),
             }
         })
         .collect())

@@ -37,6 +37,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str, &str)] = &[
         "0006_knowledge",
         include_str!("../../../migrations/sqlite/0006_knowledge.sql"),
     ),
+    (
+        7,
+        "0007_spend",
+        include_str!("../../../migrations/sqlite/0007_spend.sql"),
+    ),
 ];
 
 /// The schema version this build writes.

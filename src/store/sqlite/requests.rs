@@ -16,9 +16,9 @@ pub(crate) fn insert(conn: &Connection, rows: &[RequestRow]) -> rusqlite::Result
         "INSERT INTO requests (request_id, ts_ms, method, route, model, provider, \
          upstream_model, attempts, status, error_code, total_ms, queue_ms, upstream_ms, \
          overhead_ms, ttft_ms, prompt_tokens, completion_tokens, streamed, client_left, \
-         request_body, response_body, key_id) \
+         request_body, response_body, key_id, cost_micros, cost_estimated) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-         ?18, ?19, ?20, ?21, ?22)",
+         ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
     )?;
     for r in rows {
         insert.execute(params![
@@ -44,6 +44,8 @@ pub(crate) fn insert(conn: &Connection, rows: &[RequestRow]) -> rusqlite::Result
             r.request_body,
             r.response_body,
             r.key_id,
+            r.cost_micros,
+            r.cost_estimated,
         ])?;
     }
     Ok(())
@@ -139,6 +141,8 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Logged> {
             ttft_ms: r.get("ttft_ms")?,
             prompt_tokens: tokens("prompt_tokens")?,
             completion_tokens: tokens("completion_tokens")?,
+            cost_micros: r.get("cost_micros")?,
+            cost_estimated: r.get("cost_estimated")?,
             streamed: r.get("streamed")?,
             client_left: r.get("client_left")?,
             key_id: r.get("key_id")?,

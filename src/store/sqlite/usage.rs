@@ -26,7 +26,8 @@ pub(crate) fn summarise(
     };
     let sql = format!(
         "SELECT {key} AS key, count(*) AS calls, sum(status >= 400), \
-         sum(coalesce(prompt_tokens, 0)), sum(coalesce(completion_tokens, 0)) \
+         sum(coalesce(prompt_tokens, 0)), sum(coalesce(completion_tokens, 0)), \
+         sum(cost_micros), sum(cost_micros IS NULL AND prompt_tokens IS NOT NULL) \
          FROM requests WHERE model IS NOT NULL AND ts_ms >= ?1 AND ts_ms < ?2 \
          GROUP BY key ORDER BY {order}"
     );
@@ -45,6 +46,8 @@ pub(crate) fn summarise(
                 errors: count(r.get(2)?),
                 prompt_tokens: count(r.get(3)?),
                 completion_tokens: count(r.get(4)?),
+                cost_micros: r.get(5)?,
+                unpriced_calls: count(r.get(6)?),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -82,7 +85,10 @@ mod tests {
         insert(
             &conn,
             &[
-                row(MONDAY + 1, Some("a"), 200, Some((10, 5))),
+                RequestRow {
+                    cost_micros: Some(100),
+                    ..row(MONDAY + 1, Some("a"), 200, Some((10, 5)))
+                },
                 row(MONDAY + 2, Some("a"), 502, None),
                 row(MONDAY + DAY - 1, Some("b"), 200, Some((1, 2))),
                 row(MONDAY + DAY, Some("a"), 200, Some((100, 50))),
@@ -100,9 +106,18 @@ mod tests {
     fn totals_by_model_put_the_most_called_first() {
         let conn = db();
         let got = summarise(&conn, GroupBy::Model, TimeRange::default()).unwrap();
+        // a's first call is priced; every other call with tokens is unpriced.
+        let priced = |t: Totals, micros: Option<i64>, unpriced: u64| Totals {
+            cost_micros: micros,
+            unpriced_calls: unpriced,
+            ..t
+        };
         assert_eq!(
             got,
-            [Totals::of("a", 3, 1, 110, 55), Totals::of("b", 3, 1, 4, 6)],
+            [
+                priced(Totals::of("a", 3, 1, 110, 55), Some(100), 1),
+                priced(Totals::of("b", 3, 1, 4, 6), None, 2)
+            ],
             "ties in calls go by name"
         );
         let monday_only = TimeRange {
@@ -112,7 +127,10 @@ mod tests {
         let got = summarise(&conn, GroupBy::Model, monday_only).unwrap();
         assert_eq!(
             got,
-            [Totals::of("a", 2, 1, 10, 5), Totals::of("b", 1, 0, 1, 2)]
+            [
+                priced(Totals::of("a", 2, 1, 10, 5), Some(100), 0),
+                priced(Totals::of("b", 1, 0, 1, 2), None, 1)
+            ]
         );
     }
 
@@ -120,11 +138,16 @@ mod tests {
     fn totals_by_day_follow_utc_days_in_order() {
         let conn = db();
         let got = summarise(&conn, GroupBy::Day, TimeRange::default()).unwrap();
+        let unpriced = |t: Totals, micros: Option<i64>, n: u64| Totals {
+            cost_micros: micros,
+            unpriced_calls: n,
+            ..t
+        };
         assert_eq!(
             got,
             [
-                Totals::of("2026-11-23", 3, 1, 11, 7),
-                Totals::of("2026-11-24", 3, 1, 103, 54)
+                unpriced(Totals::of("2026-11-23", 3, 1, 11, 7), Some(100), 1),
+                unpriced(Totals::of("2026-11-24", 3, 1, 103, 54), None, 2)
             ]
         );
         let from_tuesday = TimeRange {
@@ -132,6 +155,9 @@ mod tests {
             until_ms: None,
         };
         let got = summarise(&conn, GroupBy::Day, from_tuesday).unwrap();
-        assert_eq!(got, [Totals::of("2026-11-24", 3, 1, 103, 54)]);
+        assert_eq!(
+            got,
+            [unpriced(Totals::of("2026-11-24", 3, 1, 103, 54), None, 2)]
+        );
     }
 }
