@@ -11,8 +11,9 @@ use crate::knowledge::chunk::{self, Strategy};
 use crate::knowledge::extract::{self, Caps};
 use crate::knowledge::vector;
 use crate::knowledge::words;
-use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock};
+use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock, Usage};
 use crate::server::State;
+use crate::spend::Cost;
 use crate::store::chunks::{self, NewChunk};
 use crate::store::files::{self, Owner};
 use crate::store::jobs::{Claimed, RunEnd};
@@ -42,12 +43,15 @@ impl std::fmt::Display for EmbedError {
     }
 }
 
-/// Embeds `texts` with `model`, one call, unit vectors in the texts' order.
-pub(crate) fn embed(
-    state: &State,
-    model: &str,
-    texts: &[String],
-) -> Result<Vec<Vec<f32>>, EmbedError> {
+/// Texts embedded: their unit vectors in order, and what the call cost.
+pub(crate) struct Embedded {
+    pub(crate) vectors: Vec<Vec<f32>>,
+    pub(crate) cost: Cost,
+}
+
+/// Embeds `texts` with `model`, one call, unit vectors in the texts' order. The call is priced
+/// from the usage the provider reported (estimated, characters ÷ 4, when it reported none).
+pub(crate) fn embed(state: &State, model: &str, texts: &[String]) -> Result<Embedded, EmbedError> {
     let targets = state
         .providers
         .route(model)
@@ -61,20 +65,40 @@ pub(crate) fn embed(
         stream: false,
     };
     let mut clock = UpstreamClock::default();
-    let (answer, _) = providers::call(targets, &call, &state.metrics, &mut clock)
+    let (answer, served) = providers::call(targets, &call, &state.metrics, &mut clock)
         .map_err(EmbedError::Provider)?;
-    let mut vectors = match answer {
-        Answer::Mock => texts
-            .iter()
-            .map(|t| words::embed(t, MOCK_DIMENSIONS))
-            .collect(),
-        Answer::Json { value, .. } => vectors_of(&value, texts.len())?,
+    let estimate = Usage {
+        prompt_tokens: texts.iter().map(|t| (t.len() as u64).div_ceil(4)).sum(),
+        ..Usage::default()
+    };
+    let (mut vectors, usage, estimated) = match answer {
+        Answer::Mock => {
+            let vectors = texts
+                .iter()
+                .map(|t| words::embed(t, MOCK_DIMENSIONS))
+                .collect();
+            (vectors, estimate, false)
+        }
+        Answer::Json { value, .. } => {
+            let reported = value.get("usage").and_then(Usage::from_json);
+            let vectors = vectors_of(&value, texts.len())?;
+            (vectors, reported.unwrap_or(estimate), reported.is_none())
+        }
         Answer::Stream { .. } => return Err(EmbedError::BadAnswer("a stream".into())),
     };
+    state.metrics.count_tokens(&served.provider, model, usage);
     for v in &mut vectors {
         vector::normalize(v);
     }
-    Ok(vectors)
+    let prices = &state.config.prices;
+    let cost = Cost::of(
+        prices,
+        &served.provider,
+        &served.upstream_model,
+        usage,
+        estimated,
+    );
+    Ok(Embedded { vectors, cost })
 }
 
 /// The vectors of an OpenAI embeddings answer, by `index`.
@@ -196,7 +220,7 @@ fn ingest(state: &State, vs_id: &str, file_id: &str) -> Result<Done, Again> {
     for batch in pieces.chunks(state.config.knowledge.embed_batch.max(1)) {
         let texts: Vec<String> = batch.iter().map(|c| c.text.clone()).collect();
         let vectors = match embed(state, &vs.store.embedding_model, &texts) {
-            Ok(v) => v,
+            Ok(embedded) => embedded.vectors,
             Err(EmbedError::Provider(e)) if crate::jobs::is_transient(&e) => {
                 return Err(Again(
                     json!({"message": e.to_string(), "code": "server_error"}),

@@ -153,7 +153,9 @@ fn call_all(
         .filter_map(|f| f.cost(&state.config.prices))
         .reduce(Cost::plus);
     note(&request.record, &facts, started.elapsed());
-    request.record.note(|f| f.cost = cost);
+    if let Some(cost) = cost {
+        request.record.add_cost(cost);
+    }
     results
 }
 

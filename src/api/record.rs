@@ -31,28 +31,29 @@ pub(crate) struct Facts {
     pub(crate) stream_error: Option<&'static str>,
     /// Part of `usage` was estimated by syncgate (a stream cut before its provider's usage).
     pub(crate) usage_estimated: bool,
-    /// What the call cost, when its handler worked it out itself (a batch sums its calls');
-    /// otherwise it is priced from `provider`, `upstream_model` and `usage` once answered.
-    pub(crate) cost: Option<Cost>,
+    /// What the calls this request made besides its own model call cost: a batch's calls, a
+    /// search's embeddings. Added to the cost of `usage` on `provider`/`upstream_model`.
+    pub(crate) other_costs: Option<Cost>,
 }
 
 impl Facts {
-    /// What the call cost: as its handler worked it out, else priced from who served it and
-    /// the usage noted; `None` when no model answered with usage.
+    /// What the request cost: its model call priced from who served it and the usage noted,
+    /// plus its other calls' costs; `None` when no model answered with usage.
     pub(crate) fn cost(&self, prices: &Prices) -> Option<Cost> {
-        if self.cost.is_some() {
-            return self.cost;
+        let own = match (self.usage, &self.provider, &self.upstream_model) {
+            (Some(usage), Some(provider), Some(model)) => Some(Cost::of(
+                prices,
+                provider,
+                model,
+                usage,
+                self.usage_estimated,
+            )),
+            _ => None,
+        };
+        match (own, self.other_costs) {
+            (Some(a), Some(b)) => Some(a.plus(b)),
+            (a, b) => a.or(b),
         }
-        let usage = self.usage?;
-        let provider = self.provider.as_deref()?;
-        let model = self.upstream_model.as_deref()?;
-        Some(Cost::of(
-            prices,
-            provider,
-            model,
-            usage,
-            self.usage_estimated,
-        ))
     }
 }
 
@@ -90,6 +91,11 @@ impl Record {
         self.note(|f| {
             f.first_token.get_or_insert_with(Instant::now);
         });
+    }
+
+    /// Adds the cost of a call the request made besides its own model call.
+    pub(crate) fn add_cost(&self, cost: Cost) {
+        self.note(|f| f.other_costs = Some(f.other_costs.map_or(cost, |c| c.plus(cost))));
     }
 
     /// What the call cost ([`Facts::cost`]).

@@ -165,7 +165,8 @@ fn search(
             .iter()
             .map(|store| {
                 let search = &search;
-                scope.spawn(move || vs::run_search(state, store, search))
+                let record = &request.record;
+                scope.spawn(move || vs::run_search(state, store, search, record))
             })
             .collect();
         handles

@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::chat::{invalid, missing};
 use super::files::{list_json, order, owner};
+use super::record::Record;
 use super::{json_object, known_params, path_id, query_limit, query_param, ApiError};
 use crate::http::{Request, Response};
 use crate::ingest;
@@ -537,7 +538,9 @@ pub(crate) fn search(state: &State, request: &Request) -> Result<Response, ApiEr
         ],
     )?;
     let search = parse_search(&body)?;
-    let hits = run_search(state, &vs, &search)?;
+    // A search is a call to the store's embedding model: logged, counted and priced as one.
+    request.record.model(&vs.store.embedding_model);
+    let hits = run_search(state, &vs, &search, &request.record)?;
     let data: Vec<Value> = hits.iter().map(Hit::json).collect();
     Ok(Response::json(
         200,
@@ -663,6 +666,7 @@ pub(crate) fn run_search(
     state: &State,
     vs: &Counted,
     search: &Search,
+    record: &Record,
 ) -> Result<Vec<Hit>, ApiError> {
     if vs.status(now_ms() / 1000) == "expired" {
         return Err(invalid(
@@ -676,8 +680,10 @@ pub(crate) fn run_search(
         None => None,
         Some(filter) => Some(passing_files(state, &vs.store.id, &matrix, filter)?),
     };
-    let vectors = ingest::embed(state, &vs.store.embedding_model, &search.queries)
+    let embedded = ingest::embed(state, &vs.store.embedding_model, &search.queries)
         .map_err(|e| ApiError::Provider(embed_failure(e)))?;
+    record.add_cost(embedded.cost);
+    let vectors = embedded.vectors;
     // Several queries: scanned side by side (the scan itself spreads over rayon's threads).
     let ranked: Vec<Result<Vec<(i64, f32)>, ApiError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = search
