@@ -22,12 +22,18 @@ use crate::api::ApiError;
 use crate::providers::{self, Answer, Call, ProviderError, UpstreamClock};
 use crate::server::State;
 use crate::store::jobs::{self as store, Claimed, JobKind, RunEnd, Status};
+use crate::store::vector_stores::{self, Reclaimed};
 use crate::store::{now_ms, StoreError};
 
 /// Stack of a runner thread: a provider call and JSON, as a request worker's.
 const RUNNER_STACK_BYTES: usize = 512 * 1024;
-/// How often the lease thread deletes files past their `expires_at` (`/v1/files`).
+/// How often the lease thread deletes files past their `expires_at` (`/v1/files`) and gives
+/// back the chunks of expired vector stores.
 const EXPIRE_FILES_EVERY: Duration = Duration::from_secs(60);
+/// Chunks of expired vector stores deleted in one round of the lease thread at most (four
+/// transactions, about half a second on SQLite), so it is back to renewing leases long before
+/// one runs out; the rest waits for the next round.
+const RECLAIM_PER_ROUND: u64 = 1_000;
 /// How often the lease thread counts files and chunks for `/metrics`.
 const COUNT_KNOWLEDGE_EVERY: Duration = Duration::from_secs(10);
 /// The longest an idle runner sleeps before looking for work again (a lease of a dead process
@@ -321,10 +327,14 @@ fn error_json(e: &ApiError) -> Value {
 }
 
 /// The lease thread: renews the leases of the jobs this process runs, and refreshes the jobs
-/// gauges, every third of a lease (at most every second).
+/// gauges, every third of a lease (at most every second). Once a minute it also deletes
+/// expired files and reclaims expired vector stores, the latter over as many rounds as it
+/// takes.
 fn keep_leases(state: &Weak<State>, shared: &Shared) {
     let mut expired_at = Instant::now() - EXPIRE_FILES_EVERY;
     let mut counted_at = Instant::now() - COUNT_KNOWLEDGE_EVERY;
+    // A sweep of expired vector stores under way, and what it gave back so far.
+    let mut reclaiming: Option<Reclaimed> = None;
     loop {
         let Some(state) = state.upgrade() else { return };
         let every = (state.config.jobs.lease / 3).min(Duration::from_secs(1));
@@ -346,6 +356,12 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
                 Ok(0) => {}
                 Ok(n) => log::info!("deleted {n} files past their expires_at"),
                 Err(e) => log::warn!("cannot delete expired files: {e}"),
+            }
+            reclaiming.get_or_insert_with(Reclaimed::default);
+        }
+        if let Some(so_far) = &mut reclaiming {
+            if !reclaim_expired_stores(&state, so_far) {
+                reclaiming = None;
             }
         }
         if counted_at.elapsed() >= COUNT_KNOWLEDGE_EVERY {
@@ -372,6 +388,39 @@ fn keep_leases(state: &Weak<State>, shared: &Shared) {
             return;
         }
     }
+}
+
+/// One round of a sweep of expired vector stores: gives back at most `RECLAIM_PER_ROUND`
+/// chunks, drops those stores' vectors from this process's cache and adds them to `so_far`.
+/// True when more is left for the next round; the sweep's totals are logged at its end.
+fn reclaim_expired_stores(state: &State, so_far: &mut Reclaimed) -> bool {
+    let now = now_ms() / 1000;
+    match vector_stores::reclaim_expired(&state.store, now, RECLAIM_PER_ROUND) {
+        Ok(round) => {
+            for id in round.stores {
+                state.matrices.remove(&id);
+                if !so_far.stores.contains(&id) {
+                    so_far.stores.push(id);
+                }
+            }
+            so_far.chunks += round.chunks;
+            if round.more {
+                return true;
+            }
+        }
+        Err(e) => {
+            state.metrics.store.count_error(e.kind());
+            log::warn!("cannot reclaim expired vector stores: {e}");
+        }
+    }
+    if so_far.chunks > 0 {
+        log::info!(
+            "reclaimed {} chunks from {} expired vector stores",
+            so_far.chunks,
+            so_far.stores.len()
+        );
+    }
+    false
 }
 
 fn refresh_gauges(state: &State) -> Result<(), StoreError> {

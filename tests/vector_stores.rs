@@ -3,7 +3,8 @@
 //! hit is the file whose words the query shares, plainly and hybrid, and filters on file
 //! attributes narrow it. A file syncgate cannot read fails with `unsupported_file`; another
 //! key's store is 404; an ingestion cut by kill -9 completes after the restart. The flow runs
-//! on SQLite and on PostgreSQL.
+//! on SQLite and on PostgreSQL, and so does expiry: an expired store refuses every change and
+//! search, and its chunks are given back.
 
 mod common;
 
@@ -321,6 +322,207 @@ fn files_are_ingested_and_found_by_search_on_sqlite() {
 fn files_are_ingested_and_found_by_search_on_postgres() {
     let Some(pg) = fresh_postgres() else { return };
     knowledge_flow(&pg.url());
+}
+
+/// The database a test server runs on, which a test may also write straight into.
+enum Db {
+    Sqlite(TempDb),
+    Postgres(Box<PgDatabase>),
+}
+
+impl Db {
+    /// What `--db` names.
+    fn arg(&self) -> String {
+        match self {
+            Db::Sqlite(db) => db.path_str(),
+            Db::Postgres(pg) => pg.url(),
+        }
+    }
+
+    /// Runs `sql` beside the server (SQLite waits for the server's writer).
+    fn execute(&self, sql: &str) {
+        match self {
+            Db::Sqlite(db) => {
+                let conn = rusqlite::Connection::open(&db.path).expect("open");
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                conn.execute(sql, [])
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            Db::Postgres(pg) => pg.execute(sql),
+        }
+    }
+
+    /// The one number `sql` returns.
+    fn count(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(db) => {
+                let conn = rusqlite::Connection::open(&db.path).expect("open");
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                conn.query_row(sql, [], |r| r.get(0))
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            Db::Postgres(pg) => pg.query_value(sql).parse().unwrap(),
+        }
+    }
+}
+
+/// Issue 16: a store unused for its `expires_after` days (its `last_active_at` set back in the
+/// database) refuses every change and search with `vector_store_expired`, is still read,
+/// listed and deleted, and the job lease thread's sweep (at start, then once a minute) deletes
+/// its chunks while another store's stay.
+fn expiry_flow(db: Db) {
+    let mut gw = Server::start(&["--db", &db.arg()]);
+    let lighthouse = upload(gw.addr, "lighthouse.md", LIGHTHOUSE, None);
+    let bread = upload(gw.addr, "bread.md", BREAD, None);
+    let expiring = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"name": "old", "file_ids": [lighthouse],
+            "expires_after": {"anchor": "last_active_at", "days": 1}})),
+        None,
+    ));
+    let vs = expiring["id"].as_str().unwrap().to_string();
+    let kept = ok(&call(
+        gw.addr,
+        "POST",
+        "/v1/vector_stores",
+        Some(&json!({"file_ids": [lighthouse]})),
+        None,
+    ));
+    let kept = kept["id"].as_str().unwrap().to_string();
+    for id in [&vs, &kept] {
+        let store = settled(gw.addr, id, None, Duration::from_secs(30));
+        assert!(store["usage_bytes"].as_u64() > Some(0), "{store}");
+    }
+    let chunks_of = |id: &str| {
+        db.count(&format!(
+            "SELECT count(*) FROM chunks WHERE vector_store_id = '{id}'"
+        ))
+    };
+    assert!(chunks_of(&vs) > 0);
+
+    // Unused for two days.
+    db.execute(&format!(
+        "UPDATE vector_stores SET last_active_at = last_active_at - 2 * 86400 WHERE id = '{vs}'"
+    ));
+    let store_path = format!("/v1/vector_stores/{vs}");
+    let refused = [
+        (store_path.clone(), json!({"name": "renamed"})),
+        (store_path.clone(), json!({"expires_after": null})),
+        (format!("{store_path}/files"), json!({"file_id": bread})),
+        (
+            format!("{store_path}/file_batches"),
+            json!({"file_ids": [bread]}),
+        ),
+        (
+            format!("{store_path}/files/{lighthouse}"),
+            json!({"attributes": {"topic": "sea"}}),
+        ),
+        (
+            format!("{store_path}/search"),
+            json!({"query": "lighthouse"}),
+        ),
+    ];
+    for (path, body) in &refused {
+        let r = call(gw.addr, "POST", path, Some(body), None);
+        let error = assert_error(
+            &r,
+            400,
+            Some("invalid_request_error"),
+            Some("vector_store_expired"),
+        );
+        assert!(error["message"].as_str().unwrap().contains(&vs), "{error}");
+    }
+    let ask = json!({"model": "mock", "input": "Who trims the lamp wick?",
+        "tools": [{"type": "file_search", "vector_store_ids": [vs]}]});
+    let r = call(gw.addr, "POST", "/v1/responses", Some(&ask), None);
+    assert_error(&r, 400, None, Some("vector_store_expired"));
+    // Read and listed as it was.
+    let store = ok(&call(gw.addr, "GET", &store_path, None, None));
+    assert_eq!(
+        (
+            &store["status"],
+            &store["name"],
+            &store["expires_after"]["days"]
+        ),
+        (&json!("expired"), &json!("old"), &json!(1)),
+        "{store}"
+    );
+    let listed = ok(&call(gw.addr, "GET", "/v1/vector_stores", None, None));
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == vs.as_str() && s["status"] == "expired"),
+        "{listed}"
+    );
+    let files = ok(&call(
+        gw.addr,
+        "GET",
+        &format!("{store_path}/files"),
+        None,
+        None,
+    ));
+    let data = files["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "nothing was attached: {files}");
+    assert_eq!(data[0]["attributes"], json!({}), "{files}");
+
+    // The sweep runs at start, then once a minute: a restart brings it on now.
+    gw.signal(libc::SIGTERM);
+    assert!(
+        gw.wait_exit(Duration::from_secs(15)).is_some(),
+        "{}",
+        gw.log()
+    );
+    let gw = Server::start(&["--db", &db.arg()]);
+    let mut store = Value::Null;
+    let reclaimed = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        store = ok(&call(gw.addr, "GET", &store_path, None, None));
+        store["usage_bytes"] == 0
+    });
+    assert!(
+        reclaimed,
+        "the chunks were never reclaimed: {store}\n{}",
+        gw.log()
+    );
+    assert_eq!(chunks_of(&vs), 0);
+    assert_eq!(
+        (&store["status"], &store["file_counts"]["completed"]),
+        (&json!("expired"), &json!(1)),
+        "the files are still listed: {store}"
+    );
+    let content = ok(&call(
+        gw.addr,
+        "GET",
+        &format!("{store_path}/files/{lighthouse}/content"),
+        None,
+        None,
+    ));
+    assert_eq!(content["data"], json!([]), "{content}");
+    assert!(
+        gw.log().contains("reclaimed") && gw.log().contains("from 1 expired vector stores"),
+        "{}",
+        gw.log()
+    );
+    // The other store keeps its chunks and is searched as before.
+    assert!(chunks_of(&kept) > 0);
+    let hits = search(gw.addr, &kept, json!({"query": "lighthouse keeper"}));
+    assert_eq!(hits[0]["file_id"], lighthouse.as_str(), "{hits:?}");
+    let r = call(gw.addr, "DELETE", &store_path, None, None);
+    assert_eq!(ok(&r)["deleted"], true);
+}
+
+#[test]
+fn an_expired_store_refuses_changes_and_its_chunks_are_reclaimed_on_sqlite() {
+    expiry_flow(Db::Sqlite(TempDb::new()));
+}
+
+#[test]
+fn an_expired_store_refuses_changes_and_its_chunks_are_reclaimed_on_postgres() {
+    let Some(pg) = fresh_postgres() else { return };
+    expiry_flow(Db::Postgres(Box::new(pg)));
 }
 
 #[test]

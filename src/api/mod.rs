@@ -621,6 +621,9 @@ pub(crate) enum ApiError {
     ModelNotFound(String),
     /// No stored object of this kind (`conversation`, …) with this id.
     NotFound { kind: &'static str, id: String },
+    /// The vector store has expired (unused for its `expires_after` days): it may be read,
+    /// listed and deleted, never changed or searched again.
+    VectorStoreExpired { id: String },
     /// The database could not take or give the data (busy, closing, failed).
     Store(crate::store::StoreError),
     /// Turned away at admission: no key, a bad key, a model the key may not use, a limit.
@@ -685,7 +688,9 @@ impl ApiError {
             },
             ApiError::ForeignHost { .. } => 403,
             ApiError::MethodNotAllowed { .. } => 405,
-            ApiError::InvalidJson(_) | ApiError::InvalidRequest { .. } => 400,
+            ApiError::InvalidJson(_)
+            | ApiError::InvalidRequest { .. }
+            | ApiError::VectorStoreExpired { .. } => 400,
             ApiError::Provider(e) => match e {
                 ProviderError::Unavailable { .. } | ProviderError::AtCapacity { .. } => 503,
                 ProviderError::Timeout { .. } => 504,
@@ -775,6 +780,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::NotFound { .. } => "not_found",
+            ApiError::VectorStoreExpired { .. } => "vector_store_expired",
             ApiError::JobsFull { .. } => "jobs_full",
             ApiError::JobFinished { .. } => "job_finished",
             ApiError::Denied(d) => match d {
@@ -958,6 +964,10 @@ impl fmt::Display for ApiError {
             ApiError::InvalidRequest { message, .. } => f.write_str(message),
             ApiError::ModelNotFound(model) => write!(f, "the model {model:?} does not exist"),
             ApiError::NotFound { kind, id } => write!(f, "no {kind} with id {id:?}"),
+            ApiError::VectorStoreExpired { id } => write!(
+                f,
+                "vector store {id:?} has expired: it may be read or deleted, not changed or searched"
+            ),
             ApiError::JobsFull { max_queued } => write!(
                 f,
                 "{max_queued} jobs are queued or running, the most this server holds; retry later"

@@ -4,7 +4,8 @@
 //! `failed`. A store belongs to the key that made it, as files do: another key's store is 404.
 //! Search embeds the query with the store's model, scans the store's vectors in memory (loaded
 //! once into a bounded cache, scanned across cores), and with `ranking_options.ranker` =
-//! `hybrid` fuses that ranking with full-text search.
+//! `hybrid` fuses that ranking with full-text search. An expired store may be read, listed
+//! and deleted, never changed or searched: the job lease thread reclaims its chunks.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -65,6 +66,23 @@ fn not_found(kind: &'static str, id: &str) -> ApiError {
 fn find(state: &State, request: &Request) -> Result<Counted, ApiError> {
     let id = store_id(request);
     store::get(&state.store, owner(request), id)?.ok_or_else(|| not_found("vector_store", id))
+}
+
+/// The store the path names, if the caller may see it and it has not expired: nothing changes
+/// an expired store, whose chunks are being given back.
+fn find_unexpired(state: &State, request: &Request) -> Result<Counted, ApiError> {
+    let vs = find(state, request)?;
+    refuse_expired(&vs)?;
+    Ok(vs)
+}
+
+fn refuse_expired(vs: &Counted) -> Result<(), ApiError> {
+    if vs.store.is_expired(now_ms() / 1000) {
+        return Err(ApiError::VectorStoreExpired {
+            id: vs.store.id.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// `POST /v1/vector_stores`.
@@ -155,9 +173,17 @@ pub(crate) fn update(state: &State, request: &Request) -> Result<Response, ApiEr
         metadata: metadata(body.get("metadata"))?,
         expires_after_days: expires_after(body.get("expires_after"))?,
     };
-    let id = store_id(request);
-    if !store::update(&state.store, owner(request), id, changes)? {
-        return Err(not_found("vector_store", id));
+    let vs = find_unexpired(state, request)?;
+    if !store::update(
+        &state.store,
+        owner(request),
+        &vs.store.id,
+        changes,
+        now_ms() / 1000,
+    )? {
+        // Deleted, or expired, since it was read.
+        find_unexpired(state, request)?;
+        return Err(ApiError::Internal);
     }
     get(state, request)
 }
@@ -177,7 +203,7 @@ pub(crate) fn delete(state: &State, request: &Request) -> Result<Response, ApiEr
 
 /// `POST /v1/vector_stores/{id}/files`: attaches a file and queues its ingestion.
 pub(crate) fn attach_file(state: &State, request: &Request) -> Result<Response, ApiError> {
-    let vs = find(state, request)?;
+    let vs = find_unexpired(state, request)?;
     let body = json_object(&request.body)?;
     only(&body, &["file_id", "attributes", "chunking_strategy"])?;
     let file_id = match body.get("file_id") {
@@ -323,7 +349,7 @@ pub(crate) fn get_file(state: &State, request: &Request) -> Result<Response, Api
 
 /// `POST /v1/vector_stores/{id}/files/{file_id}`: replaces its attributes.
 pub(crate) fn update_file(state: &State, request: &Request) -> Result<Response, ApiError> {
-    let vs = find(state, request)?;
+    let vs = find_unexpired(state, request)?;
     let body = json_object(&request.body)?;
     only(&body, &["attributes"])?;
     let attributes = attributes(body.get("attributes"))?;
@@ -372,7 +398,7 @@ fn batch_id(request: &Request) -> &str {
 /// `POST /v1/vector_stores/{id}/file_batches`: `file_ids` (with the batch's `attributes` and
 /// `chunking_strategy`) or `files` (each with its own), attached together.
 pub(crate) fn create_batch(state: &State, request: &Request) -> Result<Response, ApiError> {
-    let vs = find(state, request)?;
+    let vs = find_unexpired(state, request)?;
     let body = json_object(&request.body)?;
     only(
         &body,
@@ -668,12 +694,7 @@ pub(crate) fn run_search(
     search: &Search,
     record: &Record,
 ) -> Result<Vec<Hit>, ApiError> {
-    if vs.status(now_ms() / 1000) == "expired" {
-        return Err(invalid(
-            "vector_store_id",
-            &format!("vector store {} has expired", vs.store.id),
-        ));
-    }
+    refuse_expired(vs)?;
     let started = Instant::now();
     let matrix = matrix(state, &vs.store.id)?;
     let keep = match &search.filter {

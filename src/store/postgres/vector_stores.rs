@@ -1,5 +1,6 @@
 //! Vector stores and their files on PostgreSQL. Each store row comes with its files' counts
-//! from one grouped join; pages follow `seq`, the order rows were stored.
+//! from one grouped join; pages follow `seq`, the order rows were stored. Writes that would
+//! change a store test its expiry in their own condition.
 
 use postgres::{GenericClient, Row};
 use serde_json::Value;
@@ -7,7 +8,8 @@ use serde_json::Value;
 use super::{Session, Tx};
 use crate::store::files::{Order, Owner};
 use crate::store::vector_stores::{
-    Changes, Counted, Counts, FileBatch, FileListing, FileStatus, StoreFile, VectorStore,
+    Changes, Counted, Counts, FileBatch, FileListing, FileStatus, ReclaimBatch, StoreFile,
+    VectorStore,
 };
 
 type Result<T> = std::result::Result<T, postgres::Error>;
@@ -26,6 +28,15 @@ const COUNTED: &str =
 const OWNED: &str = "($1 OR v.key_id IS NOT DISTINCT FROM $2)";
 const FILE_COLUMNS: &str = "vector_store_id, file_id, batch_id, status, last_error, attributes, \
      chunking_strategy, usage_bytes, created_at";
+
+/// Whether the store `v` has expired at the unix second in the parameter `now` names (`$2`), as
+/// `VectorStore::is_expired` says; false, never NULL, for a store that does not expire.
+fn expired(now: &str) -> String {
+    format!(
+        "(v.expires_after_days IS NOT NULL \
+         AND v.last_active_at + v.expires_after_days::BIGINT * 86400 <= {now}::BIGINT)"
+    )
+}
 
 pub(crate) fn insert(tx: &mut Tx<'_, '_>, vs: &VectorStore) -> Result<()> {
     tx.execute(
@@ -97,6 +108,7 @@ pub(crate) fn update(
     owner: Owner,
     id: &str,
     changes: &Changes,
+    now: i64,
 ) -> Result<bool> {
     let (all, key) = owner.sql_params();
     let (set_expiry, days) = match changes.expires_after_days {
@@ -108,7 +120,8 @@ pub(crate) fn update(
             "UPDATE vector_stores AS v SET name = COALESCE($4, name), \
              metadata = COALESCE($5, metadata), \
              expires_after_days = CASE WHEN $6 THEN $7 ELSE expires_after_days END \
-             WHERE {OWNED} AND v.id = $3"
+             WHERE {OWNED} AND v.id = $3 AND NOT {}",
+            expired("$8")
         ),
         &[
             &all,
@@ -118,6 +131,7 @@ pub(crate) fn update(
             &changes.metadata.as_ref().map(Value::to_string),
             &set_expiry,
             &days,
+            &now,
         ],
     )
     .map(|n| n > 0)
@@ -125,10 +139,74 @@ pub(crate) fn update(
 
 pub(crate) fn touch(tx: &mut Tx<'_, '_>, id: &str, now: i64) -> Result<()> {
     tx.execute(
-        "UPDATE vector_stores SET last_active_at = $2 WHERE id = $1",
+        &format!(
+            "UPDATE vector_stores AS v SET last_active_at = $2 WHERE v.id = $1 AND NOT {}",
+            expired("$2")
+        ),
         &[&id, &now],
     )
     .map(drop)
+}
+
+/// The stores expired at `now` that still hold chunks, or files counting bytes.
+pub(crate) fn expired_holding(
+    c: &mut Session<'_, impl GenericClient>,
+    now: i64,
+) -> Result<Vec<String>> {
+    Ok(c.query(
+        &format!(
+            "SELECT v.id FROM vector_stores v WHERE {} \
+             AND (EXISTS (SELECT 1 FROM chunks c WHERE c.vector_store_id = v.id) \
+             OR EXISTS (SELECT 1 FROM vector_store_files f \
+             WHERE f.vector_store_id = v.id AND f.usage_bytes <> 0)) \
+             ORDER BY v.seq",
+            expired("$1")
+        ),
+        &[&now],
+    )?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// Deletes up to `limit` of the store's chunks if it has expired at `now` (their tsvector is
+/// a column of theirs); once fewer were left, its files' bytes become 0. Raises the store's
+/// version when anything changed.
+pub(crate) fn reclaim(
+    tx: &mut Tx<'_, '_>,
+    vector_store_id: &str,
+    now: i64,
+    limit: u64,
+) -> Result<ReclaimBatch> {
+    let still_expired = format!(
+        "EXISTS (SELECT 1 FROM vector_stores v WHERE v.id = $1 AND {})",
+        expired("$2")
+    );
+    let chunks = tx.execute(
+        &format!(
+            "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE vector_store_id = $1 \
+             ORDER BY id LIMIT $3) AND {still_expired}"
+        ),
+        &[&vector_store_id, &now, &(limit as i64)],
+    )?;
+    let mut changed = chunks > 0;
+    if chunks < limit {
+        let zeroed = tx.execute(
+            &format!(
+                "UPDATE vector_store_files SET usage_bytes = 0 \
+                 WHERE vector_store_id = $1 AND usage_bytes <> 0 AND {still_expired}"
+            ),
+            &[&vector_store_id, &now],
+        )?;
+        changed |= zeroed > 0;
+    }
+    if changed {
+        tx.execute(
+            "UPDATE vector_stores SET version = version + 1 WHERE id = $1",
+            &[&vector_store_id],
+        )?;
+    }
+    Ok(ReclaimBatch { chunks, changed })
 }
 
 pub(crate) fn delete(tx: &mut Tx<'_, '_>, owner: Owner, id: &str) -> Result<bool> {

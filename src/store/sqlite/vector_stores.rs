@@ -1,12 +1,14 @@
 //! Vector stores and their files in SQLite. Each store row comes with its files' counts from
-//! one grouped join; pages follow `seq`, the order rows were stored.
+//! one grouped join; pages follow `seq`, the order rows were stored. Writes that would change
+//! a store test its expiry in their own condition.
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
 
 use crate::store::files::{Order, Owner};
 use crate::store::vector_stores::{
-    Changes, Counted, Counts, FileBatch, FileListing, FileStatus, StoreFile, VectorStore,
+    Changes, Counted, Counts, FileBatch, FileListing, FileStatus, ReclaimBatch, StoreFile,
+    VectorStore,
 };
 
 /// A store's columns and its files' counts, grouped by the store.
@@ -21,6 +23,15 @@ const COUNTED: &str =
 const OWNED: &str = "(?1 OR v.key_id IS ?2)";
 const FILE_COLUMNS: &str = "vector_store_id, file_id, batch_id, status, last_error, attributes, \
      chunking_strategy, usage_bytes, created_at";
+
+/// Whether the store `v` has expired at the unix second in the parameter `now` names (`?2`), as
+/// `VectorStore::is_expired` says; false, never NULL, for a store that does not expire.
+fn expired(now: &str) -> String {
+    format!(
+        "(v.expires_after_days IS NOT NULL \
+         AND v.last_active_at + v.expires_after_days * 86400 <= {now})"
+    )
+}
 
 pub(crate) fn insert(conn: &Connection, vs: &VectorStore) -> rusqlite::Result<()> {
     conn.prepare_cached(
@@ -90,6 +101,7 @@ pub(crate) fn update(
     owner: Owner,
     id: &str,
     changes: &Changes,
+    now: i64,
 ) -> rusqlite::Result<bool> {
     let (all, key) = owner.sql_params();
     let (set_expiry, days) = match changes.expires_after_days {
@@ -100,7 +112,8 @@ pub(crate) fn update(
         "UPDATE vector_stores AS v SET name = COALESCE(?4, name), \
          metadata = COALESCE(?5, metadata), \
          expires_after_days = CASE WHEN ?6 THEN ?7 ELSE expires_after_days END \
-         WHERE {OWNED} AND v.id = ?3"
+         WHERE {OWNED} AND v.id = ?3 AND NOT {}",
+        expired("?8")
     ))?
     .execute(params![
         all,
@@ -109,15 +122,71 @@ pub(crate) fn update(
         changes.name,
         changes.metadata.as_ref().map(Value::to_string),
         set_expiry,
-        days
+        days,
+        now
     ])
     .map(|n| n > 0)
 }
 
 pub(crate) fn touch(conn: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE vector_stores SET last_active_at = ?2 WHERE id = ?1")?
-        .execute(params![id, now])
-        .map(drop)
+    conn.prepare_cached(&format!(
+        "UPDATE vector_stores AS v SET last_active_at = ?2 WHERE v.id = ?1 AND NOT {}",
+        expired("?2")
+    ))?
+    .execute(params![id, now])
+    .map(drop)
+}
+
+/// The stores expired at `now` that still hold chunks, or files counting bytes.
+pub(crate) fn expired_holding(conn: &Connection, now: i64) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT v.id FROM vector_stores v WHERE {} \
+         AND (EXISTS (SELECT 1 FROM chunks c WHERE c.vector_store_id = v.id) \
+         OR EXISTS (SELECT 1 FROM vector_store_files f \
+         WHERE f.vector_store_id = v.id AND f.usage_bytes <> 0)) \
+         ORDER BY v.seq",
+        expired("?1")
+    ))?;
+    let ids = statement
+        .query_map([now], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(ids)
+}
+
+/// Deletes up to `limit` of the store's chunks if it has expired at `now` (the FTS5 rows go by
+/// the schema's trigger); once fewer were left, its files' bytes become 0. Raises the store's
+/// version when anything changed.
+pub(crate) fn reclaim(
+    conn: &Connection,
+    vector_store_id: &str,
+    now: i64,
+    limit: u64,
+) -> rusqlite::Result<ReclaimBatch> {
+    let still_expired = format!(
+        "EXISTS (SELECT 1 FROM vector_stores v WHERE v.id = ?1 AND {})",
+        expired("?2")
+    );
+    let chunks = conn
+        .prepare_cached(&format!(
+            "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE vector_store_id = ?1 \
+             ORDER BY id LIMIT ?3) AND {still_expired}"
+        ))?
+        .execute(params![vector_store_id, now, limit as i64])? as u64;
+    let mut changed = chunks > 0;
+    if chunks < limit {
+        let zeroed = conn
+            .prepare_cached(&format!(
+                "UPDATE vector_store_files SET usage_bytes = 0 \
+                 WHERE vector_store_id = ?1 AND usage_bytes <> 0 AND {still_expired}"
+            ))?
+            .execute(params![vector_store_id, now])?;
+        changed |= zeroed > 0;
+    }
+    if changed {
+        conn.prepare_cached("UPDATE vector_stores SET version = version + 1 WHERE id = ?1")?
+            .execute([vector_store_id])?;
+    }
+    Ok(ReclaimBatch { chunks, changed })
 }
 
 pub(crate) fn delete(conn: &Connection, owner: Owner, id: &str) -> rusqlite::Result<bool> {
